@@ -1,0 +1,3 @@
+from ckptstore.cli.main import main
+import sys
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""Shared pieces of the CLI: opening the store, human sizes, tables, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from ckptstore.store import Store, open_store
+
+DEFAULT_STORE = "ckpt.store"
+
+
+def add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", "-s", default=os.environ.get("CKPT_STORE", DEFAULT_STORE),
+                   help="store path or URL (default: $CKPT_STORE or ./ckpt.store)")
+    p.add_argument("--storage-option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for a remote filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000")
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in getattr(args, "storage_option", []) or []:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"ckpt: --storage-option wants KEY=VALUE, got {item!r}")
+        if key == "endpoint_url":
+            out.setdefault("client_kwargs", {})["endpoint_url"] = val
+        else:
+            out[key] = val
+    return out
+
+
+def get_store(args: argparse.Namespace, *, create: bool = False) -> Store:
+    kwargs: dict[str, Any] = {"storage_options": storage_options(args)}
+    if getattr(args, "threads", None):
+        kwargs["threads"] = args.threads
+    return open_store(args.store, create=create, **kwargs)
+
+
+def human(n: float | int | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                justify: Sequence[str] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_edge=False, header_style="bold")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify=(justify[i] if justify else "left"))  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    Console(width=max(100, min(200, _term_width()))).print(table)
+
+
+def _term_width() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 120
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr (hidden when stderr is not a terminal or disabled)."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update

@@ -1,0 +1,170 @@
+"""Store commands: init, ls, show, rm, gc, verify, du."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ckptstore.cli.common import add_store_arg, get_store, human, print_json, print_table, progress_bar
+from ckptstore.store import create_store
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("init", help="create an empty store", description="Create an empty store at --store.")
+    add_store_arg(p)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("ls", help="list runs or a run's checkpoints",
+                       description="List checkpoints: ref, epoch, step, logical size, stored size, ratio.")
+    add_store_arg(p)
+    p.add_argument("run", nargs="?", help="only this run")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("show", help="show one checkpoint", description="Show a checkpoint's metadata and tensors.")
+    add_store_arg(p)
+    p.add_argument("ref", help="checkpoint reference, e.g. myrun@latest")
+    p.add_argument("--tensors", action="store_true", help="list every tensor with its codec and stored size")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("rm", help="delete checkpoints (the rest stay bit-exact)",
+                       description="Delete checkpoints. Checkpoints stored as deltas against a deleted one are "
+                       "re-encoded first, so every remaining checkpoint stays bit-exact; then space is freed.")
+    add_store_arg(p)
+    p.add_argument("refs", nargs="+", help="checkpoint references")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("gc", help="free space no checkpoint uses",
+                       description="Remove pack files no committed checkpoint references (left by deletes or "
+                       "interrupted saves) and compact mostly-dead packs.")
+    add_store_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("verify", help="decode everything and check every hash",
+                       description="Decode every stored object and compare it with its content hash.")
+    add_store_arg(p)
+    p.add_argument("run", nargs="?", help="only this run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("du", help="storage use per run", description="Logical vs stored bytes per run.")
+    add_store_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_du)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ckptstore.cli.common import storage_options
+
+    store = create_store(args.store, storage_options=storage_options(args))
+    print(f"created store {store.url}")
+    return 0
+
+
+def _ratio(logical: int, stored: int) -> str:
+    return f"{logical / stored:.2f}x" if stored else "-"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = get_store(args)
+    infos = store.checkpoints(args.run)
+    if args.json:
+        print_json([i.as_dict() for i in infos])
+        return 0
+    rows = [(i.ref, i.metadata.get("epoch", "-"), i.step, human(i.logical_bytes), human(i.stored_bytes),
+             _ratio(i.logical_bytes, i.stored_bytes)) for i in infos]
+    logical = sum(i.logical_bytes for i in infos)
+    stored = sum(i.stored_bytes for i in infos)
+    if infos:
+        rows.append(("total", "", "", human(logical), human(stored), _ratio(logical, stored)))
+    print_table(None, ["ref", "epoch", "step", "logical", "stored", "ratio"], rows,
+                ["left", "right", "right", "right", "right", "right"])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = get_store(args)
+    m = store.resolve(args.ref)
+    info = m.info()
+    own = {i.step: i for i in store.checkpoints(m.run)}[m.step]
+    tensors = []
+    for name, t in m.tensors.items():
+        rec = m.objects[t["object"]]
+        tensors.append({"name": name, "dtype": t["dtype"], "shape": t["shape"], "object": t["object"],
+                        "codecs": [c["name"] for c in rec["codecs"]] or ["raw"],
+                        "delta_of": rec.get("refs", {}).get("prev"), "stored_bytes": rec["length"]})
+    out = {"ref": m.ref, "run": m.run, "step": m.step, "created": info.created,
+           "logical_bytes": info.logical_bytes, "stored_bytes": own.stored_bytes, "tensors": len(tensors),
+           "metadata": m.metadata}
+    if args.json:
+        out["tensor_list"] = tensors
+        print_json(out)
+        return 0
+    print(f"{m.ref}   created {info.created}")
+    print(f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
+          f"({_ratio(info.logical_bytes, own.stored_bytes)})")
+    for k, v in m.metadata.items():
+        if isinstance(v, dict) and len(str(v)) > 100:
+            print(f"  {k}: {{{len(v)} keys}}")
+        else:
+            print(f"  {k}: {v}")
+    if args.tensors:
+        print_table(None, ["tensor", "dtype", "shape", "coding", "stored"],
+                    [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "()",
+                      "+".join(t["codecs"]) + (" (delta)" if t["delta_of"] else ""), human(t["stored_bytes"]))
+                     for t in tensors])
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = get_store(args)
+    with progress_bar("re-encoding dependents") as prog:
+        res = store.delete(args.refs, progress=prog)
+    if args.json:
+        print_json(res)
+    else:
+        print(f"deleted {', '.join(res['deleted'])}; re-encoded {res['rewritten']} dependent checkpoint(s); "
+              f"freed {human(res['freed_bytes'])}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    res = get_store(args).gc()
+    if args.json:
+        print_json(res)
+    else:
+        print(f"removed {res['removed_packs']} unreferenced pack(s); freed {human(res['freed_bytes'])}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = get_store(args)
+    with progress_bar("verifying") as prog:
+        res = store.verify(args.run, progress=prog)
+    if args.json:
+        print_json(res)
+    else:
+        for p in res["problems"]:
+            print(f"PROBLEM {p}")
+        state = "OK" if res["ok"] else f"{len(res['problems'])} PROBLEM(S)"
+        print(f"verified {res['checkpoints']} checkpoints, {res['objects']} objects: {state}")
+    return 0 if res["ok"] else 1
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    store = get_store(args)
+    rows = []
+    for run in store.runs():
+        st = store.stats(run)
+        rows.append({"run": run, **st})
+    if args.json:
+        print_json(rows)
+        return 0
+    print_table(None, ["run", "checkpoints", "logical", "stored", "ratio"],
+                [(r["run"], r["checkpoints"], human(r["logical_bytes"]), human(r["pack_bytes"]),
+                  _ratio(r["logical_bytes"], r["pack_bytes"])) for r in rows],
+                ["left", "right", "right", "right", "right"])
+    return 0

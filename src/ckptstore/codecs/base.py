@@ -1,0 +1,138 @@
+"""The codec interface and its registry.
+
+An object is stored as its tensor passed through a *codec chain*: zero or more array→array codecs (which may use
+reference tensors, e.g. the same tensor in the previous checkpoint), then at most one array→bytes codec. An empty
+chain means raw little-endian bytes. Each codec writes a record ``{"name", "version", "config"}`` into the object's
+entry in the manifest, so stored data always says how to read it back.
+
+A worked example of a codec (array→array, no references)::
+
+    class Negate(ArrayCodec):
+        name = "negate"
+        def encode(self, words, spec, refs):
+            return np.negative(words)
+        def decode(self, words, spec, refs):
+            return np.negative(words)
+
+    register(Negate)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ckptstore.errors import CodecError
+from ckptstore.format import dtypes
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a codec knows about the tensor it codes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dt(self) -> dtypes.DType:
+        return dtypes.dtype(self.dtype)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * (2 if self.dtype == "complex128" else 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dt.itemsize // (2 if self.dtype == "complex128" else 1)
+
+
+class Codec(ABC):
+    """Common part of every codec: a name, a version and a JSON config that round-trips."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Codec:
+        return cls(**config)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "config": self.config()}
+
+
+class ArrayCodec(Codec):
+    """Words → words of the same width and count (a reversible transform, possibly using reference tensors).
+
+    ``refs`` maps the roles this codec declared in :meth:`ref_roles` to the reference tensors' words.
+    """
+
+    def ref_roles(self) -> tuple[str, ...]:
+        return ()
+
+    @abstractmethod
+    def encode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray: ...
+
+    @abstractmethod
+    def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray: ...
+
+
+class BytesCodec(Codec):
+    """Words → bytes (the last codec of a chain)."""
+
+    @abstractmethod
+    def encode(self, words: np.ndarray, spec: TensorSpec) -> bytes: ...
+
+    @abstractmethod
+    def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray: ...
+
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise CodecError(f"codec name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def from_record(record: Mapping[str, Any]) -> Codec:
+    """Instantiate a codec from its stored record, refusing unknown names and newer versions."""
+    _load_builtin()
+    try:
+        name = record["name"]
+        version = int(record.get("version", 1))
+        config = record.get("config", {})
+    except (KeyError, TypeError, ValueError):
+        raise CodecError(f"malformed codec record {record!r}") from None
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise CodecError(f"unknown codec {name!r}", hint="the store was written by a newer ckptstore; upgrade")
+    if version > cls.version:
+        raise CodecError(f"codec {name!r} version {version} is newer than this reader's {cls.version}",
+                         hint="upgrade ckptstore")
+    try:
+        return cls.from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"bad config for codec {name!r}: {exc}") from None
+
+
+def registered() -> dict[str, type[Codec]]:
+    _load_builtin()
+    return dict(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    # Built-in codecs register themselves on import; importing here (not at package import) keeps the
+    # registry filled lazily and free of import cycles.
+    from ckptstore.codecs import delta, planes  # noqa: F401

@@ -1,0 +1,87 @@
+"""Choosing and running codec chains for one tensor.
+
+``encode`` decides between a keyframe (byte planes + zstd), a delta against the reference tensor, and raw bytes,
+using a sampled order-0 entropy estimate so the choice costs a small fraction of the coding itself; whatever it
+picks, the result is raw when coding does not pay. ``decode`` runs a stored chain backwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ckptstore.codecs.base import ArrayCodec, BytesCodec, TensorSpec, from_record
+from ckptstore.codecs.delta import OrderedDelta
+from ckptstore.codecs.planes import BytePlanesZstd, estimate_bits
+from ckptstore.errors import CodecError
+
+# A delta must beat the keyframe estimate by this factor to be worth a dependency on another object.
+DELTA_MIN_GAIN = 0.97
+
+
+@dataclass
+class Encoded:
+    codecs: list[dict[str, Any]]
+    roles: tuple[str, ...]  # reference roles the chain needs (empty for keyframes and raw)
+    payload: bytes
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_keyframe(self) -> bool:
+        return not self.roles
+
+
+def encode(
+    words: np.ndarray,
+    spec: TensorSpec,
+    refs: Mapping[str, np.ndarray] | None = None,
+    *,
+    level: int = 3,
+) -> Encoded:
+    """Encode one tensor's words; ``refs`` (role → words) are the candidates for delta coding."""
+    if words.size == 0:
+        return Encoded([], (), b"")
+    array_codecs: list[ArrayCodec] = []
+    prev = (refs or {}).get("prev")
+    if prev is not None and prev.shape == words.shape and prev.dtype == words.dtype and spec.size >= 16:
+        delta, delta_bits = OrderedDelta.fit(words, prev, spec)
+        key_bits = estimate_bits(words)
+        if delta_bits < key_bits * DELTA_MIN_GAIN:
+            array_codecs.append(delta)
+    coded = words
+    for c in array_codecs:
+        coded = c.encode(coded, spec, {"prev": prev} if prev is not None else {})
+    last: BytesCodec = BytePlanesZstd(level)
+    payload = last.encode(coded, spec)
+    if len(payload) >= words.nbytes:
+        return Encoded([], (), words.tobytes())
+    roles = tuple(r for c in array_codecs for r in c.ref_roles())
+    return Encoded([c.record() for c in array_codecs] + [last.record()], roles, payload)
+
+
+def decode(
+    payload: memoryview | bytes,
+    codecs: Sequence[Mapping[str, Any]],
+    spec: TensorSpec,
+    refs: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Decode a payload through its stored chain into flat words of the tensor's width."""
+    word = np.dtype(f"<u{spec.dt.itemsize if spec.dtype != 'complex128' else 8}")
+    if not codecs:
+        if len(payload) != spec.nbytes:
+            raise CodecError(f"raw payload is {len(payload)} bytes, expected {spec.nbytes}")
+        return np.frombuffer(payload, dtype=word).copy()
+    chain = [from_record(r) for r in codecs]
+    *array_codecs, last = chain
+    if not isinstance(last, BytesCodec) or not all(isinstance(c, ArrayCodec) for c in array_codecs):
+        raise CodecError(f"malformed codec chain {[r.get('name') for r in codecs]}")
+    words = last.decode(payload, spec)
+    if words.size != spec.size:
+        raise CodecError(f"decoded {words.size} elements, expected {spec.size}")
+    for c in reversed(array_codecs):
+        assert isinstance(c, ArrayCodec)
+        words = c.decode(words, spec, refs or {})
+    return words

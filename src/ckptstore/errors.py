@@ -1,0 +1,111 @@
+"""The one error hierarchy of ckptstore.
+
+Every error raised on purpose derives from :class:`CkptStoreError`; specific errors also derive from the matching
+built-in (``FileNotFoundError``, ``ValueError`` ...) so callers that catch the built-in keep working. Errors carry
+structured fields (``path``, ``ref``, ``tensor``) and a ``hint`` saying what to do, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+
+class CkptStoreError(Exception):
+    """Base of every ckptstore error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        ref: str | None = None,
+        tensor: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.ref = ref
+        self.tensor = tensor
+        self.hint = hint
+
+    def __str__(self) -> str:
+        parts = []
+        if self.path:
+            parts.append(f"{self.path}: ")
+        parts.append(self.message)
+        if self.tensor:
+            parts.append(f" (tensor {self.tensor!r})")
+        if self.ref:
+            parts.append(f" (checkpoint {self.ref})")
+        if self.hint:
+            parts.append(f" — {self.hint}")
+        return "".join(parts)
+
+
+class StoreNotFoundError(CkptStoreError, FileNotFoundError):
+    """The path or URL holds no ckptstore store."""
+
+
+class StoreExistsError(CkptStoreError, FileExistsError):
+    """``init`` was asked to create a store where one (or other data) already exists."""
+
+
+class CheckpointNotFoundError(CkptStoreError, KeyError):
+    """A reference names no committed checkpoint."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return CkptStoreError.__str__(self)
+
+
+class CheckpointExistsError(CkptStoreError, FileExistsError):
+    """A checkpoint with that run and step is already committed."""
+
+
+class TensorNotFoundError(CkptStoreError, KeyError):
+    """The checkpoint holds no tensor of that name."""
+
+    def __str__(self) -> str:
+        return CkptStoreError.__str__(self)
+
+
+class InvalidReferenceError(CkptStoreError, ValueError):
+    """A checkpoint reference (``run@step``, ``run@latest`` ...) does not parse."""
+
+
+class InvalidNameError(CkptStoreError, ValueError):
+    """A run or tensor name is unsafe or malformed (path separators, ``..``, control characters)."""
+
+
+class InvalidStateError(CkptStoreError, TypeError):
+    """A state handed to ``save`` holds a value the format cannot store (e.g. an arbitrary object)."""
+
+
+class FormatError(CkptStoreError, ValueError):
+    """Stored data does not follow the format: a damaged, truncated or foreign file."""
+
+
+class UnsupportedVersionError(FormatError):
+    """Stored data was written by a newer format version than this reader knows."""
+
+
+class CodecError(CkptStoreError, ValueError):
+    """A codec is unknown or its payload does not decode."""
+
+
+class IntegrityError(CkptStoreError, ValueError):
+    """Decoded bytes do not match their content hash: the store is damaged."""
+
+
+class ForeignCheckpointError(CkptStoreError, ValueError):
+    """A foreign checkpoint file (``.pt``) cannot be read safely or is not what it claims to be."""
+
+
+class StoreLockedError(CkptStoreError, BlockingIOError):
+    """Another writer holds the store's write lock."""
+
+
+class ConcurrentCommitError(CkptStoreError, FileExistsError):
+    """Another writer committed the same checkpoint first."""
+
+
+class MissingDependencyError(CkptStoreError, ImportError):
+    """An optional dependency needed for this operation is not installed."""

@@ -1,0 +1,1 @@
+"""The on-disk format: names, the state tree encoding, manifests and pack files (spec in docs/format.md)."""

@@ -1,0 +1,54 @@
+"""Validation of run names, tensor names and steps: they become parts of storage keys and of references."""
+
+from __future__ import annotations
+
+import re
+
+from ckptstore.errors import InvalidNameError
+from ckptstore.format.spec import MAX_NAME_LENGTH, MAX_STEP, MAX_TENSOR_NAME_LENGTH
+
+_RUN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_BAD_COMPONENT_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path segment: letters, digits, ``_ . -``, not starting with ``.`` or ``-``."""
+    if not isinstance(name, str) or not _RUN_RE.match(name) or len(name.encode()) > MAX_NAME_LENGTH:
+        raise InvalidNameError(
+            f"invalid run name {name!r}",
+            hint="use letters, digits, '_', '.', '-' (not first), at most 255 bytes",
+        )
+    return name
+
+
+def check_component(component: str, *, full: str | None = None) -> str:
+    """One component of a tensor name (a state-dict key). Rejects path tricks such as ``..`` and separators."""
+    where = full if full is not None else component
+    if component in ("", ".", ".."):
+        raise InvalidNameError(
+            f"unsafe tensor name {where!r}: empty, '.' or '..' component",
+            hint="rename the key in the state dict before saving",
+        )
+    if _BAD_COMPONENT_CHARS.search(component):
+        raise InvalidNameError(
+            f"unsafe tensor name {where!r}: contains '/', '\\' or a control character",
+            hint="rename the key in the state dict before saving",
+        )
+    if len(component.encode()) > MAX_NAME_LENGTH:
+        raise InvalidNameError(f"tensor name component longer than {MAX_NAME_LENGTH} bytes: {where[:80]!r}...")
+    return component
+
+
+def check_tensor_name(name: str) -> str:
+    """A tensor name is its path in the state tree, components joined by ``/``."""
+    if not isinstance(name, str) or len(name.encode()) > MAX_TENSOR_NAME_LENGTH:
+        raise InvalidNameError(f"tensor name too long or not a string: {str(name)[:80]!r}")
+    for part in name.split("/"):
+        check_component(part, full=name)
+    return name
+
+
+def check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or step > MAX_STEP:
+        raise InvalidNameError(f"invalid step {step!r}", hint="a step is an integer >= 0")
+    return step

@@ -1,0 +1,195 @@
+"""The state tree: a nested checkpoint state split into a JSON skeleton plus named tensors — never pickle.
+
+A state is any nesting of dicts, lists and tuples whose leaves are tensors or plain values. Tensors become
+``{"$tensor": "<name>"}`` in the skeleton, where the name is the path of keys joined by ``/``
+(``optimizer/state/0/exp_avg``). Values JSON cannot hold are tagged: ``{"$tuple": [...]}``,
+``{"$dict": [[key, value], ...]}`` for dicts with non-string keys (optimizer state is keyed by int),
+``{"$float": "nan"}``, ``{"$bytes": "<base64>"}``, ``{"$scalar": ["float32", <value>]}`` for numpy scalars.
+Anything else is refused with the path where it was found.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckptstore.errors import FormatError, InvalidNameError, InvalidStateError
+from ckptstore.format import dtypes
+from ckptstore.format.names import check_component
+from ckptstore.format.spec import MAX_NDIM
+
+TAGS = ("$tensor", "$tuple", "$dict", "$float", "$bytes", "$scalar")
+
+
+@dataclass
+class Leaf:
+    """A tensor as the store sees it: dtype name, shape, and its bytes as a flat C-ordered numpy array."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # 1-D, contiguous, itemsize == dtype's itemsize (or uint8 for empty/odd cases)
+    framework: str = "numpy"  # where it came from, so a load can hand back the same kind of tensor
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def words(self) -> np.ndarray:
+        return dtypes.words(self.data, dtypes.dtype(self.dtype))
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> Leaf:
+        name = dtypes.name_of_numpy(array.dtype)
+        data = np.ascontiguousarray(array)
+        if data.dtype.byteorder == ">":
+            data = data.astype(data.dtype.newbyteorder("<"))
+        return cls(name, tuple(int(s) for s in array.shape), data.reshape(-1))
+
+    def to_numpy(self) -> np.ndarray:
+        """Values as a numpy array; bfloat16/float8 (which numpy lacks) come back as raw unsigned words."""
+        dt = dtypes.dtype(self.dtype)
+        if dt.numpy:
+            return self.data.view(np.dtype(dt.numpy)).reshape(self.shape)
+        return self.words.reshape(self.shape)
+
+
+LeafConverter = Callable[[Any], "Leaf | None"]
+
+
+def _foreign_leaf(value: Any) -> Leaf | None:
+    """Tensors of other frameworks, converted without importing those frameworks unless they are in use."""
+    mod = type(value).__module__
+    if mod.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape"):
+        from ckptstore.torch import tensor_to_leaf
+
+        return tensor_to_leaf(value)
+    return None
+
+
+def flatten(state: Any) -> tuple[Any, dict[str, Leaf]]:
+    """Split a state into its JSON skeleton and its tensors by name."""
+    tensors: dict[str, Leaf] = {}
+
+    def walk(value: Any, path: list[str]) -> Any:
+        where = "/".join(path) or "<root>"
+        if isinstance(value, np.ndarray):
+            return leaf(Leaf.from_numpy(value), path)
+        if isinstance(value, np.generic):
+            if isinstance(value, np.bool_ | np.integer | np.floating):
+                item = value.item()
+                if isinstance(item, float) and not math.isfinite(item):
+                    item = {"$float": repr(item)}
+                return {"$scalar": [dtypes.name_of_numpy(value.dtype), item]}
+            raise InvalidStateError(f"unsupported numpy scalar {type(value).__name__} at {where}")
+        converted = _foreign_leaf(value)
+        if converted is not None:
+            return leaf(converted, path)
+        if value is None or isinstance(value, bool | int | str):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if isinstance(value, bytes | bytearray):
+            return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, dict):
+            keys = list(value.keys())
+            if all(isinstance(k, str) and not k.startswith("$") for k in keys):
+                return {k: walk(v, [*path, _component(k, path)]) for k, v in value.items()}
+            items = []
+            seen: set[str] = set()
+            for k, v in value.items():
+                if not isinstance(k, str | int) or isinstance(k, bool):
+                    raise InvalidStateError(
+                        f"dict key {k!r} of type {type(k).__name__} at {where}",
+                        hint="state dict keys must be str or int",
+                    )
+                comp = _component(str(k), path)
+                if comp in seen:
+                    raise InvalidStateError(f"keys {k!r} and {str(k)!r} collide at {where}")
+                seen.add(comp)
+                items.append([k, walk(v, [*path, comp])])
+            return {"$dict": items}
+        if isinstance(value, list | tuple):
+            items = [walk(v, [*path, str(i)]) for i, v in enumerate(value)]
+            return items if isinstance(value, list) else {"$tuple": items}
+        raise InvalidStateError(
+            f"cannot store a value of type {type(value).__module__}.{type(value).__name__} at {where}",
+            hint="states hold tensors, numbers, strings, bools, None, bytes, and dicts/lists/tuples of them",
+        )
+
+    def leaf(value: Leaf, path: list[str]) -> dict[str, str]:
+        if not path:
+            raise InvalidStateError("the state itself is a tensor", hint="wrap it in a dict: {'tensor': t}")
+        if len(value.shape) > MAX_NDIM:
+            raise InvalidStateError(f"tensor {'/'.join(path)} has more than {MAX_NDIM} dimensions")
+        name = "/".join(path)
+        tensors[name] = value
+        return {"$tensor": name}
+
+    skeleton = walk(state, [])
+    return skeleton, tensors
+
+
+def _component(key: str, path: list[str]) -> str:
+    try:
+        return check_component(key, full="/".join([*path, key]))
+    except InvalidNameError as exc:
+        raise InvalidNameError(exc.message, hint=exc.hint) from None
+
+
+def tensor_names(skeleton: Any) -> Iterator[str]:
+    """Tensor names in the order they appear in the skeleton."""
+    if isinstance(skeleton, dict):
+        if "$tensor" in skeleton and len(skeleton) == 1:
+            yield skeleton["$tensor"]
+            return
+        if "$dict" in skeleton and len(skeleton) == 1:
+            for _, v in skeleton["$dict"]:
+                yield from tensor_names(v)
+            return
+        if "$tuple" in skeleton and len(skeleton) == 1:
+            for v in skeleton["$tuple"]:
+                yield from tensor_names(v)
+            return
+        for v in skeleton.values():
+            yield from tensor_names(v)
+    elif isinstance(skeleton, list):
+        for v in skeleton:
+            yield from tensor_names(v)
+
+
+def unflatten(skeleton: Any, get_tensor: Callable[[str], Any]) -> Any:
+    """Rebuild the state; ``get_tensor(name)`` supplies each tensor in the caller's framework."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if len(node) == 1:
+                (tag, val), = node.items()
+                if tag == "$tensor":
+                    return get_tensor(val)
+                if tag == "$tuple":
+                    return tuple(walk(v) for v in val)
+                if tag == "$dict":
+                    return {k: walk(v) for k, v in val}
+                if tag == "$float":
+                    return float(val)
+                if tag == "$bytes":
+                    return base64.b64decode(val)
+                if tag == "$scalar":
+                    dt, item = val
+                    if isinstance(item, dict):
+                        item = float(item["$float"])
+                    return np.array(item, dtype=np.dtype(dtypes.dtype(dt).numpy))[()]
+            if any(k.startswith("$") for k in node):
+                raise FormatError(f"unknown tag in state skeleton: {sorted(node)[:3]}")
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(skeleton)

@@ -1,0 +1,210 @@
+"""OpenCLIP: ingest the ``epoch_N.pt`` files that ``open_clip_train`` writes, and export them back.
+
+An ``open_clip_train`` checkpoint is a dict: ``epoch``, ``name``, ``state_dict``, ``optimizer`` and optionally
+``scaler``, ``state_dict_ema``, ``global_step``, ``samples_seen``. It is stored as it is (every key, in order), so
+an export writes a ``.pt`` that ``open_clip_train.main --resume`` and ``open_clip.create_model_and_transforms(...,
+pretrained=PATH)`` read exactly like the original, every tensor bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ckptstore.errors import CheckpointExistsError, ForeignCheckpointError, InvalidNameError
+from ckptstore.store import CheckpointInfo, Store
+
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def epoch_files(path: str | Path) -> list[Path]:
+    """``epoch_N.pt`` files in a folder (a run folder or its ``checkpoints/``), by epoch; never ``epoch_latest``."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    found = [(int(m.group(1)), f) for f in p.iterdir() if (m := _EPOCH_RE.match(f.name))]
+    return [f for _, f in sorted(found)]
+
+
+def run_dir_of(path: Path) -> Path:
+    """The ``open_clip_train`` run folder (``logs/NAME``) that holds a checkpoint file."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def default_run_name(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.\-]", "_", run_dir_of(path.resolve()).name).lstrip(".-") or "run"
+    return name
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load one ``epoch_N.pt`` safely and check that it looks like an open_clip_train checkpoint."""
+    from ckptstore.torch import load_pt
+
+    obj = load_pt(str(path))
+    if not isinstance(obj, dict):
+        raise ForeignCheckpointError(f"expected a dict, found {type(obj).__name__}", path=str(path),
+                                     hint="is this an open_clip_train epoch_N.pt?")
+    if "state_dict" not in obj or not isinstance(obj["state_dict"], Mapping):
+        raise ForeignCheckpointError("no 'state_dict' in the checkpoint", path=str(path),
+                                     hint="open_clip_train checkpoints hold epoch, name, state_dict, optimizer")
+    return obj
+
+
+def parse_params_txt(path: Path) -> dict[str, Any]:
+    """``params.txt`` (``key: value`` lines written by open_clip_train) as a dict of strings/numbers."""
+    out: dict[str, Any] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        key, sep, val = line.partition(":")
+        if not sep:
+            continue
+        val = val.strip()
+        parsed: Any = val
+        for conv in (int, float):
+            try:
+                parsed = conv(val)
+                break
+            except ValueError:
+                pass
+        if val in ("True", "False"):
+            parsed = val == "True"
+        elif val == "None":
+            parsed = None
+        if isinstance(parsed, float) and parsed != parsed:  # nan
+            parsed = None
+        out[key.strip()] = parsed
+    return out
+
+
+def epoch_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Per-epoch eval metrics from ``results.jsonl`` (written when validation runs)."""
+    out: dict[int, dict[str, float]] = {}
+    f = run_dir / "checkpoints" / "results.jsonl"
+    if not f.exists():
+        f = run_dir / "results.jsonl"
+    if not f.exists():
+        return out
+    for line in f.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or "epoch" not in row:
+            continue
+        out[int(row["epoch"])] = {k: float(v) for k, v in row.items()
+                                  if k != "epoch" and isinstance(v, int | float) and v == v}
+    return out
+
+
+def checkpoint_metadata(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = {"source": {"kind": "open_clip_train", "file": str(path.resolve())}}
+    for key in ("epoch", "global_step", "samples_seen"):
+        if isinstance(ckpt.get(key), int):
+            meta[{"global_step": "step"}.get(key, key)] = int(ckpt[key])
+    if isinstance(ckpt.get("name"), str):
+        meta["name"] = ckpt["name"]
+    run_dir = run_dir_of(path.resolve())
+    params = run_dir / "params.txt"
+    if params.exists():
+        hp = parse_params_txt(params)
+        meta["hparams"] = hp
+        if isinstance(hp.get("model"), str):
+            meta["model"] = hp["model"]
+    metrics = epoch_metrics(run_dir).get(int(ckpt.get("epoch", -1)))
+    if metrics:
+        meta["metrics"] = metrics
+    return meta
+
+
+def step_of(ckpt: Mapping[str, Any]) -> int:
+    """Newer open_clip_train records ``global_step``; older ones only ``epoch``."""
+    if isinstance(ckpt.get("global_step"), int):
+        return int(ckpt["global_step"])
+    if isinstance(ckpt.get("epoch"), int):
+        return int(ckpt["epoch"])
+    raise ForeignCheckpointError("checkpoint has neither 'global_step' nor 'epoch'",
+                                 hint="pass --step to say which step it is")
+
+
+def ingest(
+    store: Store,
+    paths: list[str | Path],
+    *,
+    run: str | None = None,
+    skip_existing: bool = True,
+    on_file: Callable[[Path, CheckpointInfo | None], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[CheckpointInfo]:
+    """Store each ``epoch_N.pt`` (files, run folders or ``checkpoints/`` folders) in epoch order."""
+    files: list[Path] = []
+    for p in paths:
+        files.extend(epoch_files(p))
+    if not files:
+        raise ForeignCheckpointError("no epoch_N.pt files found", path=", ".join(map(str, paths)))
+    out = []
+    for f in files:
+        run_name = run or default_run_name(f)
+        ckpt = read_checkpoint(f)
+        step = step_of(ckpt)
+        if step in store.steps(run_name):
+            if not skip_existing:
+                raise CheckpointExistsError(f"{run_name}@{step} already stored", path=str(f))
+            if on_file is not None:
+                on_file(f, None)
+            continue
+        try:
+            info = store.save(run_name, step, ckpt, checkpoint_metadata(ckpt, f), progress=progress)
+        except InvalidNameError as exc:
+            raise InvalidNameError(exc.message, path=str(f), hint=exc.hint) from None
+        out.append(info)
+        if on_file is not None:
+            on_file(f, info)
+        del ckpt
+    return out
+
+
+def export_pt(store: Store, ref: str, out: str | Path) -> Path:
+    """Write the stored checkpoint back as an open_clip_train ``.pt`` (same keys, bit-identical tensors)."""
+    import torch
+
+    state = store.load(ref, tensors="torch")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return out
+
+
+def export_safetensors(store: Store, ref: str, out: str | Path, *, key: str = "state_dict") -> Path:
+    """Write the model weights (``state_dict``, or the whole flat state) as a safetensors file."""
+    from safetensors.torch import save_file
+
+    m = store.resolve(ref)
+    prefix = f"{key}/"
+    names = [n for n in m.tensors if n.startswith(prefix)] or list(m.tensors)
+    tensors = {}
+    from ckptstore.torch import leaf_to_tensor
+
+    for n, leaf in store.load_leaves(m, names).items():
+        tensors[n[len(prefix):] if n.startswith(prefix) else n] = leaf_to_tensor(leaf)
+    meta = {"ckptstore_ref": m.ref}
+    if "epoch" in m.metadata:
+        meta["epoch"] = str(m.metadata["epoch"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return out
+
+
+def iter_epoch_states(path: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    for f in epoch_files(path):
+        yield f, read_checkpoint(f)

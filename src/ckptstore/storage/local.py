@@ -1,0 +1,151 @@
+"""Local-disk storage: temp file + fsync + rename, so a crash, kill or full disk never leaves a partial key."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from ckptstore.errors import ConcurrentCommitError, StoreLockedError
+from ckptstore.storage.base import Storage, Writer
+
+TMP_SUFFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _LocalWriter(Writer):
+    def __init__(self, final: Path, *, exclusive: bool = False) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.final = final
+        self.exclusive = exclusive
+        self.tmp = final.with_name(f"{final.name}{TMP_SUFFIX}{uuid.uuid4().hex[:12]}")
+        self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._pos = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.f.write(data)
+        self._pos += len(data)
+
+    @property
+    def tell(self) -> int:
+        return self._pos
+
+    def commit(self) -> None:
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            if self.exclusive:
+                try:
+                    os.link(self.tmp, self.final)  # fails if the final name exists: no silent clobber
+                except FileExistsError:
+                    raise ConcurrentCommitError(
+                        "already exists", path=str(self.final), hint="another writer committed it first"
+                    ) from None
+                finally:
+                    self.tmp.unlink(missing_ok=True)
+            else:
+                os.replace(self.tmp, self.final)
+            _fsync_dir(self.final.parent)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        fd = os.open(self._path(key), os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, start)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise EOFError(f"{key}: wanted {length} bytes at {start}, file has fewer")
+        return data
+
+    def write(self, key: str, data: bytes) -> None:
+        with self.open_writer(key) as w:
+            w.write(data)
+            w.commit()
+
+    def create(self, key: str, data: bytes) -> None:
+        w = _LocalWriter(self._path(key), exclusive=True)
+        w.write(data)
+        w.commit()
+
+    def open_writer(self, key: str) -> Writer:
+        return _LocalWriter(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def mtime(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.exists():
+            return []
+        if base.is_file():
+            return [prefix]
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                out.append(str(Path(dirpath, f).relative_to(self.root)).replace(os.sep, "/"))
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise StoreLockedError(
+                        "another process is writing to this store", path=str(self.root),
+                        hint="wait for it to finish (saves, deletes and gc take the write lock)",
+                    ) from None
+                raise
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,835 @@
+"""The Store: save, load, list, delete, thin, gc and verify checkpoints of training runs.
+
+Writes are planned first (hash every tensor; reuse identical objects; pick a delta base), then executed: objects
+stream into one pack file per save, and the manifest — which lists every object the checkpoint needs with its
+location — is committed last and atomically. A checkpoint exists only once its manifest exists, so a crash at any
+point leaves the committed checkpoints as they were. See docs/format.md for the bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import struct
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ckptstore import codecs
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CkptStoreError,
+    FormatError,
+    IntegrityError,
+    InvalidStateError,
+    StoreExistsError,
+    StoreNotFoundError,
+    TensorNotFoundError,
+    UnsupportedVersionError,
+)
+from ckptstore.format import tree
+from ckptstore.format.names import check_run_name, check_step, check_tensor_name
+from ckptstore.format.spec import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOCK_FILE,
+    MANIFEST_KIND,
+    MAX_MANIFEST_BYTES,
+    PACK_HEADER_SIZE,
+    PACK_MAGIC,
+    PACKS_DIR,
+    RUNS_DIR,
+    STORE_FILE,
+)
+from ckptstore.refs import Ref, parse_ref, resolve
+from ckptstore.storage import Storage, open_storage
+
+DEFAULT_KEYFRAME_INTERVAL = 8
+DEFAULT_LEVEL = 3
+_WINDOW = 4  # tensors being encoded ahead of the writer, per worker
+
+
+def object_id(leaf: tree.Leaf) -> str:
+    """Content address of a tensor: xxh3-128 over its dtype, shape and little-endian bytes."""
+    h = xxhash.xxh3_128()
+    h.update(f"{leaf.dtype}:{','.join(map(str, leaf.shape))}:".encode())
+    h.update(memoryview(np.ascontiguousarray(leaf.data)).cast("B"))
+    return "xxh128:" + h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _manifest_key(run: str, step: int) -> str:
+    return f"{RUNS_DIR}/{run}/ckpt/{step:020d}.json"
+
+
+def _json_bytes(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise InvalidStateError(f"metadata holds a non-finite number: {exc}",
+                                hint="use None for missing values") from None
+    except TypeError as exc:
+        raise InvalidStateError(f"metadata is not JSON-serialisable: {exc}") from None
+
+
+@dataclass
+class CheckpointInfo:
+    """One row of a listing: what ``ckpt ls`` shows."""
+
+    run: str
+    step: int
+    created: str
+    logical_bytes: int
+    stored_bytes: int
+    tensors: int
+    metadata: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.run}@{self.step}"
+
+    @property
+    def ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref, "run": self.run, "step": self.step, "created": self.created,
+            "epoch": self.metadata.get("epoch"), "logical_bytes": self.logical_bytes,
+            "stored_bytes": self.stored_bytes,
+            "ratio": round(self.ratio, 4) if math.isfinite(self.ratio) else None,
+            "tensors": self.tensors, "metadata": self.metadata,
+        }
+
+
+class Manifest:
+    """A committed checkpoint's manifest (parsed and validated)."""
+
+    def __init__(self, data: dict[str, Any], key: str) -> None:
+        self.data = data
+        self.key = key
+        if data.get("kind") != MANIFEST_KIND:
+            raise FormatError("not a ckptstore manifest", path=key)
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise UnsupportedVersionError(
+                f"manifest format version {data['format_version']} is newer than {FORMAT_VERSION}", path=key,
+                hint="upgrade ckptstore")
+        for field in ("run", "step", "tree", "tensors", "objects"):
+            if field not in data:
+                raise FormatError(f"manifest lacks {field!r}", path=key)
+
+    @property
+    def run(self) -> str:
+        return str(self.data["run"])
+
+    @property
+    def step(self) -> int:
+        return int(self.data["step"])
+
+    @property
+    def tensors(self) -> dict[str, dict[str, Any]]:
+        return self.data["tensors"]  # type: ignore[no-any-return]
+
+    @property
+    def objects(self) -> dict[str, dict[str, Any]]:
+        return self.data["objects"]  # type: ignore[no-any-return]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.data.setdefault("metadata", {})  # type: ignore[no-any-return]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.run}@{self.step}"
+
+    def chain(self, oid: str) -> list[str]:
+        """The object and every object it depends on, dependencies last."""
+        out, todo = [], [oid]
+        while todo:
+            o = todo.pop()
+            if o in out:
+                continue
+            out.append(o)
+            rec = self.objects.get(o)
+            if rec is None:
+                raise FormatError(f"manifest references unknown object {o}", path=self.key)
+            todo.extend(rec.get("refs", {}).values())
+        return out
+
+    def info(self) -> CheckpointInfo:
+        st = self.data.get("stats", {})
+        return CheckpointInfo(self.run, self.step, self.data.get("created", ""), int(st.get("logical_bytes", 0)),
+                              int(st.get("stored_bytes", 0)), len(self.tensors), self.metadata)
+
+
+class _ObjectCache:
+    """Decoded object words by id, bounded in bytes (LRU): serves delta bases without re-decoding them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.nbytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, oid: str) -> np.ndarray | None:
+        with self.lock:
+            v = self.items.get(oid)
+            if v is not None:
+                self.items.move_to_end(oid)
+            return v
+
+    def put(self, oid: str, words: np.ndarray) -> None:
+        with self.lock:
+            if oid in self.items or words.nbytes > self.max_bytes:
+                return
+            self.items[oid] = words
+            self.nbytes += words.nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self.items.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+            self.nbytes = 0
+
+
+class Store:
+    """A store of training runs. Open one with :func:`open_store` or create it with :func:`create_store`.
+
+    ``threads`` sets encode/decode parallelism. ``keyframe_interval`` bounds delta chains: a tensor is stored whole
+    at least every that many checkpoints, so reading any checkpoint decodes at most that many objects per tensor.
+    ``cache_bytes`` bounds the decoded-tensor cache that lets the next save delta against the last one without
+    reading it back (default: enough for the largest checkpoint saved in this process).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        threads: int | None = None,
+        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
+        level: int = DEFAULT_LEVEL,
+        cache_bytes: int | None = None,
+    ) -> None:
+        self.storage = storage
+        self.threads = threads or min(2, os.cpu_count() or 1)
+        self.keyframe_interval = max(1, int(keyframe_interval))
+        self.level = level
+        self._cache_bytes = cache_bytes
+        self._cache = _ObjectCache(cache_bytes if cache_bytes is not None else 0)
+        self._manifests: dict[tuple[str, int], Manifest] = {}
+        info = self._read_store_file()
+        self.info = info
+
+    # ------------------------------------------------------------------ opening
+    def _read_store_file(self) -> dict[str, Any]:
+        try:
+            raw = self.storage.read(STORE_FILE)
+        except (FileNotFoundError, OSError):
+            raise StoreNotFoundError("no ckptstore store here", path=self.storage.url,
+                                     hint="create one with `ckpt init PATH`") from None
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            raise FormatError(f"{STORE_FILE} is not JSON", path=self.storage.url) from None
+        if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+            raise FormatError(f"{STORE_FILE} does not describe a ckptstore store", path=self.storage.url)
+        if int(info.get("version", 0)) > FORMAT_VERSION:
+            raise UnsupportedVersionError(f"store format {info['version']} is newer than {FORMAT_VERSION}",
+                                          path=self.storage.url, hint="upgrade ckptstore")
+        return info
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.storage.close()
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        with self.storage.lock(LOCK_FILE):
+            yield
+
+    # ------------------------------------------------------------------ listing
+    def runs(self) -> list[str]:
+        names = set()
+        for key in self.storage.list(RUNS_DIR):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[2] == "ckpt" and parts[3].endswith(".json"):
+                names.add(parts[1])
+        return sorted(names)
+
+    def steps(self, run: str) -> list[int]:
+        check_run_name(run)
+        out = []
+        for key in self.storage.list(f"{RUNS_DIR}/{run}/ckpt"):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(".json") and name[:-5].isdigit():
+                out.append(int(name[:-5]))
+        return sorted(out)
+
+    def manifest(self, run: str, step: int) -> Manifest:
+        cached = self._manifests.get((run, step))
+        if cached is not None:
+            return cached
+        key = _manifest_key(run, step)
+        try:
+            raw = self.storage.read(key)
+        except (FileNotFoundError, OSError):
+            from ckptstore.errors import CheckpointNotFoundError
+
+            raise CheckpointNotFoundError(f"no checkpoint {run}@{step}", ref=f"{run}@{step}") from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise FormatError("manifest larger than the format's limit", path=key)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise FormatError("manifest is not valid JSON", path=key) from None
+        if not isinstance(data, dict):
+            raise FormatError("manifest is not a JSON object", path=key)
+        m = Manifest(data, key)
+        self._manifests[(run, step)] = m
+        return m
+
+    def checkpoints(self, run: str | None = None) -> list[CheckpointInfo]:
+        """Checkpoints in step order; ``stored_bytes`` counts the objects each one added to the store (the
+        first checkpoint in step order that references an object owns it), so a run's rows sum to its size."""
+        out = []
+        for r in [run] if run is not None else self.runs():
+            seen: set[tuple[str, int]] = set()
+            for s in self.steps(r):
+                m = self.manifest(r, s)
+                info = m.info()
+                own = 0
+                for rec in m.objects.values():
+                    loc = (rec["pack"], int(rec["offset"]))
+                    if loc not in seen:
+                        seen.add(loc)
+                        own += int(rec["length"])
+                info.stored_bytes = own
+                out.append(info)
+        return out
+
+    def resolve(self, ref: str | Ref) -> Manifest:
+        r = parse_ref(ref) if isinstance(ref, str) else ref
+        steps = self.steps(r.run)
+        if r.kind == "step":
+            entries = [{"step": s, "metadata": {}} for s in steps]
+        elif r.kind in ("latest", "first"):
+            entries = [{"step": s} for s in steps]
+        else:
+            entries = [{"step": s, "metadata": self.manifest(r.run, s).metadata} for s in steps]
+        step = resolve(r, entries)
+        return self.manifest(r.run, step)
+
+    # ------------------------------------------------------------------ saving
+    def save(
+        self,
+        run: str,
+        step: int,
+        state: Any,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> CheckpointInfo:
+        """Store ``state`` (nested dicts/lists of tensors and plain values) as checkpoint ``run@step``."""
+        check_run_name(run)
+        check_step(step)
+        skeleton, leaves = tree.flatten(state)
+        for name in leaves:
+            check_tensor_name(name)
+        meta = dict(metadata or {})
+        meta_bytes = _json_bytes(meta)  # refuse bad metadata before touching the store
+        framework = "torch" if any(lf.framework == "torch" for lf in leaves.values()) else "numpy"
+        with self._write_lock():
+            steps = self.steps(run)
+            if step in steps:
+                raise CheckpointExistsError(f"checkpoint {run}@{step} already exists", ref=f"{run}@{step}",
+                                            hint="delete it first (`ckpt rm`) or save under another step")
+            earlier = [s for s in steps if s < step]
+            base = self.manifest(run, earlier[-1]) if earlier else None
+            manifest = self._write_checkpoint(run, step, skeleton, leaves, base, json.loads(meta_bytes),
+                                              framework, progress)
+        return manifest.info()
+
+    def _write_checkpoint(
+        self,
+        run: str,
+        step: int,
+        skeleton: Any,
+        leaves: dict[str, tree.Leaf],
+        base: Manifest | None,
+        metadata: dict[str, Any],
+        framework: str,
+        progress: Callable[[int, int], None] | None,
+        *,
+        created: str | None = None,
+    ) -> Manifest:
+        logical = sum(lf.nbytes for lf in leaves.values())
+        if self._cache_bytes is None:
+            self._cache.max_bytes = max(self._cache.max_bytes, logical + logical // 4)
+        names = list(leaves)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
+            oids = list(ex.map(lambda n: object_id(leaves[n]), names))
+        tensors = {
+            n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o} for n, o in zip(names, oids)
+        }
+        objects: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[str, str]] = []  # (tensor name, object id) to encode, first occurrence of each id
+        planned: set[str] = set()
+        for n, o in zip(names, oids):
+            if base is not None and o in base.objects:
+                for dep in base.chain(o):
+                    objects[dep] = base.objects[dep]
+            elif o not in planned:
+                planned.add(o)
+                todo.append((n, o))
+        pack_key = f"{PACKS_DIR}/{run}/{step:020d}-{uuid.uuid4().hex[:12]}.pack"
+        stored = 0
+        if todo:
+            new_records, stored = self._encode_into_pack(pack_key, todo, leaves, base, progress)
+            for o, rec in new_records.items():
+                objects[o] = rec
+                for dep in rec.get("refs", {}).values():
+                    if base is not None:
+                        for d in base.chain(dep):
+                            objects.setdefault(d, base.objects[d])
+        data = {
+            "kind": MANIFEST_KIND,
+            "format_version": FORMAT_VERSION,
+            "run": run,
+            "step": step,
+            "created": created or _now(),
+            "framework": framework,
+            "tree": skeleton,
+            "tensors": tensors,
+            "objects": objects,
+            "packs": [pack_key] if todo else [],
+            "stats": {"logical_bytes": logical, "stored_bytes": stored},
+            "metadata": metadata,
+        }
+        key = _manifest_key(run, step)
+        self.storage.create(key, json.dumps(data, separators=(",", ":"), allow_nan=False).encode())
+        m = Manifest(data, key)
+        self._manifests[(run, step)] = m
+        return m
+
+    def _encode_into_pack(
+        self,
+        pack_key: str,
+        todo: list[tuple[str, str]],
+        leaves: Mapping[str, tree.Leaf],
+        base: Manifest | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[dict[str, dict[str, Any]], int]:
+        """Encode the new objects in parallel and stream them, in order, into one pack file."""
+        records: dict[str, dict[str, Any]] = {}
+        total = len(todo)
+
+        def job(item: tuple[str, str]) -> tuple[str, dict[str, Any], bytes]:
+            name, oid = item
+            leaf = leaves[name]
+            spec = codecs.TensorSpec(leaf.dtype, leaf.shape)
+            words = leaf.words
+            refs: dict[str, np.ndarray] = {}
+            base_oid = None
+            depth = 0
+            if base is not None:
+                bt = base.tensors.get(name)
+                if bt is not None and bt["dtype"] == leaf.dtype and list(bt["shape"]) == list(leaf.shape):
+                    brec = base.objects[bt["object"]]
+                    if int(brec.get("depth", 0)) + 1 < self.keyframe_interval:
+                        base_oid = bt["object"]
+                        refs["prev"] = self._decode_object(base, base_oid)
+                        depth = int(brec.get("depth", 0)) + 1
+            enc = codecs.encode(words, spec, refs, level=self.level)
+            rec: dict[str, Any] = {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": enc.codecs}
+            if enc.roles and base_oid is not None:
+                rec["refs"] = {"prev": base_oid}
+                rec["depth"] = depth
+            else:
+                rec["depth"] = 0
+            # Keep a private copy of what was saved as the base for the next save (the caller's tensors may
+            # change in place as training goes on).
+            self._cache.put(oid, np.array(words, copy=True))
+            return oid, rec, enc.payload
+
+        stored = 0
+        writer = self.storage.open_writer(pack_key)
+        try:
+            header = PACK_MAGIC + struct.pack("<II", FORMAT_VERSION, 0)
+            assert len(header) == PACK_HEADER_SIZE
+            writer.write(header)
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-encode") as ex:
+                window: list[Future[tuple[str, dict[str, Any], bytes]]] = []
+                it = iter(todo)
+                done = 0
+                for item in it:
+                    window.append(ex.submit(job, item))
+                    if len(window) >= _WINDOW * self.threads:
+                        done = self._drain(window.pop(0), writer, pack_key, records, done, total, progress)
+                for fut in window:
+                    done = self._drain(fut, writer, pack_key, records, done, total, progress)
+            stored = writer.tell
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return records, stored
+
+    @staticmethod
+    def _drain(
+        fut: Future[tuple[str, dict[str, Any], bytes]],
+        writer: Any,
+        pack_key: str,
+        records: dict[str, dict[str, Any]],
+        done: int,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> int:
+        oid, rec, payload = fut.result()
+        rec["pack"] = pack_key
+        rec["offset"] = writer.tell
+        rec["length"] = len(payload)
+        writer.write(payload)
+        records[oid] = rec
+        if progress is not None:
+            progress(done + 1, total)
+        return done + 1
+
+    # ------------------------------------------------------------------ loading
+    def _decode_object(self, manifest: Manifest, oid: str, *, verify: bool = False) -> np.ndarray:
+        hit = self._cache.get(oid)
+        if hit is not None and not verify:
+            return hit
+        rec = manifest.objects.get(oid)
+        if rec is None:
+            raise FormatError(f"object {oid} missing from manifest", path=manifest.key)
+        spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
+        refs = {role: self._decode_object(manifest, dep, verify=verify) for role, dep in rec.get("refs", {}).items()}
+        length = int(rec["length"])
+        try:
+            payload = self.storage.read_range(rec["pack"], int(rec["offset"]), length) if length else b""
+        except (FileNotFoundError, EOFError, OSError) as exc:
+            raise IntegrityError(f"cannot read object {oid[:20]}…: {exc}", path=rec.get("pack"),
+                                 ref=manifest.ref, hint="run `ckpt verify`; the pack file is missing or cut") \
+                from None
+        try:
+            words = codecs.decode(payload, rec["codecs"], spec, refs)
+        except CkptStoreError as exc:
+            raise IntegrityError(f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"),
+                                 ref=manifest.ref) from None
+        if verify:
+            leaf = tree.Leaf(rec["dtype"], spec.shape, words)
+            if object_id(leaf) != oid:
+                raise IntegrityError(f"object {oid[:20]}… decodes to different bytes", path=rec.get("pack"),
+                                     ref=manifest.ref, hint="the store is damaged; restore the pack from backup")
+        self._cache.put(oid, words)
+        return words
+
+    def load_leaves(self, ref: str | Ref | Manifest, names: Iterable[str] | None = None) -> dict[str, tree.Leaf]:
+        m = ref if isinstance(ref, Manifest) else self.resolve(ref)
+        wanted = list(m.tensors) if names is None else list(names)
+        for n in wanted:
+            if n not in m.tensors:
+                raise TensorNotFoundError(f"no tensor {n!r}", ref=m.ref, tensor=n,
+                                          hint=f"`ckpt show {m.ref}` lists the tensors")
+
+        def one(n: str) -> tuple[str, tree.Leaf]:
+            t = m.tensors[n]
+            words = self._decode_object(m, t["object"])
+            return n, tree.Leaf(t["dtype"], tuple(t["shape"]), words)
+
+        # Sized so one checkpoint's tensors plus their delta bases stay decodable without re-reading.
+        self._cache.max_bytes = max(self._cache.max_bytes, int(m.info().logical_bytes * 1.25))
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode") as ex:
+            return dict(ex.map(one, wanted))
+
+    def load(self, ref: str | Ref, *, tensors: str | None = None) -> Any:
+        """Read a checkpoint back as the nested state it was saved from, bit-exactly.
+
+        ``tensors`` chooses the framework of the returned tensors: ``"torch"``, ``"numpy"``, or by default the
+        one the checkpoint was saved from. bfloat16/float8 come back to numpy as raw unsigned words.
+        """
+        m = self.resolve(ref)
+        leaves = self.load_leaves(m)
+        kind = tensors or m.data.get("framework", "numpy")
+        convert = _converter(kind)
+        return tree.unflatten(m.data["tree"], lambda n: convert(leaves[n]))
+
+    def load_tensor(self, ref: str | Ref, name: str, *, tensors: str | None = None) -> Any:
+        """Read one tensor without decoding the rest of the checkpoint."""
+        m = self.resolve(ref)
+        leaf = self.load_leaves(m, [name])[name]
+        return _converter(tensors or m.data.get("framework", "numpy"))(leaf)
+
+    def iter_load(self, run: str, *, tensors: str | None = None) -> Iterator[tuple[Manifest, Any]]:
+        """Every checkpoint of a run in step order; each delta decodes against the one just read."""
+        for s in self.steps(run):
+            m = self.manifest(run, s)
+            leaves = self.load_leaves(m)
+            convert = _converter(tensors or m.data.get("framework", "numpy"))
+            yield m, tree.unflatten(m.data["tree"], lambda n, lv=leaves, c=convert: c(lv[n]))  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ metadata edits
+    def update_metadata(self, ref: str | Ref, update: Callable[[dict[str, Any]], None]) -> Manifest:
+        """Edit a checkpoint's metadata (tags, notes) in place; tensors are not touched."""
+        with self._write_lock():
+            m = self.resolve(ref)
+            data = json.loads(json.dumps(m.data))
+            update(data["metadata"])
+            raw = _json_bytes(data)
+            self.storage.write(m.key, raw)
+            new = Manifest(data, m.key)
+            self._manifests[(new.run, new.step)] = new
+            return new
+
+    # ------------------------------------------------------------------ deleting
+    def delete(self, refs: Iterable[str | Ref], *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Delete checkpoints. Remaining checkpoints stay bit-exact: those whose delta chains ran through a
+        deleted checkpoint's objects are re-encoded against their new predecessor before anything is freed."""
+        with self._write_lock():
+            doomed = {(m.run, m.step): m for m in (self.resolve(r) for r in refs)}
+            runs = sorted({r for r, _ in doomed})
+            before = self._stored_bytes()
+            rewritten = 0
+            for run in runs:
+                doomed_packs = {p for (r, _), m in doomed.items() if r == run for p in m.data.get("packs", [])}
+                for (r, s), m in doomed.items():
+                    if r == run:
+                        self.storage.delete(m.key)
+                        self._manifests.pop((r, s), None)
+                rewritten += self._rebase(run, doomed_packs, progress)
+            freed_packs = self._gc_locked()
+            after = self._stored_bytes()
+        return {"deleted": sorted(f"{r}@{s}" for r, s in doomed), "rewritten": rewritten,
+                "freed_bytes": before - after, "removed_packs": freed_packs}
+
+    def _rebase(self, run: str, doomed_packs: set[str], progress: Callable[[int, int], None] | None) -> int:
+        """Make every remaining checkpoint of ``run`` independent of ``doomed_packs``.
+
+        Goes in step order. Records re-encoded for an earlier checkpoint replace the same object's records in
+        later manifests (same content id, new location), so a deletion re-encodes each affected object once
+        instead of cascading down the chain. Only tensors whose chain still reaches a doomed pack are re-encoded,
+        against their new predecessor (or as keyframes).
+        """
+        if not doomed_packs:
+            return 0
+        rewritten = 0
+        replaced: dict[str, dict[str, Any]] = {}
+        prev: Manifest | None = None
+        steps = self.steps(run)
+        for i, s in enumerate(steps):
+            m = self.manifest(run, s)
+            objects = {o: replaced.get(o, rec) for o, rec in m.objects.items()}
+            changed = any(objects[o] is not m.objects[o] for o in objects)
+            view = Manifest({**m.data, "objects": objects}, m.key)
+            touched = [n for n, t in view.tensors.items()
+                       if any(objects[o]["pack"] in doomed_packs for o in view.chain(t["object"]))]
+            pack_key = None
+            stored = 0
+            if touched:
+                fresh = self.load_leaves(view, touched)
+                todo, seen = [], set()
+                for n in touched:
+                    o = view.tensors[n]["object"]
+                    if o not in seen:
+                        seen.add(o)
+                        todo.append((n, o))
+                pack_key = f"{PACKS_DIR}/{run}/{s:020d}-{uuid.uuid4().hex[:12]}.pack"
+                records, stored = self._encode_into_pack(pack_key, todo, fresh, prev, None)
+                replaced.update(records)
+                objects.update(records)
+                changed = True
+            if changed:
+                data = dict(m.data)
+                table: dict[str, dict[str, Any]] = {}
+                todo_ids = [t["object"] for t in data["tensors"].values()]
+                while todo_ids:
+                    o = todo_ids.pop()
+                    if o in table:
+                        continue
+                    rec = objects.get(o)
+                    if rec is None and prev is not None:
+                        rec = prev.objects.get(o)
+                    if rec is None:
+                        raise FormatError(f"object {o} lost while rebasing", path=m.key)
+                    table[o] = rec
+                    todo_ids.extend(rec.get("refs", {}).values())
+                data["objects"] = table
+                if pack_key is not None:
+                    data["packs"] = [*data.get("packs", []), pack_key]
+                    stats = dict(data.get("stats", {}))
+                    stats["stored_bytes"] = int(stats.get("stored_bytes", 0)) + stored
+                    data["stats"] = stats
+                self.storage.write(m.key, json.dumps(data, separators=(",", ":"), allow_nan=False).encode())
+                m = Manifest(data, m.key)
+                self._manifests[(run, s)] = m
+                rewritten += 1
+            prev = m
+            if progress is not None:
+                progress(i + 1, len(steps))
+        return rewritten
+
+    def gc(self) -> dict[str, Any]:
+        """Remove pack files no committed manifest references (left by deletes or by interrupted saves)."""
+        with self._write_lock():
+            before = self._stored_bytes()
+            removed = self._gc_locked()
+            return {"removed_packs": removed, "freed_bytes": before - self._stored_bytes()}
+
+    def _live_packs(self) -> set[str]:
+        live: set[str] = set()
+        for run in self.runs():
+            for s in self.steps(run):
+                for rec in self.manifest(run, s).objects.values():
+                    live.add(rec["pack"])
+        return live
+
+    def _gc_locked(self, *, repack_below: float = 0.9) -> int:
+        """Delete unreferenced packs; copy the live objects out of mostly-dead packs (no re-encoding)."""
+        self._manifests.clear()
+        manifests = [self.manifest(r, s) for r in self.runs() for s in self.steps(r)]
+        live: dict[str, dict[tuple[int, int], list[str]]] = {}  # pack -> (offset, length) -> object ids
+        for m in manifests:
+            for o, rec in m.objects.items():
+                live.setdefault(rec["pack"], {}).setdefault((int(rec["offset"]), int(rec["length"])), []).append(o)
+        removed = 0
+        for key in self.storage.list(PACKS_DIR):
+            if key not in live:
+                self.storage.delete(key)
+                removed += 1
+        for key in self.storage.list(RUNS_DIR):
+            if ".tmp-" in key.rsplit("/", 1)[-1]:
+                self.storage.delete(key)
+        for pack, spans in live.items():
+            size = self.storage.size(pack)
+            used = PACK_HEADER_SIZE + sum(length for _, length in spans)
+            if used >= size * repack_below:
+                continue
+            new_key = pack.rsplit("-", 1)[0] + f"-{uuid.uuid4().hex[:12]}.pack"
+            moved: dict[tuple[int, int], int] = {}
+            writer = self.storage.open_writer(new_key)
+            try:
+                writer.write(PACK_MAGIC + struct.pack("<II", FORMAT_VERSION, 0))
+                for off, length in sorted(spans):
+                    moved[(off, length)] = writer.tell
+                    writer.write(self.storage.read_range(pack, off, length) if length else b"")
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            for m in manifests:
+                if not any(rec["pack"] == pack for rec in m.objects.values()):
+                    continue
+                data = dict(m.data)
+                table = {}
+                for o, rec in m.objects.items():
+                    if rec["pack"] == pack:
+                        rec = {**rec, "pack": new_key, "offset": moved[(int(rec["offset"]), int(rec["length"]))]}
+                    table[o] = rec
+                data["objects"] = table
+                data["packs"] = [new_key if p == pack else p for p in data.get("packs", [])]
+                self.storage.write(m.key, json.dumps(data, separators=(",", ":"), allow_nan=False).encode())
+                m.data = data
+            self.storage.delete(pack)
+        self._manifests.clear()
+        return removed
+
+    def _stored_bytes(self) -> int:
+        return sum(self.storage.size(k) for k in self.storage.list(PACKS_DIR))
+
+    # ------------------------------------------------------------------ checking
+    def verify(self, run: str | None = None, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Decode every object of every checkpoint and check it against its content hash."""
+        self._manifests.clear()
+        checked: set[str] = set()
+        problems: list[str] = []
+        ckpts = [(r, s) for r in ([run] if run else self.runs()) for s in self.steps(r)]
+        saved_cache = self._cache
+        self._cache = _ObjectCache(saved_cache.max_bytes or (1 << 30))
+        try:
+            for i, (r, s) in enumerate(ckpts):
+                try:
+                    m = self.manifest(r, s)
+                    for t in m.tensors.values():
+                        for o in m.chain(t["object"]):
+                            if o not in checked:
+                                self._cache.items.pop(o, None)
+                                self._decode_object(m, o, verify=True)
+                                checked.add(o)
+                except CkptStoreError as exc:
+                    problems.append(f"{r}@{s}: {exc}")
+                if progress is not None:
+                    progress(i + 1, len(ckpts))
+        finally:
+            self._cache = saved_cache
+        return {"checkpoints": len(ckpts), "objects": len(checked), "problems": problems, "ok": not problems}
+
+    def stats(self, run: str | None = None) -> dict[str, Any]:
+        infos = self.checkpoints(run)
+        logical = sum(i.logical_bytes for i in infos)
+        stored = sum(i.stored_bytes for i in infos)
+        packs = sum(self.storage.size(k) for k in self.storage.list(PACKS_DIR if run is None else f"{PACKS_DIR}/{run}"))
+        return {"checkpoints": len(infos), "logical_bytes": logical, "stored_bytes": stored,
+                "pack_bytes": packs, "ratio": logical / packs if packs else None}
+
+
+def _converter(kind: str) -> Callable[[tree.Leaf], Any]:
+    if kind == "torch":
+        from ckptstore.torch import leaf_to_tensor
+
+        return leaf_to_tensor
+    if kind == "numpy":
+        return lambda leaf: leaf.to_numpy()
+    raise ValueError(f"unknown tensor framework {kind!r}; use 'torch' or 'numpy'")
+
+
+def create_store(location: str | os.PathLike[str], *, exist_ok: bool = False, **options: Any) -> Store:
+    """Create a new, empty store at a path or URL."""
+    storage_options = options.pop("storage_options", {}) or {}
+    storage = open_storage(location, **storage_options)
+    if storage.exists(STORE_FILE):
+        if exist_ok:
+            return Store(storage, **options)
+        raise StoreExistsError("a store already exists here", path=storage.url)
+    if storage.list("") and not exist_ok:
+        raise StoreExistsError("the directory is not empty", path=storage.url,
+                               hint="choose an empty or new directory")
+    storage.write(STORE_FILE, _json_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": _now()}))
+    return Store(storage, **options)
+
+
+def open_store(location: str | os.PathLike[str], *, create: bool = False, **options: Any) -> Store:
+    """Open an existing store (or create it when ``create`` is true)."""
+    storage_options = options.pop("storage_options", {}) or {}
+    storage = open_storage(location, **storage_options)
+    if create and not storage.exists(STORE_FILE):
+        return create_store(location, storage_options=storage_options, **options)
+    return Store(storage, **options)
+

@@ -1,0 +1,208 @@
+"""The PyTorch adapter: tensors ↔ store leaves, and model/optimizer/scheduler/scaler/RNG ↔ checkpoint state.
+
+``import ckptstore`` never imports torch; this module does, and only when a torch tensor is saved or asked for.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore.errors import ForeignCheckpointError, InvalidStateError
+from ckptstore.format.tree import Leaf
+
+_TORCH_TO_NAME: dict[torch.dtype, str] = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+    torch.complex64: "complex64",
+    torch.complex128: "complex128",
+}
+for _n in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
+    if hasattr(torch, _n):
+        _TORCH_TO_NAME[getattr(torch, _n)] = _n
+_NAME_TO_TORCH = {v: k for k, v in _TORCH_TO_NAME.items()}
+# The signed integer type of each width: torch.from_numpy and Tensor.view go through these.
+_INT_OF_WIDTH = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
+                 8: (torch.int64, np.int64)}
+
+
+def tensor_to_leaf(t: Any) -> Leaf:
+    """A torch tensor as a store leaf (zero-copy for contiguous CPU tensors)."""
+    if not isinstance(t, torch.Tensor):
+        raise InvalidStateError(f"not a torch tensor: {type(t).__name__}")
+    if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+        raise InvalidStateError(f"cannot store a {t.layout} / quantized / meta tensor",
+                                hint="convert it to a dense tensor first")
+    name = _TORCH_TO_NAME.get(t.dtype)
+    if name is None:
+        raise InvalidStateError(f"unsupported torch dtype {t.dtype}")
+    shape = tuple(int(s) for s in t.shape)
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    t = t.contiguous().reshape(-1)
+    if t.dtype in (torch.complex64, torch.complex128):
+        data = t.view(torch.float32 if t.dtype == torch.complex64 else torch.float64).numpy().view(np.uint64)
+    elif t.dtype == torch.bool:
+        data = t.numpy()
+    else:
+        size = t.element_size()
+        as_int, _ = _INT_OF_WIDTH[size]
+        data = t.view(as_int).numpy().view(f"<u{size}")
+    return Leaf(name, shape, data, "torch")
+
+
+def leaf_to_tensor(leaf: Leaf) -> torch.Tensor:
+    """A store leaf as a torch tensor of the original dtype and shape (sharing the leaf's memory)."""
+    dt = _NAME_TO_TORCH.get(leaf.dtype)
+    if dt is None:
+        raise InvalidStateError(f"torch has no dtype {leaf.dtype}")
+    data = np.ascontiguousarray(leaf.data)
+    if not data.flags.writeable:
+        data = data.copy()
+    if dt == torch.bool:
+        t = torch.from_numpy(data.view(np.bool_))
+    else:
+        size = torch.empty((), dtype=dt).element_size()
+        _, np_int = _INT_OF_WIDTH[8 if size == 16 else size]
+        t = torch.from_numpy(data.view(np_int)).view(dt)
+    return t.reshape(leaf.shape)
+
+
+# -------------------------------------------------------------------------------------------- training state
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training loop usually draws from: python, numpy, torch CPU, and each CUDA device."""
+    state: dict[str, Any] = {
+        "python": _python_state(),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": np.array(internal, dtype=np.uint64), "gauss_next": gauss}
+
+
+def _numpy_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {"kind": kind, "keys": np.asarray(keys), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    py = state.get("python")
+    if py:
+        random.setstate((int(py["version"]), tuple(int(x) for x in np.asarray(py["internal"]).tolist()),
+                         py["gauss_next"]))
+    npst = state.get("numpy")
+    if npst:
+        np.random.set_state((npst["kind"], np.asarray(npst["keys"]), npst["pos"], npst["has_gauss"],
+                             npst["cached_gaussian"]))
+    if "torch" in state:
+        torch.set_rng_state(_as_tensor(state["torch"]).to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_as_tensor(s).to(torch.uint8) for s in state["cuda"]])
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+
+
+def training_state(
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    rng: bool = True,
+) -> dict[str, Any]:
+    """Collect what a resume needs into one state dict (the layout :func:`restore_training_state` reads)."""
+    state: dict[str, Any] = {}
+    if model is not None:
+        state["model"] = model.state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    if extra:
+        state["extra"] = dict(extra)
+    if rng:
+        state["rng"] = rng_state()
+    return state
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    *,
+    rng: bool = True,
+) -> dict[str, Any]:
+    """Load a state made by :func:`training_state` into live objects; returns ``extra``."""
+    if model is not None:
+        model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return dict(state.get("extra", {}))
+
+
+def save(store: Any, run: str, step: int, model: torch.nn.Module | None = None,
+         optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None, *,
+         extra: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None) -> Any:
+    """Save model + optimizer + scheduler + scaler + RNG states as ``run@step``."""
+    return store.save(run, step, training_state(model, optimizer, scheduler, scaler, extra=extra),
+                      metadata=metadata)
+
+
+def restore(store: Any, ref: str, model: torch.nn.Module | None = None,
+            optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None, *,
+            rng: bool = True) -> dict[str, Any]:
+    """Restore live objects from ``ref``; returns the ``extra`` values that were saved with it."""
+    state = store.load(ref, tensors="torch")
+    return restore_training_state(state, model, optimizer, scheduler, scaler, rng=rng)
+
+
+def load_pt(path: str) -> Any:
+    """Read a foreign ``.pt`` file safely: ``weights_only=True``, and a clear error when torch refuses it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in repr(type(exc)):
+            raise ForeignCheckpointError(
+                f"refused to load: the file contains objects other than tensors and plain data ({msg[:200]})",
+                path=path, hint="ckptstore only reads .pt files that torch.load(weights_only=True) accepts",
+            ) from None
+        raise ForeignCheckpointError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: {msg[:200]})",
+                                     path=path, hint="the file may be truncated or not a .pt file") from None
