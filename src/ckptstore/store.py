@@ -55,7 +55,8 @@ from ckptstore.refs import Ref, parse_ref, resolve
 from ckptstore.storage import Storage, open_storage
 
 DEFAULT_KEYFRAME_INTERVAL = 8
-DEFAULT_LEVEL = 3
+DEFAULT_LEVEL = 1
+MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
 _WINDOW = 4  # tensors being encoded ahead of the writer, per worker
 
 
@@ -523,7 +524,10 @@ class Store:
         return done + 1
 
     # ------------------------------------------------------------------ loading
-    def _decode_object(self, manifest: Manifest, oid: str, *, verify: bool = False) -> np.ndarray:
+    def _decode_object(self, manifest: Manifest, oid: str, *, verify: bool = False, _depth: int = 0) -> np.ndarray:
+        if _depth > MAX_CHAIN:
+            raise FormatError(f"delta chain of object {oid[:20]}… is longer than {MAX_CHAIN} (a cycle?)",
+                              path=manifest.key)
         hit = self._cache.get(oid)
         if hit is not None and not verify:
             return hit
@@ -531,8 +535,10 @@ class Store:
         if rec is None:
             raise FormatError(f"object {oid} missing from manifest", path=manifest.key)
         spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
-        refs = {role: self._decode_object(manifest, dep, verify=verify) for role, dep in rec.get("refs", {}).items()}
+        refs = {role: self._decode_object(manifest, dep, verify=verify, _depth=_depth + 1)
+                for role, dep in rec.get("refs", {}).items()}
         length = int(rec["length"])
+        _check_pack_key(rec.get("pack"), manifest.key)
         try:
             payload = self.storage.read_range(rec["pack"], int(rec["offset"]), length) if length else b""
         except (FileNotFoundError, EOFError, OSError) as exc:
@@ -644,13 +650,28 @@ class Store:
         replaced: dict[str, dict[str, Any]] = {}
         prev: Manifest | None = None
         steps = self.steps(run)
+
+        def table_for(m: Manifest) -> dict[str, dict[str, Any]]:
+            # Every object m needs, preferring records re-encoded earlier in this pass, then m's own, then
+            # the (already rebased) predecessor's, whose objects new deltas may point at.
+            table: dict[str, dict[str, Any]] = {}
+            todo_ids = [t["object"] for t in m.tensors.values()]
+            while todo_ids:
+                o = todo_ids.pop()
+                if o in table:
+                    continue
+                rec = replaced.get(o) or m.objects.get(o) or (prev.objects.get(o) if prev is not None else None)
+                if rec is None:
+                    raise FormatError(f"object {o} lost while rebasing", path=m.key)
+                table[o] = rec
+                todo_ids.extend(rec.get("refs", {}).values())
+            return table
+
         for i, s in enumerate(steps):
             m = self.manifest(run, s)
-            objects = {o: replaced.get(o, rec) for o, rec in m.objects.items()}
-            changed = any(objects[o] is not m.objects[o] for o in objects)
-            view = Manifest({**m.data, "objects": objects}, m.key)
+            view = Manifest({**m.data, "objects": table_for(m)}, m.key)
             touched = [n for n, t in view.tensors.items()
-                       if any(objects[o]["pack"] in doomed_packs for o in view.chain(t["object"]))]
+                       if any(view.objects[o]["pack"] in doomed_packs for o in view.chain(t["object"]))]
             pack_key = None
             stored = 0
             if touched:
@@ -664,23 +685,9 @@ class Store:
                 pack_key = f"{PACKS_DIR}/{run}/{s:020d}-{uuid.uuid4().hex[:12]}.pack"
                 records, stored = self._encode_into_pack(pack_key, todo, fresh, prev, None)
                 replaced.update(records)
-                objects.update(records)
-                changed = True
-            if changed:
+            table = table_for(m)
+            if table != m.objects:
                 data = dict(m.data)
-                table: dict[str, dict[str, Any]] = {}
-                todo_ids = [t["object"] for t in data["tensors"].values()]
-                while todo_ids:
-                    o = todo_ids.pop()
-                    if o in table:
-                        continue
-                    rec = objects.get(o)
-                    if rec is None and prev is not None:
-                        rec = prev.objects.get(o)
-                    if rec is None:
-                        raise FormatError(f"object {o} lost while rebasing", path=m.key)
-                    table[o] = rec
-                    todo_ids.extend(rec.get("refs", {}).values())
                 data["objects"] = table
                 if pack_key is not None:
                     data["packs"] = [*data.get("packs", []), pack_key]
@@ -718,6 +725,7 @@ class Store:
         live: dict[str, dict[tuple[int, int], list[str]]] = {}  # pack -> (offset, length) -> object ids
         for m in manifests:
             for o, rec in m.objects.items():
+                _check_pack_key(rec.get("pack"), m.key)
                 live.setdefault(rec["pack"], {}).setdefault((int(rec["offset"]), int(rec["length"])), []).append(o)
         removed = 0
         for key in self.storage.list(PACKS_DIR):
@@ -798,6 +806,14 @@ class Store:
         packs = sum(self.storage.size(k) for k in self.storage.list(PACKS_DIR if run is None else f"{PACKS_DIR}/{run}"))
         return {"checkpoints": len(infos), "logical_bytes": logical, "stored_bytes": stored,
                 "pack_bytes": packs, "ratio": logical / packs if packs else None}
+
+
+def _check_pack_key(key: Any, where: str) -> None:
+    """Object locations must stay inside the store's packs/ folder, whatever a (damaged) manifest says."""
+    if not isinstance(key, str) or not key.startswith(f"{PACKS_DIR}/") or not key.endswith(".pack") or any(
+        part in ("", ".", "..") or "\\" in part for part in key.split("/")
+    ):
+        raise FormatError(f"object location {str(key)[:80]!r} is outside the store's packs", path=where)
 
 
 def _converter(kind: str) -> Callable[[tree.Leaf], Any]:

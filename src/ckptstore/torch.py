@@ -206,3 +206,11 @@ def load_pt(path: str) -> Any:
             ) from None
         raise ForeignCheckpointError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: {msg[:200]})",
                                      path=path, hint="the file may be truncated or not a .pt file") from None
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors have the same dtype, shape and raw bytes (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bool(torch.equal(a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+                            b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)))

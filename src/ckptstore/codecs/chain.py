@@ -39,7 +39,7 @@ def encode(
     spec: TensorSpec,
     refs: Mapping[str, np.ndarray] | None = None,
     *,
-    level: int = 3,
+    level: int = 1,
 ) -> Encoded:
     """Encode one tensor's words; ``refs`` (role → words) are the candidates for delta coding."""
     if words.size == 0:

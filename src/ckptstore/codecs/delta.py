@@ -127,9 +127,10 @@ class OrderedDelta(ArrayCodec):
         if spec.dtype in ("float32", "float64", "float16", "bfloat16"):
             x, y = _values(w, spec).astype(np.float64), _values(p, spec).astype(np.float64)
             ok = np.isfinite(x) & np.isfinite(y)
-            denom = float(np.dot(y[ok], y[ok]))
+            yo, xo = y[ok], x[ok]
+            denom = float((yo * yo).sum())  # plain sums: BLAS dot spins up threads, costly for small tensors
             if denom > 0:
-                a = float(np.float32(np.dot(x[ok], y[ok]) / denom))
+                a = float(np.float32((xo * yo).sum() / denom))
                 if np.isfinite(a) and a != 1.0 and a > 0:
                     candidates.append(cls("scale", float.hex(a)))
         best, best_bits = candidates[0], float("inf")
