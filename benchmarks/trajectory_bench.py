@@ -174,11 +174,12 @@ def timings(files: list[Path], work: Path, reps: int) -> dict[str, Any]:
     with PeakRSS() as mem:
         out["load_newest"], _ = timed(lambda: fresh().load(f"bench@{newest}"), reps)
     out["peak_load_extra_bytes"] = mem.extra
-    out["torch_load_all"], _ = timed(lambda: [torch.load(p, weights_only=True) for p in sorted(pt_dir.iterdir())],
-                                     max(1, reps // 2))
+    out["torch_load_all"], _ = timed(
+        lambda: [torch.load(p, weights_only=True) for p in sorted(pt_dir.iterdir())], max(1, reps // 2)
+    )
     out["load_all"], _ = timed(lambda: [x for _, x in fresh().iter_load("bench")], max(1, reps // 2))
     singles = {}
-    for s, f in zip(states, files):
+    for s, f in zip(states, files, strict=False):
         tl, _ = timed(lambda p=pt_dir / f.name: torch.load(p, weights_only=True), reps)
         to, _ = timed(lambda s=s: fresh().load(f"bench@{s}"), reps)
         singles[s] = {"ours": to, "torch": tl, "ratio": to / tl}
@@ -256,34 +257,48 @@ def _mb(n: float) -> str:
 def _print_sizes(rows: list[dict[str, Any]], totals: dict[str, Any], vs: dict[str, float]) -> None:
     out = io.StringIO()
     out.write("\nPer checkpoint, MB (weights only | weights + optimizer)\n")
-    out.write(f"{'file':<14}{'raw':>9}{'safet':>9}{'zipnn':>9}{'xor':>9}{'ours':>9} |"
-              f"{'torch':>9}{'zstd-f':>9}{'safet':>9}{'zipnn':>9}{'xor':>9}{'ours':>9}\n")
+    out.write(
+        f"{'file':<14}{'raw':>9}{'safet':>9}{'zipnn':>9}{'xor':>9}{'ours':>9} |"
+        f"{'torch':>9}{'zstd-f':>9}{'safet':>9}{'zipnn':>9}{'xor':>9}{'ours':>9}\n"
+    )
     for r in rows:
-        out.write(f"{r['file']:<14}{_mb(r['raw_w'])} {_mb(r['safetensors_w'])} {_mb(r['zipnn_w'])} "
-                  f"{_mb(r['xor_w'])} {_mb(r['ours_w'])} |{_mb(r['torch_save'])} {_mb(r['zstd3_file'])} "
-                  f"{_mb(r['safetensors_all'])} {_mb(r['zipnn_all'])} {_mb(r['xor_all'])} {_mb(r['ours_all'])}\n")
+        out.write(
+            f"{r['file']:<14}{_mb(r['raw_w'])} {_mb(r['safetensors_w'])} {_mb(r['zipnn_w'])} "
+            f"{_mb(r['xor_w'])} {_mb(r['ours_w'])} |{_mb(r['torch_save'])} {_mb(r['zstd3_file'])} "
+            f"{_mb(r['safetensors_all'])} {_mb(r['zipnn_all'])} {_mb(r['xor_all'])} {_mb(r['ours_all'])}\n"
+        )
     out.write("\nTotals (ratio = raw bytes / stored bytes)\n")
     for k, v in totals.items():
         out.write(f"  {k:<18} {v['bytes'] / 1e6:10.2f} MB  {v['ratio']:.3f}x\n")
-    out.write(f"\nours vs XOR+planes+zstd-3: weights {vs['weights_saving'] * 100:.1f}% smaller, "
-              f"weights+optimizer {vs['all_saving'] * 100:.1f}% smaller\n")
+    out.write(
+        f"\nours vs XOR+planes+zstd-3: weights {vs['weights_saving'] * 100:.1f}% smaller, "
+        f"weights+optimizer {vs['all_saving'] * 100:.1f}% smaller\n"
+    )
     print(out.getvalue())
 
 
 def _print_timing(t: dict[str, Any]) -> None:
     med = statistics.median
     print(f"checkpoint size {t['checkpoint_bytes'] / 1e6:.1f} MB")
-    ratios = [o / s for o, s in zip(t["save"], t["torch_save"])]
-    print(f"save: median {med(t['save']):.3f}s vs torch.save {med(t['torch_save']):.3f}s "
-          f"(per-checkpoint ratio median {med(ratios):.2f}x, max {max(ratios):.2f}x)")
-    print(f"load newest: {t['load_newest']:.3f}s vs torch.load {t['torch_load_newest']:.3f}s "
-          f"({t['load_newest'] / t['torch_load_newest']:.2f}x)")
-    print(f"load all in order: {t['load_all']:.3f}s vs {t['torch_load_all']:.3f}s "
-          f"({t['load_all'] / t['torch_load_all']:.2f}x)")
+    ratios = [o / s for o, s in zip(t["save"], t["torch_save"], strict=False)]
+    print(
+        f"save: median {med(t['save']):.3f}s vs torch.save {med(t['torch_save']):.3f}s "
+        f"(per-checkpoint ratio median {med(ratios):.2f}x, max {max(ratios):.2f}x)"
+    )
+    print(
+        f"load newest: {t['load_newest']:.3f}s vs torch.load {t['torch_load_newest']:.3f}s "
+        f"({t['load_newest'] / t['torch_load_newest']:.2f}x)"
+    )
+    print(
+        f"load all in order: {t['load_all']:.3f}s vs {t['torch_load_all']:.3f}s "
+        f"({t['load_all'] / t['torch_load_all']:.2f}x)"
+    )
     worst = max(t["single"].items(), key=lambda kv: kv[1]["ratio"])
     print(f"single checkpoint: worst {worst[1]['ratio']:.2f}x (step {worst[0]})")
-    print(f"peak extra RSS: save {t['peak_save_extra_bytes'] / 1e6:.0f} MB, "
-          f"load {t['peak_load_extra_bytes'] / 1e6:.0f} MB")
+    print(
+        f"peak extra RSS: save {t['peak_save_extra_bytes'] / 1e6:.0f} MB, "
+        f"load {t['peak_load_extra_bytes'] / 1e6:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def resolve(ref: Ref, entries: Sequence[Mapping[str, Any]]) -> int:
         for e in entries:
             if e["step"] == ref.value:
                 return int(e["step"])
-        raise CheckpointNotFoundError(f"no checkpoint at step {ref.value}", ref=str(ref),
-                                      hint=f"`ckpt ls {ref.run}` lists the steps")
+        raise CheckpointNotFoundError(
+            f"no checkpoint at step {ref.value}", ref=str(ref), hint=f"`ckpt ls {ref.run}` lists the steps"
+        )
     if ref.kind == "epoch":
         hits = [e for e in entries if e.get("metadata", {}).get("epoch") == ref.value]
         if not hits:

@@ -64,7 +64,7 @@ def object_id(leaf: tree.Leaf) -> str:
     """Content address of a tensor: xxh3-128 over its dtype, shape and little-endian bytes."""
     h = xxhash.xxh3_128()
     h.update(f"{leaf.dtype}:{','.join(map(str, leaf.shape))}:".encode())
-    h.update(memoryview(np.ascontiguousarray(leaf.data)).cast("B"))
+    h.update(memoryview(np.ascontiguousarray(leaf.data)).cast("B"))  # type: ignore[arg-type]
     return "xxh128:" + h.hexdigest()
 
 
@@ -80,8 +80,9 @@ def _json_bytes(obj: Any) -> bytes:
     try:
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
     except ValueError as exc:
-        raise InvalidStateError(f"metadata holds a non-finite number: {exc}",
-                                hint="use None for missing values") from None
+        raise InvalidStateError(
+            f"metadata holds a non-finite number: {exc}", hint="use None for missing values"
+        ) from None
     except TypeError as exc:
         raise InvalidStateError(f"metadata is not JSON-serialisable: {exc}") from None
 
@@ -108,11 +109,16 @@ class CheckpointInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "ref": self.ref, "run": self.run, "step": self.step, "created": self.created,
-            "epoch": self.metadata.get("epoch"), "logical_bytes": self.logical_bytes,
+            "ref": self.ref,
+            "run": self.run,
+            "step": self.step,
+            "created": self.created,
+            "epoch": self.metadata.get("epoch"),
+            "logical_bytes": self.logical_bytes,
             "stored_bytes": self.stored_bytes,
             "ratio": round(self.ratio, 4) if math.isfinite(self.ratio) else None,
-            "tensors": self.tensors, "metadata": self.metadata,
+            "tensors": self.tensors,
+            "metadata": self.metadata,
         }
 
 
@@ -126,8 +132,10 @@ class Manifest:
             raise FormatError("not a ckptstore manifest", path=key)
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise UnsupportedVersionError(
-                f"manifest format version {data['format_version']} is newer than {FORMAT_VERSION}", path=key,
-                hint="upgrade ckptstore")
+                f"manifest format version {data['format_version']} is newer than {FORMAT_VERSION}",
+                path=key,
+                hint="upgrade ckptstore",
+            )
         for field in ("run", "step", "tree", "tensors", "objects"):
             if field not in data:
                 raise FormatError(f"manifest lacks {field!r}", path=key)
@@ -142,15 +150,18 @@ class Manifest:
 
     @property
     def tensors(self) -> dict[str, dict[str, Any]]:
-        return self.data["tensors"]  # type: ignore[no-any-return]
+        tensors: dict[str, dict[str, Any]] = self.data["tensors"]
+        return tensors
 
     @property
     def objects(self) -> dict[str, dict[str, Any]]:
-        return self.data["objects"]  # type: ignore[no-any-return]
+        objects: dict[str, dict[str, Any]] = self.data["objects"]
+        return objects
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return self.data.setdefault("metadata", {})  # type: ignore[no-any-return]
+        meta: dict[str, Any] = self.data.setdefault("metadata", {})
+        return meta
 
     @property
     def ref(self) -> str:
@@ -172,8 +183,15 @@ class Manifest:
 
     def info(self) -> CheckpointInfo:
         st = self.data.get("stats", {})
-        return CheckpointInfo(self.run, self.step, self.data.get("created", ""), int(st.get("logical_bytes", 0)),
-                              int(st.get("stored_bytes", 0)), len(self.tensors), self.metadata)
+        return CheckpointInfo(
+            self.run,
+            self.step,
+            self.data.get("created", ""),
+            int(st.get("logical_bytes", 0)),
+            int(st.get("stored_bytes", 0)),
+            len(self.tensors),
+            self.metadata,
+        )
 
 
 class _ObjectCache:
@@ -241,8 +259,9 @@ class Store:
         try:
             raw = self.storage.read(STORE_FILE)
         except (FileNotFoundError, OSError):
-            raise StoreNotFoundError("no ckptstore store here", path=self.storage.url,
-                                     hint="create one with `ckpt init PATH`") from None
+            raise StoreNotFoundError(
+                "no ckptstore store here", path=self.storage.url, hint="create one with `ckpt init PATH`"
+            ) from None
         try:
             info = json.loads(raw)
         except ValueError:
@@ -250,8 +269,11 @@ class Store:
         if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
             raise FormatError(f"{STORE_FILE} does not describe a ckptstore store", path=self.storage.url)
         if int(info.get("version", 0)) > FORMAT_VERSION:
-            raise UnsupportedVersionError(f"store format {info['version']} is newer than {FORMAT_VERSION}",
-                                          path=self.storage.url, hint="upgrade ckptstore")
+            raise UnsupportedVersionError(
+                f"store format {info['version']} is newer than {FORMAT_VERSION}",
+                path=self.storage.url,
+                hint="upgrade ckptstore",
+            )
         return info
 
     @property
@@ -370,12 +392,16 @@ class Store:
         with self._write_lock():
             steps = self.steps(run)
             if step in steps:
-                raise CheckpointExistsError(f"checkpoint {run}@{step} already exists", ref=f"{run}@{step}",
-                                            hint="delete it first (`ckpt rm`) or save under another step")
+                raise CheckpointExistsError(
+                    f"checkpoint {run}@{step} already exists",
+                    ref=f"{run}@{step}",
+                    hint="delete it first (`ckpt rm`) or save under another step",
+                )
             earlier = [s for s in steps if s < step]
             base = self.manifest(run, earlier[-1]) if earlier else None
-            manifest = self._write_checkpoint(run, step, skeleton, leaves, base, json.loads(meta_bytes),
-                                              framework, progress)
+            manifest = self._write_checkpoint(
+                run, step, skeleton, leaves, base, json.loads(meta_bytes), framework, progress
+            )
         return manifest.info()
 
     def _write_checkpoint(
@@ -398,12 +424,13 @@ class Store:
         with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
             oids = list(ex.map(lambda n: object_id(leaves[n]), names))
         tensors = {
-            n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o} for n, o in zip(names, oids)
+            n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o}
+            for n, o in zip(names, oids, strict=False)
         }
         objects: dict[str, dict[str, Any]] = {}
         todo: list[tuple[str, str]] = []  # (tensor name, object id) to encode, first occurrence of each id
         planned: set[str] = set()
-        for n, o in zip(names, oids):
+        for n, o in zip(names, oids, strict=False):
             if base is not None and o in base.objects:
                 for dep in base.chain(o):
                     objects[dep] = base.objects[dep]
@@ -526,8 +553,9 @@ class Store:
     # ------------------------------------------------------------------ loading
     def _decode_object(self, manifest: Manifest, oid: str, *, verify: bool = False, _depth: int = 0) -> np.ndarray:
         if _depth > MAX_CHAIN:
-            raise FormatError(f"delta chain of object {oid[:20]}… is longer than {MAX_CHAIN} (a cycle?)",
-                              path=manifest.key)
+            raise FormatError(
+                f"delta chain of object {oid[:20]}… is longer than {MAX_CHAIN} (a cycle?)", path=manifest.key
+            )
         hit = self._cache.get(oid)
         if hit is not None and not verify:
             return hit
@@ -535,26 +563,36 @@ class Store:
         if rec is None:
             raise FormatError(f"object {oid} missing from manifest", path=manifest.key)
         spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
-        refs = {role: self._decode_object(manifest, dep, verify=verify, _depth=_depth + 1)
-                for role, dep in rec.get("refs", {}).items()}
+        refs = {
+            role: self._decode_object(manifest, dep, verify=verify, _depth=_depth + 1)
+            for role, dep in rec.get("refs", {}).items()
+        }
         length = int(rec["length"])
         _check_pack_key(rec.get("pack"), manifest.key)
         try:
             payload = self.storage.read_range(rec["pack"], int(rec["offset"]), length) if length else b""
         except (FileNotFoundError, EOFError, OSError) as exc:
-            raise IntegrityError(f"cannot read object {oid[:20]}…: {exc}", path=rec.get("pack"),
-                                 ref=manifest.ref, hint="run `ckpt verify`; the pack file is missing or cut") \
-                from None
+            raise IntegrityError(
+                f"cannot read object {oid[:20]}…: {exc}",
+                path=rec.get("pack"),
+                ref=manifest.ref,
+                hint="run `ckpt verify`; the pack file is missing or cut",
+            ) from None
         try:
             words = codecs.decode(payload, rec["codecs"], spec, refs)
         except CkptStoreError as exc:
-            raise IntegrityError(f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"),
-                                 ref=manifest.ref) from None
+            raise IntegrityError(
+                f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"), ref=manifest.ref
+            ) from None
         if verify:
             leaf = tree.Leaf(rec["dtype"], spec.shape, words)
             if object_id(leaf) != oid:
-                raise IntegrityError(f"object {oid[:20]}… decodes to different bytes", path=rec.get("pack"),
-                                     ref=manifest.ref, hint="the store is damaged; restore the pack from backup")
+                raise IntegrityError(
+                    f"object {oid[:20]}… decodes to different bytes",
+                    path=rec.get("pack"),
+                    ref=manifest.ref,
+                    hint="the store is damaged; restore the pack from backup",
+                )
         self._cache.put(oid, words)
         return words
 
@@ -563,8 +601,9 @@ class Store:
         wanted = list(m.tensors) if names is None else list(names)
         for n in wanted:
             if n not in m.tensors:
-                raise TensorNotFoundError(f"no tensor {n!r}", ref=m.ref, tensor=n,
-                                          hint=f"`ckpt show {m.ref}` lists the tensors")
+                raise TensorNotFoundError(
+                    f"no tensor {n!r}", ref=m.ref, tensor=n, hint=f"`ckpt show {m.ref}` lists the tensors"
+                )
 
         def one(n: str) -> tuple[str, tree.Leaf]:
             t = m.tensors[n]
@@ -616,7 +655,9 @@ class Store:
             return new
 
     # ------------------------------------------------------------------ deleting
-    def delete(self, refs: Iterable[str | Ref], *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    def delete(
+        self, refs: Iterable[str | Ref], *, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
         """Delete checkpoints. Remaining checkpoints stay bit-exact: those whose delta chains ran through a
         deleted checkpoint's objects are re-encoded against their new predecessor before anything is freed."""
         with self._write_lock():
@@ -633,8 +674,12 @@ class Store:
                 rewritten += self._rebase(run, doomed_packs, progress)
             freed_packs = self._gc_locked()
             after = self._stored_bytes()
-        return {"deleted": sorted(f"{r}@{s}" for r, s in doomed), "rewritten": rewritten,
-                "freed_bytes": before - after, "removed_packs": freed_packs}
+        return {
+            "deleted": sorted(f"{r}@{s}" for r, s in doomed),
+            "rewritten": rewritten,
+            "freed_bytes": before - after,
+            "removed_packs": freed_packs,
+        }
 
     def _rebase(self, run: str, doomed_packs: set[str], progress: Callable[[int, int], None] | None) -> int:
         """Make every remaining checkpoint of ``run`` independent of ``doomed_packs``.
@@ -670,8 +715,11 @@ class Store:
         for i, s in enumerate(steps):
             m = self.manifest(run, s)
             view = Manifest({**m.data, "objects": table_for(m)}, m.key)
-            touched = [n for n, t in view.tensors.items()
-                       if any(view.objects[o]["pack"] in doomed_packs for o in view.chain(t["object"]))]
+            touched = [
+                n
+                for n, t in view.tensors.items()
+                if any(view.objects[o]["pack"] in doomed_packs for o in view.chain(t["object"]))
+            ]
             pack_key = None
             stored = 0
             if touched:
@@ -759,7 +807,11 @@ class Store:
                 table = {}
                 for o, rec in m.objects.items():
                     if rec["pack"] == pack:
-                        rec = {**rec, "pack": new_key, "offset": moved[(int(rec["offset"]), int(rec["length"]))]}
+                        rec = {
+                            **rec,
+                            "pack": new_key,
+                            "offset": moved[(int(rec["offset"]), int(rec["length"]))],
+                        }
                     table[o] = rec
                 data["objects"] = table
                 data["packs"] = [new_key if p == pack else p for p in data.get("packs", [])]
@@ -804,14 +856,22 @@ class Store:
         logical = sum(i.logical_bytes for i in infos)
         stored = sum(i.stored_bytes for i in infos)
         packs = sum(self.storage.size(k) for k in self.storage.list(PACKS_DIR if run is None else f"{PACKS_DIR}/{run}"))
-        return {"checkpoints": len(infos), "logical_bytes": logical, "stored_bytes": stored,
-                "pack_bytes": packs, "ratio": logical / packs if packs else None}
+        return {
+            "checkpoints": len(infos),
+            "logical_bytes": logical,
+            "stored_bytes": stored,
+            "pack_bytes": packs,
+            "ratio": logical / packs if packs else None,
+        }
 
 
 def _check_pack_key(key: Any, where: str) -> None:
     """Object locations must stay inside the store's packs/ folder, whatever a (damaged) manifest says."""
-    if not isinstance(key, str) or not key.startswith(f"{PACKS_DIR}/") or not key.endswith(".pack") or any(
-        part in ("", ".", "..") or "\\" in part for part in key.split("/")
+    if (
+        not isinstance(key, str)
+        or not key.startswith(f"{PACKS_DIR}/")
+        or not key.endswith(".pack")
+        or any(part in ("", ".", "..") or "\\" in part for part in key.split("/"))
     ):
         raise FormatError(f"object location {str(key)[:80]!r} is outside the store's packs", path=where)
 
@@ -835,8 +895,7 @@ def create_store(location: str | os.PathLike[str], *, exist_ok: bool = False, **
             return Store(storage, **options)
         raise StoreExistsError("a store already exists here", path=storage.url)
     if storage.list("") and not exist_ok:
-        raise StoreExistsError("the directory is not empty", path=storage.url,
-                               hint="choose an empty or new directory")
+        raise StoreExistsError("the directory is not empty", path=storage.url, hint="choose an empty or new directory")
     storage.write(STORE_FILE, _json_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": _now()}))
     return Store(storage, **options)
 
@@ -848,4 +907,3 @@ def open_store(location: str | os.PathLike[str], *, create: bool = False, **opti
     if create and not storage.exists(STORE_FILE):
         return create_store(location, storage_options=storage_options, **options)
     return Store(storage, **options)
-

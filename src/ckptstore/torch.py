@@ -34,8 +34,12 @@ for _n in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
         _TORCH_TO_NAME[getattr(torch, _n)] = _n
 _NAME_TO_TORCH = {v: k for k, v in _TORCH_TO_NAME.items()}
 # The signed integer type of each width: torch.from_numpy and Tensor.view go through these.
-_INT_OF_WIDTH = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
-                 8: (torch.int64, np.int64)}
+_INT_OF_WIDTH = {
+    1: (torch.uint8, np.uint8),
+    2: (torch.int16, np.int16),
+    4: (torch.int32, np.int32),
+    8: (torch.int64, np.int64),
+}
 
 
 def tensor_to_leaf(t: Any) -> Leaf:
@@ -43,8 +47,9 @@ def tensor_to_leaf(t: Any) -> Leaf:
     if not isinstance(t, torch.Tensor):
         raise InvalidStateError(f"not a torch tensor: {type(t).__name__}")
     if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
-        raise InvalidStateError(f"cannot store a {t.layout} / quantized / meta tensor",
-                                hint="convert it to a dense tensor first")
+        raise InvalidStateError(
+            f"cannot store a {t.layout} / quantized / meta tensor", hint="convert it to a dense tensor first"
+        )
     name = _TORCH_TO_NAME.get(t.dtype)
     if name is None:
         raise InvalidStateError(f"unsupported torch dtype {t.dtype}")
@@ -102,20 +107,27 @@ def _python_state() -> dict[str, Any]:
 
 
 def _numpy_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    return {"kind": kind, "keys": np.asarray(keys), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "kind": kind,
+        "keys": np.asarray(keys),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     py = state.get("python")
     if py:
-        random.setstate((int(py["version"]), tuple(int(x) for x in np.asarray(py["internal"]).tolist()),
-                         py["gauss_next"]))
+        random.setstate(
+            (int(py["version"]), tuple(int(x) for x in np.asarray(py["internal"]).tolist()), py["gauss_next"])
+        )
     npst = state.get("numpy")
     if npst:
-        np.random.set_state((npst["kind"], np.asarray(npst["keys"]), npst["pos"], npst["has_gauss"],
-                             npst["cached_gaussian"]))
+        np.random.set_state(
+            (npst["kind"], np.asarray(npst["keys"]), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+        )
     if "torch" in state:
         torch.set_rng_state(_as_tensor(state["torch"]).to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
@@ -175,17 +187,32 @@ def restore_training_state(
     return dict(state.get("extra", {}))
 
 
-def save(store: Any, run: str, step: int, model: torch.nn.Module | None = None,
-         optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None, *,
-         extra: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None) -> Any:
+def save(
+    store: Any,
+    run: str,
+    step: int,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Any:
     """Save model + optimizer + scheduler + scaler + RNG states as ``run@step``."""
-    return store.save(run, step, training_state(model, optimizer, scheduler, scaler, extra=extra),
-                      metadata=metadata)
+    return store.save(run, step, training_state(model, optimizer, scheduler, scaler, extra=extra), metadata=metadata)
 
 
-def restore(store: Any, ref: str, model: torch.nn.Module | None = None,
-            optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None, *,
-            rng: bool = True) -> dict[str, Any]:
+def restore(
+    store: Any,
+    ref: str,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    *,
+    rng: bool = True,
+) -> dict[str, Any]:
     """Restore live objects from ``ref``; returns the ``extra`` values that were saved with it."""
     state = store.load(ref, tensors="torch")
     return restore_training_state(state, model, optimizer, scheduler, scaler, rng=rng)
@@ -202,15 +229,23 @@ def load_pt(path: str) -> Any:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in repr(type(exc)):
             raise ForeignCheckpointError(
                 f"refused to load: the file contains objects other than tensors and plain data ({msg[:200]})",
-                path=path, hint="ckptstore only reads .pt files that torch.load(weights_only=True) accepts",
+                path=path,
+                hint="ckptstore only reads .pt files that torch.load(weights_only=True) accepts",
             ) from None
-        raise ForeignCheckpointError(f"not a readable PyTorch checkpoint ({type(exc).__name__}: {msg[:200]})",
-                                     path=path, hint="the file may be truncated or not a .pt file") from None
+        raise ForeignCheckpointError(
+            f"not a readable PyTorch checkpoint ({type(exc).__name__}: {msg[:200]})",
+            path=path,
+            hint="the file may be truncated or not a .pt file",
+        ) from None
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when two tensors have the same dtype, shape and raw bytes (NaN payloads and -0.0 included)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return bool(torch.equal(a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
-                            b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)))
+    return bool(
+        torch.equal(
+            a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+            b.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+        )
+    )

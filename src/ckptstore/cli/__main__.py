@@ -1,3 +1,5 @@
-from ckptstore.cli.main import main
 import sys
+
+from ckptstore.cli.main import main
+
 sys.exit(main())

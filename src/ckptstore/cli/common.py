@@ -16,10 +16,20 @@ DEFAULT_STORE = "ckpt.store"
 
 
 def add_store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", "-s", default=os.environ.get("CKPT_STORE", DEFAULT_STORE),
-                   help="store path or URL (default: $CKPT_STORE or ./ckpt.store)")
-    p.add_argument("--storage-option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                   help="option for a remote filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000")
+    p.add_argument(
+        "--store",
+        "-s",
+        default=os.environ.get("CKPT_STORE", DEFAULT_STORE),
+        help="store path or URL (default: $CKPT_STORE or ./ckpt.store)",
+    )
+    p.add_argument(
+        "--storage-option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option for a remote filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000",
+    )
 
 
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,8 +68,12 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                justify: Sequence[str] | None = None) -> None:
+def print_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    justify: Sequence[str] | None = None,
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -87,8 +101,14 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as prog:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as prog:
         task = prog.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:

@@ -12,10 +12,12 @@ from ckptstore.store import CheckpointInfo
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
-        "ingest", help="store open_clip_train epoch_N.pt files",
+        "ingest",
+        help="store open_clip_train epoch_N.pt files",
         description="Store epoch_N.pt files written by open_clip_train (files, a run folder or its "
         "checkpoints/ folder), in epoch order, as deltas against each other. Files are read with "
-        "torch.load(weights_only=True); epochs already stored are skipped. epoch_latest.pt is never ingested.")
+        "torch.load(weights_only=True); epochs already stored are skipped. epoch_latest.pt is never ingested.",
+    )
     add_store_arg(p)
     p.add_argument("paths", nargs="+", help="epoch_N.pt files or folders")
     p.add_argument("--run", help="run name (default: the training run's folder name)")
@@ -25,15 +27,21 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(
-        "export", help="write a checkpoint as a .pt or safetensors file",
+        "export",
+        help="write a checkpoint as a .pt or safetensors file",
         description="Write a stored checkpoint back out. --format openclip writes the original "
         "open_clip_train dict (loadable by open_clip and by open_clip_train --resume); --format safetensors "
-        "writes the model weights (state_dict).")
+        "writes the model weights (state_dict).",
+    )
     add_store_arg(p)
     p.add_argument("ref", help="checkpoint reference")
     p.add_argument("-O", "--out", required=True, help="output file")
-    p.add_argument("--format", choices=["openclip", "pt", "safetensors"], default="openclip",
-                   help="openclip/pt: torch.save of the stored state; safetensors: the state_dict")
+    p.add_argument(
+        "--format",
+        choices=["openclip", "pt", "safetensors"],
+        default="openclip",
+        help="openclip/pt: torch.save of the stored state; safetensors: the state_dict",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -51,8 +59,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             return
         rows.append({"file": str(path), **info.as_dict()})
         if not args.json:
-            print(f"{path} -> {info.ref}  {human(info.logical_bytes)} -> {human(info.stored_bytes)} "
-                  f"({info.ratio:.2f}x)")
+            print(
+                f"{path} -> {info.ref}  {human(info.logical_bytes)} -> {human(info.stored_bytes)} ({info.ratio:.2f}x)"
+            )
 
     with progress_bar("encoding tensors") as prog:
         openclip.ingest(store, args.paths, run=args.run, on_file=on_file, progress=prog)

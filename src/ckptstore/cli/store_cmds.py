@@ -14,8 +14,11 @@ def register(sub: Any) -> None:
     add_store_arg(p)
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("ls", help="list runs or a run's checkpoints",
-                       description="List checkpoints: ref, epoch, step, logical size, stored size, ratio.")
+    p = sub.add_parser(
+        "ls",
+        help="list runs or a run's checkpoints",
+        description="List checkpoints: ref, epoch, step, logical size, stored size, ratio.",
+    )
     add_store_arg(p)
     p.add_argument("run", nargs="?", help="only this run")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -28,23 +31,32 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("rm", help="delete checkpoints (the rest stay bit-exact)",
-                       description="Delete checkpoints. Checkpoints stored as deltas against a deleted one are "
-                       "re-encoded first, so every remaining checkpoint stays bit-exact; then space is freed.")
+    p = sub.add_parser(
+        "rm",
+        help="delete checkpoints (the rest stay bit-exact)",
+        description="Delete checkpoints. Checkpoints stored as deltas against a deleted one are "
+        "re-encoded first, so every remaining checkpoint stays bit-exact; then space is freed.",
+    )
     add_store_arg(p)
     p.add_argument("refs", nargs="+", help="checkpoint references")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rm)
 
-    p = sub.add_parser("gc", help="free space no checkpoint uses",
-                       description="Remove pack files no committed checkpoint references (left by deletes or "
-                       "interrupted saves) and compact mostly-dead packs.")
+    p = sub.add_parser(
+        "gc",
+        help="free space no checkpoint uses",
+        description="Remove pack files no committed checkpoint references (left by deletes or "
+        "interrupted saves) and compact mostly-dead packs.",
+    )
     add_store_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("verify", help="decode everything and check every hash",
-                       description="Decode every stored object and compare it with its content hash.")
+    p = sub.add_parser(
+        "verify",
+        help="decode everything and check every hash",
+        description="Decode every stored object and compare it with its content hash.",
+    )
     add_store_arg(p)
     p.add_argument("run", nargs="?", help="only this run")
     p.add_argument("--json", action="store_true")
@@ -74,14 +86,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json([i.as_dict() for i in infos])
         return 0
-    rows = [(i.ref, i.metadata.get("epoch", "-"), i.step, human(i.logical_bytes), human(i.stored_bytes),
-             _ratio(i.logical_bytes, i.stored_bytes)) for i in infos]
+    rows: list[tuple[Any, ...]] = [
+        (
+            i.ref,
+            i.metadata.get("epoch", "-"),
+            i.step,
+            human(i.logical_bytes),
+            human(i.stored_bytes),
+            _ratio(i.logical_bytes, i.stored_bytes),
+        )
+        for i in infos
+    ]
     logical = sum(i.logical_bytes for i in infos)
     stored = sum(i.stored_bytes for i in infos)
     if infos:
         rows.append(("total", "", "", human(logical), human(stored), _ratio(logical, stored)))
-    print_table(None, ["ref", "epoch", "step", "logical", "stored", "ratio"], rows,
-                ["left", "right", "right", "right", "right", "right"])
+    print_table(
+        None,
+        ["ref", "epoch", "step", "logical", "stored", "ratio"],
+        rows,
+        ["left", "right", "right", "right", "right", "right"],
+    )
     return 0
 
 
@@ -93,29 +118,56 @@ def cmd_show(args: argparse.Namespace) -> int:
     tensors = []
     for name, t in m.tensors.items():
         rec = m.objects[t["object"]]
-        tensors.append({"name": name, "dtype": t["dtype"], "shape": t["shape"], "object": t["object"],
-                        "codecs": [c["name"] for c in rec["codecs"]] or ["raw"],
-                        "delta_of": rec.get("refs", {}).get("prev"), "stored_bytes": rec["length"]})
-    out = {"ref": m.ref, "run": m.run, "step": m.step, "created": info.created,
-           "logical_bytes": info.logical_bytes, "stored_bytes": own.stored_bytes, "tensors": len(tensors),
-           "metadata": m.metadata}
+        tensors.append(
+            {
+                "name": name,
+                "dtype": t["dtype"],
+                "shape": t["shape"],
+                "object": t["object"],
+                "codecs": [c["name"] for c in rec["codecs"]] or ["raw"],
+                "delta_of": rec.get("refs", {}).get("prev"),
+                "stored_bytes": rec["length"],
+            }
+        )
+    out = {
+        "ref": m.ref,
+        "run": m.run,
+        "step": m.step,
+        "created": info.created,
+        "logical_bytes": info.logical_bytes,
+        "stored_bytes": own.stored_bytes,
+        "tensors": len(tensors),
+        "metadata": m.metadata,
+    }
     if args.json:
         out["tensor_list"] = tensors
         print_json(out)
         return 0
     print(f"{m.ref}   created {info.created}")
-    print(f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
-          f"({_ratio(info.logical_bytes, own.stored_bytes)})")
+    print(
+        f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
+        f"({_ratio(info.logical_bytes, own.stored_bytes)})"
+    )
     for k, v in m.metadata.items():
         if isinstance(v, dict) and len(str(v)) > 100:
             print(f"  {k}: {{{len(v)} keys}}")
         else:
             print(f"  {k}: {v}")
     if args.tensors:
-        print_table(None, ["tensor", "dtype", "shape", "coding", "stored"],
-                    [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "()",
-                      "+".join(t["codecs"]) + (" (delta)" if t["delta_of"] else ""), human(t["stored_bytes"]))
-                     for t in tensors])
+        print_table(
+            None,
+            ["tensor", "dtype", "shape", "coding", "stored"],
+            [
+                (
+                    t["name"],
+                    t["dtype"],
+                    "x".join(map(str, t["shape"])) or "()",
+                    "+".join(t["codecs"]) + (" (delta)" if t["delta_of"] else ""),
+                    human(t["stored_bytes"]),
+                )
+                for t in tensors
+            ],
+        )
     return 0
 
 
@@ -126,8 +178,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
     if args.json:
         print_json(res)
     else:
-        print(f"deleted {', '.join(res['deleted'])}; re-encoded {res['rewritten']} dependent checkpoint(s); "
-              f"freed {human(res['freed_bytes'])}")
+        print(
+            f"deleted {', '.join(res['deleted'])}; re-encoded {res['rewritten']} dependent checkpoint(s); "
+            f"freed {human(res['freed_bytes'])}"
+        )
     return 0
 
 
@@ -163,8 +217,19 @@ def cmd_du(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    print_table(None, ["run", "checkpoints", "logical", "stored", "ratio"],
-                [(r["run"], r["checkpoints"], human(r["logical_bytes"]), human(r["pack_bytes"]),
-                  _ratio(r["logical_bytes"], r["pack_bytes"])) for r in rows],
-                ["left", "right", "right", "right", "right"])
+    print_table(
+        None,
+        ["run", "checkpoints", "logical", "stored", "ratio"],
+        [
+            (
+                r["run"],
+                r["checkpoints"],
+                human(r["logical_bytes"]),
+                human(r["pack_bytes"]),
+                _ratio(r["logical_bytes"], r["pack_bytes"]),
+            )
+            for r in rows
+        ],
+        ["left", "right", "right", "right", "right"],
+    )
     return 0

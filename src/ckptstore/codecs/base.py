@@ -119,8 +119,10 @@ def from_record(record: Mapping[str, Any]) -> Codec:
     if cls is None:
         raise CodecError(f"unknown codec {name!r}", hint="the store was written by a newer ckptstore; upgrade")
     if version > cls.version:
-        raise CodecError(f"codec {name!r} version {version} is newer than this reader's {cls.version}",
-                         hint="upgrade ckptstore")
+        raise CodecError(
+            f"codec {name!r} version {version} is newer than this reader's {cls.version}",
+            hint="upgrade ckptstore",
+        )
     try:
         return cls.from_config(config)
     except (TypeError, ValueError) as exc:

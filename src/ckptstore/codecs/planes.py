@@ -96,7 +96,7 @@ class BytePlanesZstd(BytesCodec):
             n = plane.size
             if n and plane[0] == plane[-1] and not np.any(plane != plane[0]):
                 return CONST, int(plane[0]), b""
-            packed = _cctx(level).compress(plane)
+            packed = _cctx(level).compress(memoryview(plane))  # type: ignore[arg-type]
             if len(packed) < n * (1 - _MIN_SAVING):
                 return ZSTD, len(packed), packed
             return RAW, n, plane.tobytes()

@@ -15,10 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+from ckptstore.store import CheckpointInfo
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ckptstore.demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m ckptstore.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--epochs", type=int, default=3, help="training epochs (one checkpoint each)")
     ap.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
     ap.add_argument("--out", type=Path, default=Path("demo-out"), help="where the store and exports go")
@@ -32,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     from ckptstore.integrations import openclip
 
     t0 = time.perf_counter()
-    print(f"== training a {a.size} OpenCLIP model for {a.epochs} epochs with open_clip_train (CPU; cached) ...",
-          flush=True)
+    print(
+        f"== training a {a.size} OpenCLIP model for {a.epochs} epochs with open_clip_train (CPU; cached) ...",
+        flush=True,
+    )
     ckpt_dir = ensure_trajectory(epochs=a.epochs, size=a.size)
     files = openclip.epoch_files(ckpt_dir)
     print(f"   {len(files)} checkpoints in {ckpt_dir} ({time.perf_counter() - t0:.0f}s)")
@@ -45,21 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     store = create_store(store_path)
     print(f"\n== ingesting into {store_path} ...", flush=True)
     t1 = time.perf_counter()
-    openclip.ingest(store, [ckpt_dir], run="demo",
-                    on_file=lambda f, info: info and print(f"   {f.name} -> {info.ref} "
-                                                           f"({info.logical_bytes / 1e6:.1f} MB -> "
-                                                           f"{info.stored_bytes / 1e6:.1f} MB)", flush=True))
+
+    def report(f: Path, info: CheckpointInfo | None) -> None:
+        if info is not None:
+            mb_in, mb_out = info.logical_bytes / 1e6, info.stored_bytes / 1e6
+            print(f"   {f.name} -> {info.ref} ({mb_in:.1f} MB -> {mb_out:.1f} MB)", flush=True)
+
+    openclip.ingest(store, [ckpt_dir], run="demo", on_file=report)
     print(f"   ingested in {time.perf_counter() - t1:.1f}s\n")
 
     ckpt(["ls", "--store", str(store_path), "demo"])
     pt_bytes = sum(f.stat().st_size for f in files)
     stored = store.stats("demo")["pack_bytes"]
-    print(f"\n{len(files)} epoch_N.pt files: {pt_bytes / 1e6:.1f} MB; stored losslessly in {stored / 1e6:.1f} MB "
-          f"({pt_bytes / stored:.2f}x smaller, {100 * (1 - stored / pt_bytes):.0f}% saved)")
+    print(
+        f"\n{len(files)} epoch_N.pt files: {pt_bytes / 1e6:.1f} MB; stored losslessly in {stored / 1e6:.1f} MB "
+        f"({pt_bytes / stored:.2f}x smaller, {100 * (1 - stored / pt_bytes):.0f}% saved)"
+    )
 
     res = store.verify("demo")
-    print(f"verify: {res['checkpoints']} checkpoints, {res['objects']} objects, "
-          f"{'all hashes match' if res['ok'] else res['problems']}")
+    print(
+        f"verify: {res['checkpoints']} checkpoints, {res['objects']} objects, "
+        f"{'all hashes match' if res['ok'] else res['problems']}"
+    )
     out = openclip.export_pt(store, "demo@latest", a.out / "latest.pt")
     original = torch.load(files[-1], weights_only=True)
     exported = torch.load(out, weights_only=True)

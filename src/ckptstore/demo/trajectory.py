@@ -264,10 +264,13 @@ def _cpu_count() -> int:
 def _child_env(env: Mapping[str, str] | None, device: str, threads: int | None) -> dict[str, str]:
     """The trainer's environment: one process, bounded threads, ckptstore importable, CUDA hidden for CPU."""
     child = {k: v for k, v in os.environ.items() if k not in _DIST_ENV_VARS}
-    n = str(threads or _cpu_count())
-    # Oversubscribed OpenMP threads (e.g. a container that sees the host's cores) slow small models a lot.
-    child.setdefault("OMP_NUM_THREADS", n)
-    child.setdefault("MKL_NUM_THREADS", n)
+    # Oversubscribed OpenMP threads (e.g. a container that sees the host's cores) slow small models a lot;
+    # an explicit ``threads`` wins over the caller's environment, which wins over the usable core count.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if threads is not None:
+            child[var] = str(threads)
+        else:
+            child.setdefault(var, str(_cpu_count()))
     if device == "cpu":
         child["CUDA_VISIBLE_DEVICES"] = ""
     pkg_root = str(Path(__file__).resolve().parents[2])  # the directory holding the ckptstore package
@@ -460,10 +463,10 @@ def ensure_trajectory(
     name = f"{size}-{dataset}-e{epochs}-s{seed}"
     final = root / key
     ckpt_dir = final / "logs" / name / "checkpoints"
-    if rebuild and final.exists():
-        shutil.rmtree(final)
-    if (final / "trajectory.json").is_file() and (ckpt_dir / f"epoch_{epochs}.pt").is_file():
+    if not rebuild and (final / "trajectory.json").is_file() and (ckpt_dir / f"epoch_{epochs}.pt").is_file():
         return ckpt_dir
+    if final.exists():  # asked to rebuild, or someone deleted files from the entry
+        shutil.rmtree(final)
 
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".tmp-{key}-*"):  # leftovers of builds whose process is gone

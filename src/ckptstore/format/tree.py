@@ -169,7 +169,7 @@ def unflatten(skeleton: Any, get_tensor: Callable[[str], Any]) -> Any:
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
             if len(node) == 1:
-                (tag, val), = node.items()
+                ((tag, val),) = node.items()
                 if tag == "$tensor":
                     return get_tensor(val)
                 if tag == "$tuple":

@@ -49,11 +49,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
     obj = load_pt(str(path))
     if not isinstance(obj, dict):
-        raise ForeignCheckpointError(f"expected a dict, found {type(obj).__name__}", path=str(path),
-                                     hint="is this an open_clip_train epoch_N.pt?")
+        raise ForeignCheckpointError(
+            f"expected a dict, found {type(obj).__name__}",
+            path=str(path),
+            hint="is this an open_clip_train epoch_N.pt?",
+        )
     if "state_dict" not in obj or not isinstance(obj["state_dict"], Mapping):
-        raise ForeignCheckpointError("no 'state_dict' in the checkpoint", path=str(path),
-                                     hint="open_clip_train checkpoints hold epoch, name, state_dict, optimizer")
+        raise ForeignCheckpointError(
+            "no 'state_dict' in the checkpoint",
+            path=str(path),
+            hint="open_clip_train checkpoints hold epoch, name, state_dict, optimizer",
+        )
     return obj
 
 
@@ -97,8 +103,9 @@ def epoch_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
             continue
         if not isinstance(row, dict) or "epoch" not in row:
             continue
-        out[int(row["epoch"])] = {k: float(v) for k, v in row.items()
-                                  if k != "epoch" and isinstance(v, int | float) and v == v}
+        out[int(row["epoch"])] = {
+            k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, int | float) and v == v
+        }
     return out
 
 
@@ -128,8 +135,9 @@ def step_of(ckpt: Mapping[str, Any]) -> int:
         return int(ckpt["global_step"])
     if isinstance(ckpt.get("epoch"), int):
         return int(ckpt["epoch"])
-    raise ForeignCheckpointError("checkpoint has neither 'global_step' nor 'epoch'",
-                                 hint="pass --step to say which step it is")
+    raise ForeignCheckpointError(
+        "checkpoint has neither 'global_step' nor 'epoch'", hint="pass --step to say which step it is"
+    )
 
 
 def ingest(
@@ -193,7 +201,7 @@ def export_safetensors(store: Store, ref: str, out: str | Path, *, key: str = "s
     from ckptstore.torch import leaf_to_tensor
 
     for n, leaf in store.load_leaves(m, names).items():
-        tensors[n[len(prefix):] if n.startswith(prefix) else n] = leaf_to_tensor(leaf)
+        tensors[n[len(prefix) :] if n.startswith(prefix) else n] = leaf_to_tensor(leaf)
     meta = {"ckptstore_ref": m.ref}
     if "epoch" in m.metadata:
         meta["epoch"] = str(m.metadata["epoch"])

@@ -17,7 +17,7 @@ def open_storage(location: str | os.PathLike[str], **storage_options: Any) -> St
 
         return FsspecStorage(loc, **storage_options)
     if loc.startswith("file://"):
-        loc = loc[len("file://"):]
+        loc = loc[len("file://") :]
     return LocalStorage(loc)
 
 

@@ -141,7 +141,8 @@ class LocalStorage(Storage):
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise StoreLockedError(
-                        "another process is writing to this store", path=str(self.root),
+                        "another process is writing to this store",
+                        path=str(self.root),
                         hint="wait for it to finish (saves, deletes and gc take the write lock)",
                     ) from None
                 raise

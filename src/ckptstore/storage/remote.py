@@ -86,8 +86,9 @@ class FsspecStorage(Storage):
 
     def create(self, key: str, data: bytes) -> None:
         if self.exists(key):
-            raise ConcurrentCommitError("already exists", path=f"{self.url}/{key}",
-                                        hint="another writer committed it first")
+            raise ConcurrentCommitError(
+                "already exists", path=f"{self.url}/{key}", hint="another writer committed it first"
+            )
         self.fs.pipe_file(self._p(key), data)
 
     def open_writer(self, key: str) -> Writer:
