@@ -79,6 +79,14 @@ class ArrayCodec(Codec):
     def ref_roles(self) -> tuple[str, ...]:
         return ()
 
+    def side_bytes(self) -> bytes:
+        """Per-object data too large for the JSON config (e.g. one scale per row), stored at the head of the
+        payload. A codec that has any must put ``"side": true`` in its config."""
+        return b""
+
+    def load_side(self, data: bytes) -> None:
+        """Receive the bytes :meth:`side_bytes` produced, before :meth:`decode`."""
+
     @abstractmethod
     def encode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray: ...
 

@@ -7,6 +7,7 @@ picks, the result is raw when coding does not pay. ``decode`` runs a stored chai
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,11 +56,21 @@ def encode(
     for c in array_codecs:
         coded = c.encode(coded, spec, {"prev": prev} if prev is not None else {})
     last: BytesCodec = BytePlanesZstd(level)
-    payload = last.encode(coded, spec)
+    payload = _side_prefix(array_codecs) + last.encode(coded, spec)
     if len(payload) >= words.nbytes:
         return Encoded([], (), words.tobytes())
     roles = tuple(r for c in array_codecs for r in c.ref_roles())
     return Encoded([c.record() for c in array_codecs] + [last.record()], roles, payload)
+
+
+def _side_prefix(array_codecs: Sequence[ArrayCodec]) -> bytes:
+    """Side data of each array codec that has some: ``u64 length`` + bytes, in chain order."""
+    out = b""
+    for c in array_codecs:
+        side = c.side_bytes()
+        if c.config().get("side"):
+            out += struct.pack("<Q", len(side)) + side
+    return out
 
 
 def decode(
@@ -78,7 +89,18 @@ def decode(
     *array_codecs, last = chain
     if not isinstance(last, BytesCodec) or not all(isinstance(c, ArrayCodec) for c in array_codecs):
         raise CodecError(f"malformed codec chain {[r.get('name') for r in codecs]}")
-    words = last.decode(payload, spec)
+    view = memoryview(payload)
+    for c, rec in zip(array_codecs, codecs[:-1], strict=True):
+        if rec.get("config", {}).get("side"):
+            if len(view) < 8:
+                raise CodecError("side data header truncated")
+            (length,) = struct.unpack_from("<Q", view, 0)
+            if 8 + length > len(view):
+                raise CodecError("side data truncated")
+            assert isinstance(c, ArrayCodec)
+            c.load_side(bytes(view[8 : 8 + length]))
+            view = view[8 + length :]
+    words = last.decode(view, spec)
     if words.size != spec.size:
         raise CodecError(f"decoded {words.size} elements, expected {spec.size}")
     for c in reversed(array_codecs):

@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, register
-from ckptstore.codecs.planes import estimate_bits
+from ckptstore.codecs.planes import estimate_bits, kernels
 from ckptstore.errors import CodecError
 
-PREDICTORS = ("prev", "scale")
+PREDICTORS = ("prev", "scale", "rowscale")
+# rowscale is tried for 2-D (and higher) tensors whose rows have at least this many elements
+_ROWSCALE_MIN_COLS = 16
 
 
 def to_ordered(words: np.ndarray) -> np.ndarray:
@@ -55,20 +57,39 @@ def _is_float(spec: TensorSpec) -> bool:
     return spec.dt.kind in ("float", "float8")
 
 
-def _scaled(prev: np.ndarray, spec: TensorSpec, a: float) -> np.ndarray:
-    """``a * prev`` rounded to the tensor's dtype, as words."""
+def _scaled(prev: np.ndarray, spec: TensorSpec, a: float | np.ndarray) -> np.ndarray:
+    """``a * prev`` rounded to the tensor's dtype, as words; ``a`` is one scale, or one float32 scale per row."""
+    rows = a.size if isinstance(a, np.ndarray) else 0
+
+    def mul(values: np.ndarray, ftype: type) -> np.ndarray:
+        if rows:
+            scales: np.ndarray = np.asarray(a, dtype=np.float32).astype(ftype)
+            return np.multiply(values.reshape(rows, -1), scales[:, None]).reshape(-1)
+        return np.multiply(values, ftype(a))
+
     if spec.dtype == "float32":
-        return (prev.view("<f4") * np.float32(a)).view(prev.dtype)
+        return mul(prev.view("<f4"), np.float32).view(prev.dtype)
     if spec.dtype == "float64":
-        return (prev.view("<f8") * np.float64(a)).view(prev.dtype)
+        return mul(prev.view("<f8"), np.float64).view(prev.dtype)
     if spec.dtype == "float16":
-        return (prev.view("<f2") * np.float16(a)).view(prev.dtype)
+        return mul(prev.view("<f2"), np.float16).view(prev.dtype)
     if spec.dtype == "bfloat16":
-        f = (prev.astype(np.uint32) << 16).view("<f4") * np.float32(a)
+        f = mul((prev.astype(np.uint32) << 16).view("<f4"), np.float32)
         b = f.view(np.uint32)
         b += 0x7FFF + ((b >> 16) & 1)  # round to nearest even; deterministic for every input, NaN included
         return (b >> 16).astype(np.uint16)
     raise CodecError(f"scale predictor does not support {spec.dtype}")
+
+
+def _row_scales(x: np.ndarray, y: np.ndarray, rows: int) -> np.ndarray:
+    """Least-squares scale per row (x ≈ s * y), float32; 1 where a row is all zero or not finite."""
+    xs, ys = x.reshape(rows, -1), y.reshape(rows, -1)
+    with np.errstate(all="ignore"):
+        num = np.einsum("ij,ij->i", xs, ys, dtype=np.float64)
+        den = np.einsum("ij,ij->i", ys, ys, dtype=np.float64)
+        s = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+    s[~np.isfinite(s)] = 1.0
+    return s.astype(np.float32)
 
 
 def _values(words: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -83,19 +104,44 @@ class OrderedDelta(ArrayCodec):
 
     name = "delta"
 
-    def __init__(self, predictor: str = "prev", scale: str | None = None) -> None:
+    def __init__(
+        self,
+        predictor: str = "prev",
+        scale: str | None = None,
+        rows: int | None = None,
+        side: bool = False,
+        scales: np.ndarray | None = None,
+    ) -> None:
         if predictor not in PREDICTORS:
             raise ValueError(f"unknown predictor {predictor!r}")
         if predictor == "scale" and scale is None:
             raise ValueError("scale predictor needs a scale")
+        if predictor == "rowscale" and (not isinstance(rows, int) or rows < 1):
+            raise ValueError("rowscale predictor needs rows >= 1")
         self.predictor = predictor
         self.scale = scale  # float.hex(), so the value round-trips exactly through JSON
+        self.rows = rows
+        self.scales: np.ndarray | None = scales  # rowscale: float32 per row, carried in the payload's side data
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"predictor": self.predictor}
         if self.scale is not None:
             cfg["scale"] = self.scale
+        if self.predictor == "rowscale":
+            cfg["rows"] = self.rows
+            cfg["side"] = True
         return cfg
+
+    def side_bytes(self) -> bytes:
+        if self.predictor != "rowscale" or self.scales is None:
+            return b""
+        return self.scales.astype("<f4").tobytes()
+
+    def load_side(self, data: bytes) -> None:
+        if self.predictor == "rowscale":
+            if len(data) != 4 * int(self.rows or 0):
+                raise CodecError(f"rowscale side data is {len(data)} bytes, expected {4 * int(self.rows or 0)}")
+            self.scales = np.frombuffer(data, dtype="<f4").copy()
 
     def ref_roles(self) -> tuple[str, ...]:
         return ("prev",)
@@ -103,15 +149,43 @@ class OrderedDelta(ArrayCodec):
     def _prediction(self, prev: np.ndarray, spec: TensorSpec) -> np.ndarray:
         if self.predictor == "scale" and self.scale is not None:
             prev = _scaled(prev, spec, float.fromhex(self.scale))
+        elif self.predictor == "rowscale":
+            if self.scales is None or self.scales.size != self.rows or prev.size % max(1, self.scales.size):
+                raise CodecError("rowscale predictor has no (or mismatched) per-row scales")
+            prev = _scaled(prev, spec, self.scales)
         return to_ordered(prev) if _is_float(spec) else prev
 
+    def _kernel_args(self, spec: TensorSpec) -> tuple[np.ndarray, int, int] | None:
+        """Arguments of the fused C loop, when it applies (float32; same bytes as the numpy path)."""
+        if kernels is None or spec.dtype != "float32":
+            return None
+        if self.predictor == "prev":
+            return np.zeros(1, np.float32), 0, 0
+        if self.predictor == "scale" and self.scale is not None:
+            return np.array([float.fromhex(self.scale)], np.float32), 0, 1
+        if self.scales is None:
+            raise CodecError("rowscale predictor has no per-row scales")
+        return np.ascontiguousarray(self.scales, np.float32), int(self.rows or 0), 2
+
     def encode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:
+        kargs = self._kernel_args(spec)
+        if kargs is not None and kernels is not None:
+            prev = np.ascontiguousarray(_ref(refs, words))
+            out = np.empty_like(words)
+            kernels.f32_delta_encode(np.ascontiguousarray(words), prev, kargs[0], kargs[1], kargs[2], out)
+            return out
         pred = self._prediction(_ref(refs, words), spec)
         cur = to_ordered(words) if _is_float(spec) else words
         d = np.subtract(cur, pred)
         return zigzag(d)
 
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:
+        kargs = self._kernel_args(spec)
+        if kargs is not None and kernels is not None:
+            prev = np.ascontiguousarray(_ref(refs, words))
+            out = np.empty_like(words)
+            kernels.f32_delta_decode(np.ascontiguousarray(words), prev, kargs[0], kargs[1], kargs[2], out)
+            return out
         pred = self._prediction(_ref(refs, words), spec)
         out = unzigzag(words)
         out += pred
@@ -119,12 +193,27 @@ class OrderedDelta(ArrayCodec):
 
     @classmethod
     def fit(cls, words: np.ndarray, prev: np.ndarray, spec: TensorSpec) -> tuple[OrderedDelta, float]:
-        """Pick the predictor that makes the residual cheapest, judged on a sample; returns (codec, bits/elem)."""
+        """Pick the predictor that makes the residual cheapest, judged on a sample; returns (codec, bits/elem).
+
+        Candidates: the previous value; one fitted scale (decoupled weight decay shrinks a whole tensor alike);
+        one fitted scale per row, for matrices whose rows move differently (an embedding table's rows of unseen
+        tokens only decay, seen ones also follow gradients). The sample is a set of whole rows so that every
+        candidate is judged on the same elements; rowscale pays for its side data in the comparison.
+        """
         n = words.size
-        step = max(1, n // (1 << 16))
-        w, p = np.ascontiguousarray(words[::step]), np.ascontiguousarray(prev[::step])
-        candidates = [cls("prev")]
-        if spec.dtype in ("float32", "float64", "float16", "bfloat16"):
+        floaty = spec.dtype in ("float32", "float64", "float16", "bfloat16")
+        rows = spec.shape[0] if len(spec.shape) >= 2 and floaty else 0
+        cols = n // rows if rows else 0
+        if rows >= 2 and cols >= _ROWSCALE_MIN_COLS:
+            pick = np.unique(np.linspace(0, rows - 1, num=min(rows, max(1, (1 << 14) // cols))).astype(np.int64))
+            w = np.ascontiguousarray(words.reshape(rows, cols)[pick]).reshape(-1)
+            p = np.ascontiguousarray(prev.reshape(rows, cols)[pick]).reshape(-1)
+        else:
+            rows = 0
+            step = max(1, n // (1 << 14))
+            w, p = np.ascontiguousarray(words[::step]), np.ascontiguousarray(prev[::step])
+        candidates: list[tuple[OrderedDelta, OrderedDelta, float]] = [(cls("prev"), cls("prev"), 0.0)]
+        if floaty:
             x, y = _values(w, spec).astype(np.float64), _values(p, spec).astype(np.float64)
             ok = np.isfinite(x) & np.isfinite(y)
             yo, xo = y[ok], x[ok]
@@ -132,12 +221,18 @@ class OrderedDelta(ArrayCodec):
             if denom > 0:
                 a = float(np.float32((xo * yo).sum() / denom))
                 if np.isfinite(a) and a != 1.0 and a > 0:
-                    candidates.append(cls("scale", float.hex(a)))
-        best, best_bits = candidates[0], float("inf")
-        for c in candidates:
-            bits = estimate_bits(c.encode(w, spec, {"prev": p}), sample=1 << 30)
+                    c = cls("scale", float.hex(a))
+                    candidates.append((c, c, 0.0))
+            if rows:
+                full = _row_scales(_values(words, spec), _values(prev, spec), rows)
+                whole = cls("rowscale", rows=rows, scales=full)
+                sampled = cls("rowscale", rows=pick.size, scales=full[pick])
+                candidates.append((whole, sampled, 32.0 * rows / n))
+        best, best_bits = candidates[0][0], float("inf")
+        for chosen, on_sample, extra in candidates:
+            bits = estimate_bits(on_sample.encode(w, spec, {"prev": p}), sample=1 << 30) + extra
             if bits < best_bits:
-                best, best_bits = c, bits
+                best, best_bits = chosen, bits
         return best, best_bits
 
 

@@ -11,6 +11,7 @@ length, or the constant byte), all little-endian, then the plane payloads back t
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -23,10 +24,20 @@ import zstandard
 from ckptstore.codecs.base import BytesCodec, TensorSpec, register
 from ckptstore.errors import CodecError
 
+try:  # optional C loops (setup.py); CKPTSTORE_NO_KERNELS=1 forces the numpy reference implementation
+    from ckptstore.codecs import _kernels as kernels  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised where the extension was not built
+    kernels = None
+if os.environ.get("CKPTSTORE_NO_KERNELS"):
+    kernels = None
+
 RAW, ZSTD, CONST = 0, 1, 2
 _PLANE_HEADER = struct.Struct("<BQ")
 # A zstd plane is kept only when it saves at least this fraction; otherwise raw is as small and much faster.
 _MIN_SAVING = 0.02
+# Planes at least this large are first checked for randomness on a sample (low mantissa bytes usually are).
+_RANDOM_CHECK_BYTES = 1 << 16
+_RANDOM_BITS = 7.97  # sampled order-0 entropy (bits/byte) above which a plane is stored raw
 # Planes of tensors at least this large are coded in parallel.
 _PARALLEL_BYTES = 4 * 1024 * 1024
 
@@ -67,13 +78,28 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _looks_random(plane: np.ndarray, sample: int = 1 << 13) -> bool:
+    s = plane[:: max(1, plane.size // sample)]
+    counts = np.bincount(s, minlength=256).astype(np.float64)
+    nz = counts[counts > 0]
+    return bool(-(nz * np.log2(nz / s.size)).sum() / s.size > _RANDOM_BITS)
+
+
 def split_planes(words: np.ndarray) -> np.ndarray:
     """(n,) words of k bytes → (k, n) uint8 planes, lowest byte first."""
     k = words.dtype.itemsize
+    if kernels is not None:
+        out = np.empty((k, words.size), dtype=np.uint8)
+        kernels.split_planes(np.ascontiguousarray(words), k, out)
+        return out
     return np.ascontiguousarray(words.view(np.uint8).reshape(-1, k).T)
 
 
 def join_planes(planes: np.ndarray, word: np.dtype) -> np.ndarray:
+    if kernels is not None:
+        out = np.empty(planes.shape[1], dtype=word)
+        kernels.join_planes(np.ascontiguousarray(planes), planes.shape[0], out)
+        return out
     return np.ascontiguousarray(planes.T).view(word).reshape(-1)
 
 
@@ -92,18 +118,20 @@ class BytePlanesZstd(BytesCodec):
         planes = split_planes(words) if k > 1 else words.view(np.uint8).reshape(1, -1)
         level = self.level
 
-        def code(plane: np.ndarray) -> tuple[int, int, bytes]:
+        def code(plane: np.ndarray) -> tuple[int, int, bytes | memoryview]:
             n = plane.size
-            if n and plane[0] == plane[-1] and not np.any(plane != plane[0]):
-                return CONST, int(plane[0]), b""
+            if n >= _RANDOM_CHECK_BYTES and _looks_random(plane):
+                return RAW, n, memoryview(plane)  # type: ignore[arg-type]  # zstd: time spent, nothing saved
             packed = _cctx(level).compress(memoryview(plane))  # type: ignore[arg-type]
+            if len(packed) < 64 and n and (plane == plane[0]).all():
+                return CONST, int(plane[0]), b""
             if len(packed) < n * (1 - _MIN_SAVING):
                 return ZSTD, len(packed), packed
-            return RAW, n, plane.tobytes()
+            return RAW, n, memoryview(plane)  # type: ignore[arg-type]
 
         parts = _pmap(code, list(planes), words.nbytes >= _PARALLEL_BYTES)
         header = bytes([len(parts)]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v, _ in parts)
-        return header + b"".join(p for _, _, p in parts)
+        return b"".join([header, *(p for _, _, p in parts)])
 
     def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray:
         k = spec.dt.itemsize if spec.dtype != "complex128" else 8
@@ -149,7 +177,7 @@ class BytePlanesZstd(BytesCodec):
         return join_planes(planes, word) if k > 1 else planes.reshape(-1).view(word)
 
 
-def estimate_bits(words: np.ndarray, sample: int = 1 << 16) -> float:
+def estimate_bits(words: np.ndarray, sample: int = 1 << 14) -> float:
     """Order-0 entropy of each byte plane on a strided sample, in bits per element: a cheap cost model."""
     n = words.size
     if n == 0:
@@ -157,10 +185,10 @@ def estimate_bits(words: np.ndarray, sample: int = 1 << 16) -> float:
     step = max(1, n // sample)
     s = np.ascontiguousarray(words[::step])
     k = s.dtype.itemsize
-    planes = s.view(np.uint8).reshape(-1, k)
-    total = 0.0
-    for i in range(k):
-        counts = np.bincount(planes[:, i], minlength=256)
-        p = counts[counts > 0] / planes.shape[0]
-        total += float(-(p * np.log2(p)).sum())
-    return total
+    # one bincount over (plane, byte) pairs instead of one per plane
+    keys = s.view(np.uint8).reshape(-1, k).astype(np.intp)
+    keys += np.arange(k, dtype=np.intp) * 256
+    counts = np.bincount(keys.reshape(-1), minlength=256 * k).astype(np.float64)
+    nz = counts[counts > 0]
+    m = s.size
+    return float(-(nz * np.log2(nz / m)).sum() / m)

@@ -1,0 +1,181 @@
+/* Fused inner loops of the delta and byte-plane codecs.
+ *
+ * The numpy implementations in delta.py / planes.py are the reference: these kernels must produce the same bytes
+ * (tests/codecs/test_kernels.py compares them). They exist because the numpy versions make ~10 passes over each
+ * tensor; here each transform is one pass, with the GIL released so tensors encode in parallel.
+ *
+ * Floating point: the only float operation is one IEEE single-precision multiply (prediction = prev * scale),
+ * compiled with -ffp-contract=off so no fused multiply-add can change its rounding.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline uint32_t ord32(uint32_t w) {
+    /* float bit pattern -> integer in the same order as the floats (an involution) */
+    uint32_t mask = (uint32_t)((int32_t)w >> 31) & 0x7FFFFFFFu;
+    return w ^ mask;
+}
+
+static inline uint32_t scaled32(uint32_t p, float s) {
+    /* one IEEE single-precision multiply, rounded to nearest (no FMA: -ffp-contract=off, nothing to fuse) */
+    float v;
+    memcpy(&v, &p, 4);
+    v = v * s;
+    uint32_t out;
+    memcpy(&out, &v, 4);
+    return out;
+}
+
+/* Run BODY for every element i with the prediction of element i in `pr`, specialised per predictor so the
+ * inner loops stay branch-free: mode 0 = previous value, 1 = one scale, 2 = one scale per row. */
+#define FOR_EACH_PREDICTION(BODY)                                                         \
+    if (mode == 0) {                                                                      \
+        for (Py_ssize_t i = 0; i < n; i++) { uint32_t pr = ps[i]; BODY }                  \
+    } else if (mode == 1) {                                                               \
+        float s0 = sc[0];                                                                 \
+        for (Py_ssize_t i = 0; i < n; i++) { uint32_t pr = scaled32(ps[i], s0); BODY }    \
+    } else {                                                                              \
+        for (Py_ssize_t r = 0; r < n / cols; r++) {                                       \
+            float s0 = sc[r];                                                             \
+            for (Py_ssize_t i = r * cols; i < (r + 1) * cols; i++) {                      \
+                uint32_t pr = scaled32(ps[i], s0); BODY                                   \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+static int get_buffers(Py_buffer *a, Py_buffer *b, Py_buffer *s, Py_buffer *o, Py_ssize_t *n, Py_ssize_t rows,
+                       int mode, Py_ssize_t *cols) {
+    if (a->len % 4 || b->len != a->len || o->len != a->len) {
+        PyErr_SetString(PyExc_ValueError, "buffers must be float32 words of equal length");
+        return -1;
+    }
+    *n = a->len / 4;
+    *cols = 1;
+    if (mode == 1 && s->len < 4) {
+        PyErr_SetString(PyExc_ValueError, "scale mode needs one scale");
+        return -1;
+    }
+    if (mode == 2) {
+        if (rows <= 0 || s->len != rows * 4 || *n % rows) {
+            PyErr_SetString(PyExc_ValueError, "rowscale mode needs one scale per row");
+            return -1;
+        }
+        *cols = *n / rows;
+    }
+    return 0;
+}
+
+static PyObject *f32_delta_encode(PyObject *self, PyObject *args) {
+    Py_buffer x, p, s, o;
+    int mode;
+    Py_ssize_t rows, n, cols;
+    if (!PyArg_ParseTuple(args, "y*y*y*niw*", &x, &p, &s, &rows, &mode, &o)) return NULL;
+    PyObject *ret = NULL;
+    if (get_buffers(&x, &p, &s, &o, &n, rows, mode, &cols) == 0) {
+        const uint32_t *xs = x.buf, *ps = p.buf;
+        const float *sc = s.buf;
+        uint32_t *out = o.buf;
+        Py_BEGIN_ALLOW_THREADS
+        FOR_EACH_PREDICTION({
+            uint32_t d = ord32(xs[i]) - ord32(pr);
+            out[i] = (d << 1) ^ (uint32_t)((int32_t)d >> 31);
+        })
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&p);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&o);
+    return ret;
+}
+
+static PyObject *f32_delta_decode(PyObject *self, PyObject *args) {
+    Py_buffer z, p, s, o;
+    int mode;
+    Py_ssize_t rows, n, cols;
+    if (!PyArg_ParseTuple(args, "y*y*y*niw*", &z, &p, &s, &rows, &mode, &o)) return NULL;
+    PyObject *ret = NULL;
+    if (get_buffers(&z, &p, &s, &o, &n, rows, mode, &cols) == 0) {
+        const uint32_t *zs = z.buf, *ps = p.buf;
+        const float *sc = s.buf;
+        uint32_t *out = o.buf;
+        Py_BEGIN_ALLOW_THREADS
+        FOR_EACH_PREDICTION({
+            uint32_t d = (zs[i] >> 1) ^ (0u - (zs[i] & 1u));
+            out[i] = ord32(ord32(pr) + d);
+        })
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&p);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&o);
+    return ret;
+}
+
+/* (n, k) bytes -> (k, n) planes, and back. */
+static PyObject *planes(PyObject *self, PyObject *args, int split) {
+    Py_buffer src, dst;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "y*nw*", &src, &k, &dst)) return NULL;
+    PyObject *ret = NULL;
+    if (k < 1 || k > 16 || src.len % k || dst.len != src.len) {
+        PyErr_SetString(PyExc_ValueError, "planes: bad item size or buffer lengths");
+    } else {
+        Py_ssize_t n = src.len / k;
+        const uint8_t *a = src.buf;
+        uint8_t *b = dst.buf;
+        Py_BEGIN_ALLOW_THREADS
+        if (split) {
+            if (k == 4) {
+                uint8_t *b0 = b, *b1 = b + n, *b2 = b + 2 * n, *b3 = b + 3 * n;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    b0[i] = a[4 * i]; b1[i] = a[4 * i + 1]; b2[i] = a[4 * i + 2]; b3[i] = a[4 * i + 3];
+                }
+            } else {
+                for (Py_ssize_t i = 0; i < n; i++)
+                    for (Py_ssize_t j = 0; j < k; j++) b[j * n + i] = a[i * k + j];
+            }
+        } else {
+            if (k == 4) {
+                const uint8_t *a0 = a, *a1 = a + n, *a2 = a + 2 * n, *a3 = a + 3 * n;
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    b[4 * i] = a0[i]; b[4 * i + 1] = a1[i]; b[4 * i + 2] = a2[i]; b[4 * i + 3] = a3[i];
+                }
+            } else {
+                for (Py_ssize_t i = 0; i < n; i++)
+                    for (Py_ssize_t j = 0; j < k; j++) b[i * k + j] = a[j * n + i];
+            }
+        }
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyObject *split_planes(PyObject *self, PyObject *args) { return planes(self, args, 1); }
+static PyObject *join_planes(PyObject *self, PyObject *args) { return planes(self, args, 0); }
+
+static PyMethodDef methods[] = {
+    {"f32_delta_encode", f32_delta_encode, METH_VARARGS,
+     "f32_delta_encode(x, prev, scales, rows, mode, out): zigzag(ord(x) - ord(pred(prev))) into out"},
+    {"f32_delta_decode", f32_delta_decode, METH_VARARGS,
+     "f32_delta_decode(z, prev, scales, rows, mode, out): inverse of f32_delta_encode"},
+    {"split_planes", split_planes, METH_VARARGS, "split_planes(src, itemsize, dst): words -> byte planes"},
+    {"join_planes", join_planes, METH_VARARGS, "join_planes(src, itemsize, dst): byte planes -> words"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused codec loops (see delta.py).", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
