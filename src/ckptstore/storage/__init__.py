@@ -10,8 +10,14 @@ from ckptstore.storage.local import LocalStorage
 
 
 def open_storage(location: str | os.PathLike[str], **storage_options: Any) -> Storage:
-    """A plain path (or ``file://``) gives :class:`LocalStorage`; any other URL goes through fsspec."""
+    """A plain path (or ``file://``) gives :class:`LocalStorage`; any other URL goes through fsspec.
+
+    ``read_only=True`` (any backend) wraps the result in :class:`ReadOnlyStorage`."""
     loc = os.fspath(location)
+    if str(storage_options.pop("read_only", False)).lower() not in ("false", "0", "no", "", "none"):
+        from ckptstore.storage.readonly import ReadOnlyStorage
+
+        return ReadOnlyStorage(open_storage(loc, **storage_options))
     if "://" in loc and not loc.startswith("file://"):
         from ckptstore.storage.remote import FsspecStorage
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 
 class Writer(ABC):
@@ -91,6 +91,12 @@ class Storage(ABC):
     def mtime(self, key: str) -> float | None:
         """Modification time (seconds since the epoch) where the backend knows it."""
         return None
+
+    @contextlib.contextmanager
+    def prefetch(self, ranges: Iterable[tuple[str, int, int]]) -> Iterator[None]:
+        """A hint: the ``(key, start, length)`` ranges will be read inside this block. Object stores fetch them
+        in a few large parallel requests instead of one per range; local disk has nothing to gain."""
+        yield
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
