@@ -33,7 +33,7 @@ import zstandard
 
 from ckptstore import create_store
 from ckptstore.format.tree import flatten
-from ckptstore.integrations.openclip import epoch_files, read_checkpoint
+from ckptstore.integrations.openclip import epoch_files, export_pt, read_checkpoint
 
 ZSTD3 = zstandard.ZstdCompressor(level=3)
 
@@ -106,7 +106,7 @@ def timed(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def sizes(files: list[Path], work: Path) -> tuple[list[dict[str, Any]], Any]:
+def sizes(files: list[Path], work: Path, check_roundtrip: bool = True) -> tuple[list[dict[str, Any]], Any]:
     from safetensors.numpy import save as st_save
 
     rows: list[dict[str, Any]] = []
@@ -114,7 +114,7 @@ def sizes(files: list[Path], work: Path) -> tuple[list[dict[str, Any]], Any]:
     store = create_store(work / "sizes.store", keyframe_interval=args_keyframe, level=args_level)
     for f in files:
         ckpt = read_checkpoint(f)
-        _, leaves = flatten(ckpt)
+        skeleton, leaves = flatten(ckpt)
         row: dict[str, Any] = {"file": f.name, "epoch": ckpt.get("epoch")}
         row["torch_save"] = f.stat().st_size
         raw = f.read_bytes()
@@ -132,6 +132,22 @@ def sizes(files: list[Path], work: Path) -> tuple[list[dict[str, Any]], Any]:
                 xor += zstd_planes(np.bitwise_xor(w, p) if p is not None and p.shape == w.shape else w)
             row[f"xor_{part}"] = xor
         info = store.save("bench", int(ckpt.get("epoch", len(rows))), ckpt)
+        if check_roundtrip:  # ingest -> store -> export must give every tensor back bit for bit
+            export = work / "export.pt"
+            export_pt(store, info.ref, export)
+            again = read_checkpoint(export)
+            back_skeleton, back = flatten(again)
+            row["roundtrip_bit_exact"] = (
+                back_skeleton == skeleton
+                and set(back) == set(leaves)
+                and all(
+                    back[n].dtype == lf.dtype
+                    and back[n].shape == lf.shape
+                    and back[n].data.tobytes() == lf.data.tobytes()
+                    for n, lf in leaves.items()
+                )
+            )
+            del again, back
         m = store.manifest("bench", info.step)
         new_objs = {o: r for o, r in m.objects.items() if r["pack"] in m.data["packs"]}
         by_tensor = {t["object"]: n for n, t in m.tensors.items()}
@@ -222,8 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     files = epoch_files(a.checkpoints)
     work = Path(tempfile.mkdtemp(prefix="ckptbench-", dir=a.workdir))
     try:
-        rows, _ = sizes(files, work)
+        rows, size_store = sizes(files, work)
         report: dict[str, Any] = {"checkpoints": str(a.checkpoints), "files": len(files), "rows": rows}
+        report["roundtrip_bit_exact"] = all(r["roundtrip_bit_exact"] for r in rows)
+        report["verify"] = size_store.verify()
+        print(
+            f"round trip ingest -> store -> export bit-exact for every tensor of every checkpoint: "
+            f"{report['roundtrip_bit_exact']}; verify: {report['verify']['checkpoints']} checkpoints, "
+            f"{report['verify']['objects']} objects, ok={report['verify']['ok']}"
+        )
         methods = ["torch_save", "safetensors", "zstd3_file", "zipnn", "xor", "ours"]
         totals = {}
         for part in ("w", "all"):

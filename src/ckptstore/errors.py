@@ -79,6 +79,27 @@ class InvalidStateError(CkptStoreError, TypeError):
     """A state handed to ``save`` holds a value the format cannot store (e.g. an arbitrary object)."""
 
 
+class InvalidMetadataError(InvalidStateError, ValueError):
+    """Checkpoint metadata breaks the schema (docs/metadata.md); ``field`` is the dotted path of the culprit."""
+
+    def __init__(self, message: str, *, field: str | None = None, **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.field = field
+
+
+class InvalidQueryError(CkptStoreError, ValueError):
+    """A ``--where``/``--sort``/``--columns`` expression does not parse; ``position`` is the 0-based offset."""
+
+    def __init__(self, message: str, *, expression: str = "", position: int = 0, **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.expression = expression
+        self.position = position
+
+    def __str__(self) -> str:
+        shown = "".join(" " if c < " " else c for c in self.expression)  # keep the caret under its column
+        return f"{CkptStoreError.__str__(self)}\n  {shown}\n  {' ' * self.position}^"
+
+
 class FormatError(CkptStoreError, ValueError):
     """Stored data does not follow the format: a damaged, truncated or foreign file."""
 
@@ -109,3 +130,11 @@ class ConcurrentCommitError(CkptStoreError, FileExistsError):
 
 class MissingDependencyError(CkptStoreError, ImportError):
     """An optional dependency needed for this operation is not installed."""
+
+
+class RemoteStorageError(CkptStoreError):
+    """A remote store (S3, GCS ...) failed: unreachable after retries, refused the credentials, or no bucket.
+
+    Deliberately not an ``OSError``: store code reads a missing key (``FileNotFoundError``/``OSError``) as "no such
+    checkpoint", and an outage or a credentials problem must not be mistaken for that.
+    """

@@ -41,7 +41,9 @@ class Ref:
 
 def parse_ref(text: str) -> Ref:
     if not isinstance(text, str) or not text:
-        raise InvalidReferenceError(f"empty checkpoint reference {text!r}")
+        raise InvalidReferenceError(
+            f"empty checkpoint reference {text!r}", hint="write RUN, RUN@STEP, RUN@latest, RUN@epoch=N ..."
+        )
     run, sep, sel = text.partition("@")
     try:
         check_run_name(run)
@@ -51,7 +53,7 @@ def parse_ref(text: str) -> Ref:
         ) from None
     if not sep:
         return Ref(run, "latest")
-    m = _SEL.match(sel)
+    m = _SEL.fullmatch(sel)  # not match(): its "$" would accept a trailing newline
     if not m:
         raise InvalidReferenceError(
             f"cannot parse {sel!r} in reference {text!r}",

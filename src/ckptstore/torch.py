@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -198,9 +199,25 @@ def save(
     *,
     extra: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    capture: bool = True,
 ) -> Any:
-    """Save model + optimizer + scheduler + scaler + RNG states as ``run@step``."""
-    return store.save(run, step, training_state(model, optimizer, scheduler, scaler, extra=extra), metadata=metadata)
+    """Save model + optimizer + scheduler + scaler + RNG states as ``run@step``.
+
+    ``metrics`` (name → number; tensors are fine) go into ``metadata["metrics"]``. With ``capture`` the metadata
+    also records what this process knows about itself (:func:`ckptstore.metadata.capture`: step, LR per param
+    group, optimizer/scheduler counters, AMP scale, command line, package versions, hardware, git state of the
+    training code); keys given in ``metadata`` win. See docs/metadata.md.
+    """
+    from ckptstore import metadata as md
+
+    if capture:
+        meta = md.capture(step, optimizer, scheduler, scaler, metadata=metadata, metrics=metrics)
+    else:
+        meta = dict(metadata or {})
+        if metrics:
+            meta["metrics"] = {**(meta.get("metrics") or {}), **md.metric_values(metrics)}
+    return store.save(run, step, training_state(model, optimizer, scheduler, scaler, extra=extra), metadata=meta)
 
 
 def restore(
@@ -225,7 +242,8 @@ def load_pt(path: str) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]", "", str(exc)).strip()
+        msg = text.splitlines()[0] if text else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in repr(type(exc)):
             raise ForeignCheckpointError(
                 f"refused to load: the file contains objects other than tensors and plain data ({msg[:200]})",

@@ -32,16 +32,43 @@ def add_store_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+_STRING_OPTIONS = {"key", "secret", "token", "username", "password", "profile", "cache_dir", "part_size", "cache_size"}
+
+
+def _option_value(key: str, val: str) -> Any:
+    """``true``/``false``/``none`` and numbers become Python values (fsspec wants ``anon=True``, not ``"true"``);
+    credentials and sizes stay strings."""
+    low = val.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if key.rsplit(".", 1)[-1] not in _STRING_OPTIONS:
+        for conv in (int, float):
+            try:
+                return conv(val)
+            except ValueError:
+                pass
+    return val
+
+
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` as fsspec ``storage_options``; a dotted KEY nests
+    (``client_kwargs.region_name=eu-west-1``), ``endpoint_url`` goes to ``client_kwargs``. docs/remote.md."""
     out: dict[str, Any] = {}
     for item in getattr(args, "storage_option", []) or []:
         key, sep, val = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise SystemExit(f"ckpt: --storage-option wants KEY=VALUE, got {item!r}")
         if key == "endpoint_url":
-            out.setdefault("client_kwargs", {})["endpoint_url"] = val
-        else:
-            out[key] = val
+            key = "client_kwargs.endpoint_url"
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"ckpt: --storage-option {item!r} conflicts with an earlier option")
+        node[leaf] = _option_value(key, val)
     return out
 
 

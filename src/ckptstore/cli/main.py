@@ -13,7 +13,7 @@ EXIT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ckptstore.cli import io_cmds, store_cmds
+    from ckptstore.cli import io_cmds, meta_cmds, policy_cmds, release_cmds, store_cmds
 
     parser = argparse.ArgumentParser(
         prog="ckpt",
@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     store_cmds.register(sub)
     io_cmds.register(sub)
+    meta_cmds.register(sub)
+    release_cmds.register(sub)
+    policy_cmds.register(sub)
     return parser
 
 

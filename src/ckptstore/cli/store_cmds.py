@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ckptstore.cli import meta_cmds
 from ckptstore.cli.common import add_store_arg, get_store, human, print_json, print_table, progress_bar
 from ckptstore.store import create_store
 
@@ -22,6 +23,7 @@ def register(sub: Any) -> None:
     add_store_arg(p)
     p.add_argument("run", nargs="?", help="only this run")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    meta_cmds.add_query_args(p)
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("show", help="show one checkpoint", description="Show a checkpoint's metadata and tensors.")
@@ -81,6 +83,8 @@ def _ratio(logical: int, stored: int) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if meta_cmds.wants_query(args):
+        return meta_cmds.cmd_ls_query(args)
     store = get_store(args)
     infos = store.checkpoints(args.run)
     if args.json:
@@ -148,11 +152,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
         f"({_ratio(info.logical_bytes, own.stored_bytes)})"
     )
-    for k, v in m.metadata.items():
-        if isinstance(v, dict) and len(str(v)) > 100:
-            print(f"  {k}: {{{len(v)} keys}}")
-        else:
-            print(f"  {k}: {v}")
+    for line in meta_cmds.metadata_lines(m.metadata):
+        print(line)
     if args.tensors:
         print_table(
             None,

@@ -116,6 +116,10 @@ class OrderedDelta(ArrayCodec):
             raise ValueError(f"unknown predictor {predictor!r}")
         if predictor == "scale" and scale is None:
             raise ValueError("scale predictor needs a scale")
+        if scale is not None:
+            if not isinstance(scale, str):
+                raise ValueError(f"scale must be a float.hex() string, got {type(scale).__name__}")
+            float.fromhex(scale)  # ValueError for malformed text; from_record turns it into CodecError
         if predictor == "rowscale" and (not isinstance(rows, int) or rows < 1):
             raise ValueError("rowscale predictor needs rows >= 1")
         self.predictor = predictor

@@ -158,6 +158,8 @@ class BytePlanesZstd(BytesCodec):
         def fill(i: int) -> None:
             method, value, data = spans[i]
             if method == CONST:
+                if value > 255:
+                    raise CodecError(f"planes-zstd constant plane has value {value} > 255")
                 planes[i].fill(value)
             elif method == RAW:
                 if len(data) != n:
@@ -165,6 +167,9 @@ class BytePlanesZstd(BytesCodec):
                 planes[i] = np.frombuffer(data, dtype=np.uint8)
             else:
                 try:
+                    declared = zstandard.frame_content_size(data)
+                    if declared != n:  # refuse before allocating what a damaged header claims
+                        raise CodecError(f"zstd plane declares {declared} bytes, expected {n}")
                     out = _dctx().decompress(data, max_output_size=n)
                 except zstandard.ZstdError as exc:
                     raise CodecError(f"zstd plane does not decode: {exc}") from None

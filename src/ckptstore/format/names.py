@@ -13,7 +13,7 @@ _BAD_COMPONENT_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 def check_run_name(name: str) -> str:
     """A run name is one path segment: letters, digits, ``_ . -``, not starting with ``.`` or ``-``."""
-    if not isinstance(name, str) or not _RUN_RE.match(name) or len(name.encode()) > MAX_NAME_LENGTH:
+    if not isinstance(name, str) or not _RUN_RE.fullmatch(name) or len(name.encode()) > MAX_NAME_LENGTH:
         raise InvalidNameError(
             f"invalid run name {name!r}",
             hint="use letters, digits, '_', '.', '-' (not first), at most 255 bytes",

@@ -79,7 +79,14 @@ def flatten(state: Any) -> tuple[Any, dict[str, Leaf]]:
     def walk(value: Any, path: list[str]) -> Any:
         where = "/".join(path) or "<root>"
         if isinstance(value, np.ndarray):
-            return leaf(Leaf.from_numpy(value), path)
+            try:
+                converted_array = Leaf.from_numpy(value)
+            except FormatError:
+                raise InvalidStateError(
+                    f"cannot store a numpy array of dtype {value.dtype} at {where}",
+                    hint="store numeric or bool arrays; convert strings/objects to JSON values",
+                ) from None
+            return leaf(converted_array, path)
         if isinstance(value, np.generic):
             if isinstance(value, np.bool_ | np.integer | np.floating):
                 item = value.item()

@@ -8,13 +8,16 @@ pretrained=PATH)`` read exactly like the original, every tensor bit-identical.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ckptstore.errors import CheckpointExistsError, ForeignCheckpointError, InvalidNameError
+from ckptstore.errors import CheckpointExistsError, CkptStoreError, ForeignCheckpointError
 from ckptstore.store import CheckpointInfo, Store
 
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
@@ -82,7 +85,7 @@ def parse_params_txt(path: Path) -> dict[str, Any]:
             parsed = val == "True"
         elif val == "None":
             parsed = None
-        if isinstance(parsed, float) and parsed != parsed:  # nan
+        if isinstance(parsed, float) and not math.isfinite(parsed):  # nan, inf: JSON has neither
             parsed = None
         out[key.strip()] = parsed
     return out
@@ -103,30 +106,119 @@ def epoch_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
             continue
         if not isinstance(row, dict) or "epoch" not in row:
             continue
-        out[int(row["epoch"])] = {
-            k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, int | float) and v == v
-        }
+        out[int(row["epoch"])] = {k: float(v) for k, v in row.items() if k != "epoch" and _finite(v)}
     return out
 
 
+_LOG_TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2},\d{2}:\d{2}:\d{2})")
+_TRAIN_RE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
+_LOSS_RE = re.compile(r"(?:^|\s)Loss: (\S+) \((\S+)\)")
+
+
+def train_log(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Per completed epoch (1-based, as checkpoints count), what ``out.log``'s ``Train Epoch`` lines say:
+    ``loss`` (the last logged total loss and the trainer's running mean over the epoch's logged steps, with
+    ``window`` = how many), ``samples`` (seen in that epoch) and ``wall_time`` (seconds from the log's first line
+    to the epoch's last training line). A later run in the same log overrides earlier lines of the same epoch."""
+    f = run_dir / "out.log"
+    out: dict[int, dict[str, Any]] = {}
+    if not f.is_file():
+        return out
+    start: datetime.datetime | None = None
+    for line in f.read_text(errors="replace").splitlines():
+        tm = _LOG_TIME_RE.match(line)
+        when = datetime.datetime.strptime(tm.group(1), "%Y-%m-%d,%H:%M:%S") if tm else None
+        if start is None and when is not None:
+            start = when
+        m = _TRAIN_RE.search(line)
+        if not m:
+            continue
+        epoch = int(m.group(1)) + 1  # the trainer logs 0-based epochs; checkpoints count completed ones
+        rec = out.setdefault(epoch, {"window": 0})
+        if int(m.group(2)) < rec.get("samples", 0):  # the epoch started again (a resumed run): start over
+            rec = out[epoch] = {"window": 0}
+        rec["samples"] = int(m.group(2))
+        loss = _LOSS_RE.search(line)
+        if loss:
+            with contextlib.suppress(ValueError):
+                rec["last"], rec["avg"] = float(loss.group(1)), float(loss.group(2))
+                rec["window"] += 1
+        if when is not None and start is not None:
+            rec["wall_time"] = (when - start).total_seconds()
+    return out
+
+
+def _optimizer_steps(opt: Any) -> int | None:
+    """Updates applied, from the per-parameter ``step`` of Adam-style optimizer state (a tensor or number)."""
+    steps = []
+    for st in (opt.get("state") or {}).values() if isinstance(opt, Mapping) else ():
+        s: Any = st.get("step") if isinstance(st, Mapping) else None
+        if hasattr(s, "item"):
+            s = s.item()
+        if isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s):
+            steps.append(int(s))
+    return max(steps) if steps else None
+
+
 def checkpoint_metadata(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    meta: dict[str, Any] = {"source": {"kind": "open_clip_train", "file": str(path.resolve())}}
+    """Metadata (docs/metadata.md) for one ``epoch_N.pt``: the checkpoint's ``epoch``/``global_step``/
+    ``samples_seen`` (or, as open_clip_train 3.x records neither of the last two, the optimizer's update count and
+    ``params.txt``'s batch size), learning rate per param group, the run's ``params.txt`` as ``hparams``, the
+    epoch's eval metrics from ``results.jsonl`` and its training loss and wall time from ``out.log``."""
+    from ckptstore.metadata import SCHEMA_VERSION
+
+    meta: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "source": {"kind": "open_clip_train", "file": str(path.resolve())},
+    }
     for key in ("epoch", "global_step", "samples_seen"):
         if isinstance(ckpt.get(key), int):
             meta[{"global_step": "step"}.get(key, key)] = int(ckpt[key])
+    opt = ckpt.get("optimizer")
+    if "step" not in meta:
+        steps = _optimizer_steps(opt)
+        if steps is not None:
+            meta["step"] = steps
+    if isinstance(opt, Mapping) and isinstance(opt.get("param_groups"), list):
+        lrs = [float(g["lr"]) for g in opt["param_groups"] if isinstance(g, Mapping) and _finite(g.get("lr"))]
+        if lrs:
+            meta["lr"] = lrs
     if isinstance(ckpt.get("name"), str):
         meta["name"] = ckpt["name"]
     run_dir = run_dir_of(path.resolve())
     params = run_dir / "params.txt"
+    hp: dict[str, Any] = {}
     if params.exists():
         hp = parse_params_txt(params)
         meta["hparams"] = hp
         if isinstance(hp.get("model"), str):
             meta["model"] = hp["model"]
-    metrics = epoch_metrics(run_dir).get(int(ckpt.get("epoch", -1)))
+        world = hp.get("world_size")
+        if isinstance(world, int) and world >= 1:
+            device = hp.get("device")
+            accelerator = str(device).split(":")[0] if isinstance(device, str) and device else "cpu"
+            meta["hardware"] = {"world_size": world, "accelerator": accelerator}
+    epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
+    if "samples_seen" not in meta and isinstance(meta.get("step"), int):
+        per_step = [hp.get(k, 1) for k in ("batch_size", "accum_freq", "world_size")]
+        if "batch_size" in hp and all(isinstance(v, int) and v >= 1 for v in per_step):
+            meta["samples_seen"] = meta["step"] * per_step[0] * per_step[1] * per_step[2]
+    log = train_log(run_dir).get(epoch) if epoch is not None else None
+    if log:
+        if "last" in log:
+            meta["loss"] = {"last": log["last"], "avg": log["avg"], "window": log["window"]}
+        if "wall_time" in log:
+            meta["wall_time"] = log["wall_time"]
+    metrics = dict(epoch_metrics(run_dir).get(epoch, {})) if epoch is not None else {}
+    if "num_samples" in metrics:  # the size of the validation set, not a metric
+        meta["eval_samples"] = int(metrics.pop("num_samples"))
     if metrics:
         meta["metrics"] = metrics
     return meta
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def step_of(ckpt: Mapping[str, Any]) -> int:
@@ -136,7 +228,8 @@ def step_of(ckpt: Mapping[str, Any]) -> int:
     if isinstance(ckpt.get("epoch"), int):
         return int(ckpt["epoch"])
     raise ForeignCheckpointError(
-        "checkpoint has neither 'global_step' nor 'epoch'", hint="pass --step to say which step it is"
+        "checkpoint has neither 'global_step' nor 'epoch'",
+        hint="open_clip_train checkpoints record at least 'epoch'; is this file one of them?",
     )
 
 
@@ -159,7 +252,11 @@ def ingest(
     for f in files:
         run_name = run or default_run_name(f)
         ckpt = read_checkpoint(f)
-        step = step_of(ckpt)
+        try:
+            step = step_of(ckpt)
+        except CkptStoreError as exc:
+            exc.path = str(f)
+            raise
         if step in store.steps(run_name):
             if not skip_existing:
                 raise CheckpointExistsError(f"{run_name}@{step} already stored", path=str(f))
@@ -168,8 +265,10 @@ def ingest(
             continue
         try:
             info = store.save(run_name, step, ckpt, checkpoint_metadata(ckpt, f), progress=progress)
-        except InvalidNameError as exc:
-            raise InvalidNameError(exc.message, path=str(f), hint=exc.hint) from None
+        except CkptStoreError as exc:
+            if exc.path is None:  # name the file the problem came from
+                exc.path = str(f)
+            raise
         out.append(info)
         if on_file is not None:
             on_file(f, info)

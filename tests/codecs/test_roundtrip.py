@@ -1,0 +1,625 @@
+"""Codecs: every dtype, shape and bit pattern encodes and decodes to identical bytes, with and without references.
+
+Equality is always on raw bytes (``.tobytes()``), never on float values, so NaN payloads and -0.0 count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckptstore import codecs
+from ckptstore.codecs.base import ArrayCodec, TensorSpec, from_record, register, registered
+from ckptstore.codecs.delta import OrderedDelta, to_ordered, unzigzag, zigzag
+from ckptstore.codecs.planes import CONST, RAW, ZSTD, BytePlanesZstd, estimate_bits
+from ckptstore.errors import CodecError
+from ckptstore.format.dtypes import DTYPES
+
+HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+ALL_DTYPES = sorted(DTYPES)
+FLOAT_LAYOUT = {  # exponent bits, mantissa bits of the IEEE-like float formats
+    "float64": (11, 52),
+    "float32": (8, 23),
+    "float16": (5, 10),
+    "bfloat16": (8, 7),
+    "float8_e4m3fn": (4, 3),
+    "float8_e5m2": (5, 2),
+}
+
+
+def word_dtype(name: str) -> np.dtype:
+    return np.dtype("<u8") if name == "complex128" else DTYPES[name].word
+
+
+def special_words(name: str) -> list[int]:
+    """Bit patterns that break naive codecs: NaN payloads, ±0, ±inf, subnormals, extremes, sign bits."""
+    bits = word_dtype(name).itemsize * 8
+    sign = 1 << (bits - 1)
+    out = {0, 1, sign, sign - 1, sign + 1, (1 << bits) - 1, (1 << bits) - 2}
+    if name in FLOAT_LAYOUT:
+        e, m = FLOAT_LAYOUT[name]
+        exp_all = ((1 << e) - 1) << m
+        out |= {
+            exp_all,
+            exp_all | sign,  # ±inf (a NaN for float8_e4m3fn)
+            exp_all | 1,
+            exp_all | (1 << (m - 1)),
+            exp_all | ((1 << m) - 1),  # sNaN / qNaN / all-payload NaN
+            sign | exp_all | 1,
+            sign | exp_all | ((1 << m) - 1),  # negative NaNs
+            1,
+            (1 << m) - 1,
+            sign | 1,
+            sign | ((1 << m) - 1),  # subnormals
+            exp_all - 1,
+            sign | (exp_all - 1),  # largest finite
+            1 << m,  # smallest normal
+        }
+    return sorted(out)
+
+
+def smooth_words(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Words of realistic-looking values (compressible exponents), any dtype."""
+    wd = word_dtype(name)
+    vals = rng.standard_normal(n) * 0.05
+    if name in ("float64", "complex128", "complex64"):
+        return np.ascontiguousarray(vals).view("<u8").astype(wd) if wd.itemsize == 8 else vals.view(wd)
+    if name == "float32":
+        return vals.astype("<f4").view(wd)
+    if name == "float16":
+        return vals.astype("<f2").view(wd)
+    if name == "bfloat16":
+        return (vals.astype("<f4").view("<u4") >> 16).astype(wd)
+    if name.startswith("float8"):
+        return (vals.astype("<f2").view("<u2") >> 8).astype(wd)
+    if name == "bool":
+        return (rng.random(n) < 0.1).astype(wd)
+    return (rng.integers(-50, 50, n) + 1000).astype(wd)
+
+
+@st.composite
+def tensors(draw: st.DrawFn, dtypes: list[str] | None = None, max_side: int = 24) -> tuple[np.ndarray, TensorSpec]:
+    name = draw(st.sampled_from(dtypes or ALL_DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, max_side), min_size=0, max_size=3)))
+    spec = TensorSpec(name, shape)
+    n = spec.size
+    wd = word_dtype(name)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    kind = draw(st.sampled_from(["random", "smooth", "const", "few"]))
+    if kind == "random":
+        words = np.frombuffer(rng.bytes(n * wd.itemsize), dtype=wd).copy()
+        if name == "bool":
+            words &= 1
+    elif kind == "smooth":
+        words = smooth_words(name, n, rng)
+    elif kind == "const":
+        words = np.full(n, draw(st.sampled_from(special_words(name))), dtype=wd)
+    else:
+        pool = np.array(special_words(name), dtype=wd)
+        words = pool[rng.integers(0, len(pool), n)] if n else np.empty(0, wd)
+    if n and name != "bool":
+        specials = draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(special_words(name))), max_size=6))
+        for i, w in specials:
+            words[i] = w
+    return np.ascontiguousarray(words, dtype=wd), spec
+
+
+def near(words: np.ndarray, spec: TensorSpec, rng: np.random.Generator, frac: float = 0.3) -> np.ndarray:
+    """A nearby tensor: a fraction of the words moved by a few units in the last place."""
+    out = words.copy()
+    if out.size == 0:
+        return out
+    idx = rng.random(out.size) < frac
+    if spec.dtype == "bool":
+        out[idx] ^= 1
+    else:
+        out[idx] ^= rng.integers(1, 8, int(idx.sum())).astype(out.dtype)
+    return out
+
+
+def roundtrip(words: np.ndarray, spec: TensorSpec, refs: dict[str, np.ndarray] | None = None) -> codecs.Encoded:
+    enc = codecs.encode(words, spec, refs)
+    assert set(enc.roles) <= {"prev"}
+    used = {r: refs[r] for r in enc.roles} if refs else None
+    dec = codecs.decode(enc.payload, enc.codecs, spec, used)
+    assert dec.dtype.itemsize == words.dtype.itemsize
+    assert dec.size == words.size
+    assert dec.tobytes() == words.tobytes(), f"{spec} codecs={enc.codecs}"
+    if not enc.roles:
+        # keyframes and raw objects decode without any reference
+        assert codecs.decode(enc.payload, enc.codecs, spec).tobytes() == words.tobytes()
+    else:
+        with pytest.raises(CodecError):
+            codecs.decode(enc.payload, enc.codecs, spec, {})
+    assert len(enc.payload) <= words.nbytes  # never larger than raw
+    return enc
+
+
+# ---------------------------------------------------------------------------------------------- properties
+@HYP
+@given(t=tensors())
+def test_keyframe_roundtrip(t: tuple[np.ndarray, TensorSpec]) -> None:
+    words, spec = t
+    enc = roundtrip(words, spec)
+    assert enc.is_keyframe
+
+
+@HYP
+@given(t=tensors(), seed=st.integers(0, 2**32 - 1), how=st.sampled_from(["random", "near", "same", "sparse"]))
+def test_roundtrip_with_reference(t: tuple[np.ndarray, TensorSpec], seed: int, how: str) -> None:
+    words, spec = t
+    rng = np.random.default_rng(seed)
+    if how == "random":
+        prev = np.frombuffer(rng.bytes(words.nbytes), dtype=words.dtype).copy()
+    elif how == "near":
+        prev = near(words, spec, rng)
+    elif how == "sparse":
+        prev = near(words, spec, rng, frac=0.02)
+    else:
+        prev = words.copy()
+    enc = roundtrip(words, spec, {"prev": prev})
+    if how == "same" and spec.size >= 16 and estimate_bits(words) > 0:
+        # identical reference: a delta costs nothing, so it must be chosen over a keyframe
+        assert not enc.is_keyframe, enc.codecs
+        assert len(enc.payload) < words.nbytes
+
+
+@HYP
+@given(
+    t=tensors(dtypes=["float32", "float64", "float16", "bfloat16"]),
+    seed=st.integers(0, 2**32 - 1),
+    decay=st.sampled_from([0.999, 0.9999, 0.5, 1.0000001, 2.0]),
+)
+def test_roundtrip_scaled_reference(t: tuple[np.ndarray, TensorSpec], seed: int, decay: float) -> None:
+    """Weight-decay-like motion (cur ≈ a·prev) exercises the scale predictor, including NaN/inf inputs."""
+    cur, spec = t
+    rng = np.random.default_rng(seed)
+    if spec.dtype == "bfloat16":
+        f = (cur.astype(np.uint32) << 16).view("<f4")
+        prev = ((f / np.float32(decay)).view("<u4") >> 16).astype(np.uint16)
+    else:
+        f = cur.view(f"<f{cur.dtype.itemsize}")
+        with np.errstate(all="ignore"):
+            prev = (f / f.dtype.type(decay)).view(cur.dtype)
+    prev = near(prev, spec, rng, frac=0.05)
+    roundtrip(cur, spec, {"prev": prev})
+
+
+@HYP
+@given(
+    t=tensors(max_side=16),
+    length=st.integers(1, 10),
+    seed=st.integers(0, 2**32 - 1),
+    frac=st.sampled_from([0.0, 0.01, 0.2, 1.0]),
+)
+def test_delta_chain(t: tuple[np.ndarray, TensorSpec], length: int, seed: int, frac: float) -> None:
+    """x1 against x0, x2 against x1 ...; decode walks the chain using only what it decoded itself."""
+    x0, spec = t
+    rng = np.random.default_rng(seed)
+    xs = [x0]
+    for _ in range(length):
+        xs.append(near(xs[-1], spec, rng, frac))
+    encoded = [codecs.encode(xs[0], spec)]
+    for prev, cur in itertools.pairwise(xs):
+        encoded.append(codecs.encode(cur, spec, {"prev": prev}))
+    decoded: list[np.ndarray] = []
+    for enc in encoded:
+        refs = {"prev": decoded[-1]} if enc.roles else None
+        decoded.append(codecs.decode(enc.payload, enc.codecs, spec, refs))
+    for i, (got, want) in enumerate(zip(decoded, xs, strict=True)):
+        assert got.tobytes() == want.tobytes(), f"link {i} of {spec}"
+
+
+@pytest.mark.parametrize("name", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (4, 0), (1,), (15,), (16,), (3, 7, 5), (1000,)])
+def test_every_dtype_and_shape(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> None:
+    spec = TensorSpec(name, shape)
+    words = smooth_words(name, spec.size, rng)
+    assert words.size == spec.size
+    roundtrip(words, spec)
+    roundtrip(near(words, spec, rng), spec, {"prev": words})
+    assert codecs.encode(np.empty(0, word_dtype(name)), TensorSpec(name, (0,))).payload == b""
+
+
+@pytest.mark.parametrize("name", ALL_DTYPES)
+def test_all_special_patterns_with_delta(name: str, rng: np.random.Generator) -> None:
+    """Every pair of special words as (prev, cur): the delta of NaN → inf, -0 → +0 ... is exact."""
+    sp = np.array(special_words(name), dtype=word_dtype(name))
+    cur = np.repeat(sp, len(sp))
+    prev = np.tile(sp, len(sp))
+    if name == "complex128" and cur.size % 2:  # two words per element
+        cur, prev = cur[:-1], prev[:-1]
+    spec = TensorSpec(name, (cur.size // 2,)) if name == "complex128" else TensorSpec(name, (cur.size,))
+    roundtrip(cur, spec)
+    roundtrip(cur, spec, {"prev": prev})
+    roundtrip(prev, spec, {"prev": cur})
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("predictor", [("prev", None), ("scale", 0.999), ("scale", 3.0), ("scale", 1e-30)])
+def test_delta_codec_direct(name: str, predictor: tuple[str, float | None], rng: np.random.Generator) -> None:
+    """The delta codec itself, with each predictor, is exactly invertible on arbitrary bits."""
+    pred, scale = predictor
+    codec = OrderedDelta(pred, None if scale is None else float.hex(scale))
+    spec = TensorSpec(name, (512,))
+    wd = word_dtype(name)
+    cur = np.frombuffer(rng.bytes(512 * wd.itemsize), dtype=wd).copy()
+    cur[: len(special_words(name))] = special_words(name)
+    prev = np.frombuffer(rng.bytes(512 * wd.itemsize), dtype=wd).copy()
+    with np.errstate(all="ignore"):
+        coded = codec.encode(cur, spec, {"prev": prev})
+        back = codec.decode(coded.copy(), spec, {"prev": prev})
+    assert back.tobytes() == cur.tobytes()
+    again = from_record(codec.record())
+    assert isinstance(again, OrderedDelta) and again.config() == codec.config()
+
+
+def test_large_tensor_parallel_planes(rng: np.random.Generator) -> None:
+    """Tensors past the parallel threshold code their planes on the thread pool; still exact."""
+    n = (5 * 1024 * 1024) // 4
+    words = smooth_words("float32", n, rng)
+    spec = TensorSpec("float32", (n,))
+    enc = roundtrip(words, spec)
+    assert len(enc.payload) < words.nbytes
+    roundtrip(near(words, spec, rng, 0.1), spec, {"prev": words})
+
+
+def test_decode_returns_fresh_memory(rng: np.random.Generator) -> None:
+    words = smooth_words("float32", 100, rng)
+    spec = TensorSpec("float32", (100,))
+    enc = codecs.encode(words, spec)
+    a = codecs.decode(enc.payload, enc.codecs, spec)
+    a[:] = 0
+    b = codecs.decode(enc.payload, enc.codecs, spec)
+    assert b.tobytes() == words.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------- units
+WIDTHS = [np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), wd=st.sampled_from(WIDTHS))
+def test_to_ordered_is_an_involution(data: st.DataObject, wd: type) -> None:
+    bits = np.dtype(wd).itemsize * 8
+    vals = data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=50))
+    w = np.array(vals, dtype=wd)
+    o = to_ordered(w)
+    assert o.dtype == w.dtype
+    assert to_ordered(o).tobytes() == w.tobytes()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), width=st.sampled_from([16, 32, 64]))
+def test_to_ordered_preserves_order_of_finite_floats(data: st.DataObject, width: int) -> None:
+    fl = st.floats(width=width, allow_nan=False, allow_infinity=True)
+    a, b = data.draw(fl), data.draw(fl)
+    ft, ut, it = np.dtype(f"<f{width // 8}"), np.dtype(f"<u{width // 8}"), np.dtype(f"<i{width // 8}")
+    x = np.array([a, b], dtype=ft)
+    o = to_ordered(x.view(ut)).view(it)
+    if x[0] < x[1]:
+        assert o[0] < o[1]
+    elif x[0] > x[1]:
+        assert o[0] > o[1]
+    elif x.view(ut)[0] == x.view(ut)[1]:
+        assert o[0] == o[1]
+    else:  # -0.0 and +0.0: equal as floats, adjacent as ordered ints
+        assert abs(int(o[0]) - int(o[1])) == 1
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_to_ordered_exhaustive_small_floats(name: str) -> None:
+    """All bit patterns of the 8/16-bit formats: ordered ints sort exactly like the float values."""
+    torch = pytest.importorskip("torch")
+    wd = word_dtype(name)
+    words = np.arange(2 ** (8 * wd.itemsize), dtype=np.uint64).astype(wd)
+    tdt = getattr(torch, name)
+    signed = torch.int16 if wd.itemsize == 2 else torch.uint8
+    vals = torch.from_numpy(words.view(np.int16) if wd.itemsize == 2 else words).view(signed).view(tdt)
+    values = vals.to(torch.float64).numpy()
+    finite = np.isfinite(values) | np.isinf(values)
+    finite &= ~np.isnan(values)
+    ordered = to_ordered(words).view(f"<i{wd.itemsize}").astype(np.int64)[finite]
+    v = values[finite]
+    order = np.lexsort((ordered, v))
+    assert np.all(np.diff(ordered[order]) > 0), "ordered ints must increase with the value"
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), wd=st.sampled_from(WIDTHS))
+def test_zigzag_inverse(data: st.DataObject, wd: type) -> None:
+    bits = np.dtype(wd).itemsize * 8
+    vals = data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=50))
+    w = np.array(vals, dtype=wd)
+    assert unzigzag(zigzag(w.copy())).tobytes() == w.tobytes()
+    assert zigzag(unzigzag(w.copy())).tobytes() == w.tobytes()
+
+
+@pytest.mark.parametrize("wd", WIDTHS)
+def test_zigzag_maps_small_signed_to_small_unsigned(wd: type) -> None:
+    it = np.dtype(wd).str.replace("u", "i")
+    d = np.array([0, -1, 1, -2, 2, -3, 3], dtype=it).view(wd)
+    assert zigzag(d).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    extremes = np.array([np.iinfo(it).max, np.iinfo(it).min], dtype=it).view(wd)
+    assert zigzag(extremes).tolist() == [np.iinfo(wd).max - 1, np.iinfo(wd).max]
+
+
+def plane_methods(payload: bytes) -> list[tuple[int, int]]:
+    k = payload[0]
+    return [struct.unpack_from("<BQ", payload, 1 + 9 * i) for i in range(k)]
+
+
+def test_planes_constant_tensor_is_all_const() -> None:
+    words = np.full(1000, 0x3F80_1234, dtype=np.uint32)
+    spec = TensorSpec("float32", (1000,))
+    payload = BytePlanesZstd().encode(words, spec)
+    assert plane_methods(payload) == [(CONST, 0x34), (CONST, 0x12), (CONST, 0x80), (CONST, 0x3F)]
+    assert len(payload) == 1 + 4 * 9
+    assert BytePlanesZstd().decode(payload, spec).tobytes() == words.tobytes()
+
+
+def test_planes_random_bytes_are_raw(rng: np.random.Generator) -> None:
+    words = np.frombuffer(rng.bytes(4 * 4096), dtype=np.uint32).copy()
+    spec = TensorSpec("float32", (4096,))
+    payload = BytePlanesZstd().encode(words, spec)
+    assert [m for m, _ in plane_methods(payload)] == [RAW] * 4
+    assert [v for _, v in plane_methods(payload)] == [4096] * 4
+    assert BytePlanesZstd().decode(payload, spec).tobytes() == words.tobytes()
+
+
+def test_planes_mixed_selection(rng: np.random.Generator) -> None:
+    """Random low byte, repetitive middle byte, constant high bytes → RAW, ZSTD, CONST, CONST."""
+    n = 8192
+    low = rng.integers(0, 256, n, dtype=np.uint32)
+    mid = (np.arange(n, dtype=np.uint32) // 512 % 4) << 8
+    words = (low | mid | (0x7F << 16)).astype(np.uint32)
+    spec = TensorSpec("uint32", (n,))
+    payload = BytePlanesZstd().encode(words, spec)
+    assert [m for m, _ in plane_methods(payload)] == [RAW, ZSTD, CONST, CONST]
+    assert plane_methods(payload)[2][1] == 0x7F and plane_methods(payload)[3][1] == 0
+    assert BytePlanesZstd().decode(payload, spec).tobytes() == words.tobytes()
+
+
+def test_planes_one_byte_words_have_one_plane(rng: np.random.Generator) -> None:
+    words = rng.integers(0, 3, 5000).astype(np.uint8)
+    spec = TensorSpec("int8", (5000,))
+    payload = BytePlanesZstd().encode(words, spec)
+    assert payload[0] == 1 and plane_methods(payload)[0][0] == ZSTD
+    assert BytePlanesZstd().decode(payload, spec).tobytes() == words.tobytes()
+
+
+def test_incompressible_tensor_is_stored_raw(rng: np.random.Generator) -> None:
+    words = np.frombuffer(rng.bytes(8 * 1000), dtype=np.uint64).copy()
+    enc = codecs.encode(words, TensorSpec("float64", (1000,)))
+    assert enc.codecs == [] and enc.payload == words.tobytes()
+
+
+def test_estimate_bits() -> None:
+    assert estimate_bits(np.zeros(100, np.uint32)) == 0.0
+    assert estimate_bits(np.zeros(0, np.uint32)) == 0.0
+    assert estimate_bits(np.arange(256, dtype=np.uint8)) == pytest.approx(8.0)
+
+
+# ---------------------------------------------------------------------------------------------- damage
+def _samples() -> list[tuple[str, bytes, list[dict[str, Any]], TensorSpec, dict[str, np.ndarray] | None]]:
+    rng = np.random.default_rng(1234)
+    n = 600
+    spec = TensorSpec("float32", (n,))
+    words = smooth_words("float32", n, rng)
+    words[:8] = 0x3F800000  # some constant runs
+    mixed = (
+        rng.integers(0, 256, n, dtype=np.uint32) | (np.arange(n, dtype=np.uint32) // 50 % 3) << 8 | (0x41 << 24)
+    ).astype(np.uint32)
+    prev = near(words, spec, rng, 0.2)
+    key = codecs.encode(words, spec)
+    mix = codecs.encode(mixed, spec)
+    delta = codecs.encode(words, spec, {"prev": prev})
+    raw = codecs.encode(np.frombuffer(rng.bytes(4 * n), np.uint32).copy(), spec)
+    assert key.codecs and not delta.is_keyframe and not raw.codecs
+    return [
+        ("keyframe", key.payload, key.codecs, spec, None),
+        ("mixed", mix.payload, mix.codecs, spec, None),
+        ("delta", delta.payload, delta.codecs, spec, {"prev": prev}),
+        ("raw", raw.payload, raw.codecs, spec, None),
+    ]
+
+
+SAMPLES = _samples()
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s[0] for s in SAMPLES])
+def test_truncated_payload_raises_codec_error(sample: Any) -> None:
+    _, payload, chain, spec, refs = sample
+    cuts = sorted(set(range(0, min(len(payload), 80))) | set(range(0, len(payload), 7)) | {len(payload) - 1})
+    for cut in cuts:
+        with pytest.raises(CodecError):
+            codecs.decode(payload[:cut], chain, spec, refs)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s[0] for s in SAMPLES])
+def test_corrupted_payload_raises_codec_error_or_decodes_to_the_right_shape(sample: Any) -> None:
+    """Flipping any byte may go undetected by the codec (the store's hash catches it), but decoding must never
+    fail with anything other than CodecError, nor return an array of the wrong size."""
+    _, payload, chain, spec, refs = sample
+    for pos in range(len(payload)):
+        for flip in (0x01, 0x80, 0xFF):
+            bad = bytearray(payload)
+            bad[pos] ^= flip
+            try:
+                out = codecs.decode(bytes(bad), chain, spec, refs)
+            except CodecError:
+                continue
+            assert out.size == spec.size and out.dtype == np.dtype("<u4"), (pos, flip)
+
+
+@pytest.mark.parametrize("value", [256, 4096, 2**63])
+def test_const_plane_with_out_of_range_byte_is_a_codec_error(value: int) -> None:
+    spec = TensorSpec("uint8", (10,))
+    payload = bytes([1]) + struct.pack("<BQ", CONST, value)
+    with pytest.raises(CodecError):
+        codecs.decode(payload, [BytePlanesZstd().record()], spec)
+
+
+def test_zstd_plane_declaring_a_huge_size_is_a_codec_error(rng: np.random.Generator) -> None:
+    """A damaged zstd frame header can claim any content size; decoding must refuse it, not allocate it."""
+    words = rng.integers(0, 4, 600).astype(np.uint8)
+    spec = TensorSpec("uint8", (600,))
+    payload = bytearray(BytePlanesZstd().encode(words, spec))
+    assert plane_methods(bytes(payload))[0][0] == ZSTD
+    frame = 1 + 9
+    assert payload[frame : frame + 4] == b"\x28\xb5\x2f\xfd"  # zstd magic
+    payload[frame + 4] |= 0xC0  # frame header descriptor: 8-byte content size field → an enormous size
+    with pytest.raises(CodecError):
+        codecs.decode(bytes(payload), [BytePlanesZstd().record()], spec)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"",
+        bytes([0]),
+        bytes([3]),
+        bytes([4]) + b"\x00" * 5,
+        bytes([4]) + struct.pack("<BQ", 7, 0) * 4,
+        bytes([4]) + struct.pack("<BQ", RAW, 2**62) * 4,
+        bytes([4]) + struct.pack("<BQ", ZSTD, 10) * 4 + b"x" * 40,
+    ],
+)
+def test_malformed_plane_headers(header: bytes) -> None:
+    with pytest.raises(CodecError):
+        codecs.decode(header, [BytePlanesZstd().record()], TensorSpec("float32", (10,)))
+
+
+def test_wrong_element_count_is_a_codec_error(rng: np.random.Generator) -> None:
+    words = smooth_words("float32", 100, rng)
+    enc = codecs.encode(words, TensorSpec("float32", (100,)))
+    with pytest.raises(CodecError):
+        codecs.decode(enc.payload, enc.codecs, TensorSpec("float32", (101,)))
+    with pytest.raises(CodecError):
+        codecs.decode(enc.payload, enc.codecs, TensorSpec("float32", (99,)))
+    with pytest.raises(CodecError):
+        codecs.decode(words.tobytes(), [], TensorSpec("float32", (99,)))
+
+
+# ---------------------------------------------------------------------------------------------- records
+PLANES = {"name": "planes-zstd", "version": 1, "config": {"level": 3}}
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        [{"name": "no-such-codec", "version": 1, "config": {}}],
+        [{"name": "planes-zstd", "version": 99, "config": {}}],
+        [{"name": "delta", "version": 2, "config": {"predictor": "prev"}}, PLANES],
+        [{"version": 1}],
+        ["planes-zstd"],
+        [{"name": "planes-zstd", "version": "x"}],
+        [{"name": "planes-zstd", "version": 1, "config": {"bogus": 1}}],
+        [{"name": "planes-zstd", "version": 1, "config": {"level": "high"}}],
+        [{"name": "planes-zstd", "version": 1, "config": [1, 2]}],
+        [{"name": "delta", "version": 1, "config": {"predictor": "magic"}}, PLANES],
+        [{"name": "delta", "version": 1, "config": {"predictor": "scale"}}, PLANES],
+        [{"name": "delta", "version": 1, "config": {"predictor": "scale", "scale": "not-a-hex-float"}}, PLANES],
+        [{"name": "delta", "version": 1, "config": {"predictor": "scale", "scale": 5}}, PLANES],
+        [{"name": "delta", "version": 1, "config": {"predictor": "prev"}}],  # no bytes codec at the end
+        [PLANES, {"name": "delta", "version": 1, "config": {"predictor": "prev"}}],  # wrong order
+        [PLANES, PLANES],
+    ],
+)
+def test_bad_codec_records_raise_codec_error(chain: list[Any], rng: np.random.Generator) -> None:
+    spec = TensorSpec("float32", (64,))
+    words = smooth_words("float32", 64, rng)
+    payload = BytePlanesZstd().encode(words, spec)
+    with pytest.raises(CodecError):
+        codecs.decode(payload, chain, spec, {"prev": words})
+
+
+def test_unknown_codec_and_newer_version_say_upgrade() -> None:
+    with pytest.raises(CodecError) as ei:
+        from_record({"name": "zipnn-v9", "version": 1, "config": {}})
+    assert ei.value.hint and "upgrade" in ei.value.hint
+    with pytest.raises(CodecError) as ei:
+        from_record({"name": "delta", "version": OrderedDelta.version + 1, "config": {}})
+    assert "upgrade" in str(ei.value)
+
+
+def test_delta_needs_a_matching_reference(rng: np.random.Generator) -> None:
+    spec = TensorSpec("float32", (64,))
+    words = smooth_words("float32", 64, rng)
+    enc = codecs.encode(words, spec, {"prev": words.copy()})
+    assert enc.roles == ("prev",)
+    with pytest.raises(CodecError):
+        codecs.decode(enc.payload, enc.codecs, spec)
+    with pytest.raises(CodecError):
+        codecs.decode(enc.payload, enc.codecs, spec, {"prev": words[:-1]})
+    with pytest.raises(CodecError):
+        codecs.decode(enc.payload, enc.codecs, spec, {"prev": words.view(np.uint16)[:64]})
+
+
+def test_reference_of_another_shape_is_ignored_by_encode(rng: np.random.Generator) -> None:
+    spec = TensorSpec("float32", (64,))
+    words = smooth_words("float32", 64, rng)
+    enc = codecs.encode(words, spec, {"prev": np.zeros(65, np.uint32)})
+    assert enc.is_keyframe
+    enc = codecs.encode(words, spec, {"prev": np.zeros(64, np.uint64)})
+    assert enc.is_keyframe
+
+
+def test_records_round_trip_and_registry() -> None:
+    reg = registered()
+    assert {"delta", "planes-zstd"} <= set(reg)
+    for codec in (BytePlanesZstd(7), OrderedDelta("prev"), OrderedDelta("scale", float.hex(0.999))):
+        again = from_record(codec.record())
+        assert type(again) is type(codec) and again.record() == codec.record()
+
+
+def test_register_twice_refused() -> None:
+    class Impostor(ArrayCodec):
+        name = "delta"
+
+        def encode(self, words: np.ndarray, spec: TensorSpec, refs: Any) -> np.ndarray:
+            return words
+
+        def decode(self, words: np.ndarray, spec: TensorSpec, refs: Any) -> np.ndarray:
+            return words
+
+    with pytest.raises(CodecError):
+        register(Impostor)
+    assert registered()["delta"] is OrderedDelta
+
+
+def test_custom_array_codec_in_a_chain(rng: np.random.Generator) -> None:
+    class NegateForTest(ArrayCodec):
+        name = "test-negate"
+
+        def encode(self, words: np.ndarray, spec: TensorSpec, refs: Any) -> np.ndarray:
+            return np.negative(words)
+
+        def decode(self, words: np.ndarray, spec: TensorSpec, refs: Any) -> np.ndarray:
+            return np.negative(words)
+
+    if "test-negate" not in registered():
+        register(NegateForTest)
+    codec = from_record({"name": "test-negate", "version": 1, "config": {}})
+    spec = TensorSpec("int32", (100,))
+    words = rng.integers(0, 2**32, 100, dtype=np.uint64).astype(np.uint32)
+    payload = BytePlanesZstd().encode(codec.encode(words, spec, {}), spec)  # type: ignore[attr-defined]
+    back = codecs.decode(payload, [codec.record(), BytePlanesZstd().record()], spec)
+    assert back.tobytes() == words.tobytes()
+
+
+def test_tensor_spec_sizes() -> None:
+    assert TensorSpec("complex128", (3,)).size == 6
+    assert TensorSpec("complex128", (3,)).nbytes == 48
+    assert TensorSpec("bfloat16", (2, 3)).nbytes == 12
+    assert TensorSpec("float32", ()).size == 1
+    assert TensorSpec("float32", (0, 5)).size == 0
+    assert math.prod(()) == 1
