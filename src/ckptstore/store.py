@@ -458,7 +458,7 @@ class Store:
         total = len(todo)
         history = [st for st in self.steps(base.run) if st <= base.step] if base is not None else []
 
-        def job(item: tuple[str, str]) -> tuple[str, dict[str, Any], bytes]:
+        def job(item: tuple[str, str]) -> tuple[str, dict[str, Any], list[bytes | memoryview]]:
             name, oid = item
             leaf = leaves[name]
             spec = codecs.TensorSpec(leaf.dtype, leaf.shape)
@@ -484,7 +484,7 @@ class Store:
             # change in place as training goes on).
             if new_head is not None:
                 new_head[oid] = np.array(words, copy=True)
-            return oid, rec, enc.payload
+            return oid, rec, enc.parts
 
         stored = 0
         writer = self.storage.open_writer(pack_key)
@@ -493,7 +493,7 @@ class Store:
             assert len(header) == PACK_HEADER_SIZE
             writer.write(header)
             with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-encode") as ex:
-                window: list[Future[tuple[str, dict[str, Any], bytes]]] = []
+                window: list[Future[tuple[str, dict[str, Any], list[bytes | memoryview]]]] = []
                 it = iter(todo)
                 done = 0
                 for item in it:
@@ -545,7 +545,7 @@ class Store:
 
     @staticmethod
     def _drain(
-        fut: Future[tuple[str, dict[str, Any], bytes]],
+        fut: Future[tuple[str, dict[str, Any], list[bytes | memoryview]]],
         writer: Any,
         pack_key: str,
         records: dict[str, dict[str, Any]],
@@ -553,11 +553,12 @@ class Store:
         total: int,
         progress: Callable[[int, int], None] | None,
     ) -> int:
-        oid, rec, payload = fut.result()
+        oid, rec, parts = fut.result()
         rec["pack"] = pack_key
         rec["offset"] = writer.tell
-        rec["length"] = len(payload)
-        writer.write(payload)
+        for part in parts:
+            writer.write(part)
+        rec["length"] = writer.tell - rec["offset"]
         records[oid] = rec
         if progress is not None:
             progress(done + 1, total)

@@ -27,12 +27,20 @@ DELTA_MIN_GAIN = 0.97
 class Encoded:
     codecs: list[dict[str, Any]]
     roles: tuple[str, ...]  # reference roles the chain needs (empty for keyframes and raw)
-    payload: bytes
+    parts: list[bytes | memoryview]  # the payload, in pieces: written out as they are, never concatenated
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_keyframe(self) -> bool:
         return not self.roles
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @property
+    def payload(self) -> bytes:
+        return b"".join(self.parts)
 
 
 def encode(
@@ -44,7 +52,7 @@ def encode(
 ) -> Encoded:
     """Encode one tensor's words; ``refs`` (role → words) are the candidates for delta coding."""
     if words.size == 0:
-        return Encoded([], (), b"")
+        return Encoded([], (), [])
     array_codecs: list[ArrayCodec] = []
     prev = (refs or {}).get("prev")
     if prev is not None and prev.shape == words.shape and prev.dtype == words.dtype and spec.size >= 16:
@@ -56,11 +64,12 @@ def encode(
     for c in array_codecs:
         coded = c.encode(coded, spec, {"prev": prev} if prev is not None else {})
     last: BytesCodec = BytePlanesZstd(level)
-    payload = _side_prefix(array_codecs) + last.encode(coded, spec)
-    if len(payload) >= words.nbytes:
-        return Encoded([], (), words.tobytes())
+    parts: list[bytes | memoryview] = [_side_prefix(array_codecs)]
+    parts += last.encode_parts(coded, spec) if isinstance(last, BytePlanesZstd) else [last.encode(coded, spec)]
+    if sum(len(p) for p in parts) >= words.nbytes:
+        return Encoded([], (), [memoryview(np.ascontiguousarray(words)).cast("B")])  # type: ignore[arg-type]
     roles = tuple(r for c in array_codecs for r in c.ref_roles())
-    return Encoded([c.record() for c in array_codecs] + [last.record()], roles, payload)
+    return Encoded([c.record() for c in array_codecs] + [last.record()], roles, parts)
 
 
 def _side_prefix(array_codecs: Sequence[ArrayCodec]) -> bytes:

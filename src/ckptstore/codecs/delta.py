@@ -85,6 +85,7 @@ def _row_scales(x: np.ndarray, y: np.ndarray, rows: int) -> np.ndarray:
     """Least-squares scale per row (x ≈ s * y), float32; 1 where a row is all zero or not finite."""
     xs, ys = x.reshape(rows, -1), y.reshape(rows, -1)
     with np.errstate(all="ignore"):
+        # float64 sums: the scale must be right to ~1e-8 for the prediction to land within a few ULPs
         num = np.einsum("ij,ij->i", xs, ys, dtype=np.float64)
         den = np.einsum("ij,ij->i", ys, ys, dtype=np.float64)
         s = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)

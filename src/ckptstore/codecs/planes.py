@@ -114,6 +114,10 @@ class BytePlanesZstd(BytesCodec):
         return {"level": self.level}
 
     def encode(self, words: np.ndarray, spec: TensorSpec) -> bytes:
+        return b"".join(self.encode_parts(words, spec))
+
+    def encode_parts(self, words: np.ndarray, spec: TensorSpec) -> list[bytes | memoryview]:
+        """The payload as header + one piece per plane, so a writer can stream it without concatenating."""
         k = words.dtype.itemsize
         planes = split_planes(words) if k > 1 else words.view(np.uint8).reshape(1, -1)
         level = self.level
@@ -131,7 +135,7 @@ class BytePlanesZstd(BytesCodec):
 
         parts = _pmap(code, list(planes), words.nbytes >= _PARALLEL_BYTES)
         header = bytes([len(parts)]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v, _ in parts)
-        return b"".join([header, *(p for _, _, p in parts)])
+        return [header, *(p for _, _, p in parts)]
 
     def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray:
         k = spec.dt.itemsize if spec.dtype != "complex128" else 8
