@@ -21,6 +21,8 @@ from ckptstore.errors import CodecError
 
 # A delta must beat the keyframe estimate by this factor to be worth a dependency on another object.
 DELTA_MIN_GAIN = 0.97
+# Tensors of at most this many elements are coded both ways and the smaller kept (no cost model).
+SMALL_TENSOR = 4096
 
 
 @dataclass
@@ -55,11 +57,27 @@ def encode(
         return Encoded([], (), [])
     array_codecs: list[ArrayCodec] = []
     prev = (refs or {}).get("prev")
-    if prev is not None and prev.shape == words.shape and prev.dtype == words.dtype and spec.size >= 16:
+    usable = prev is not None and prev.shape == words.shape and prev.dtype == words.dtype and spec.size >= 16
+    if usable and spec.size <= SMALL_TENSOR:
+        # Small tensors (biases, norms, counters): coding both candidates outright is cheaper than fitting a
+        # cost model, and exact. Predictor fitting is left to tensors where it pays.
+        assert prev is not None
+        key = _finish(words, spec, [], level)
+        dlt = _finish(words, spec, [OrderedDelta("prev")], level, prev)
+        return dlt if dlt.nbytes < key.nbytes * DELTA_MIN_GAIN else key
+    if usable:
+        assert prev is not None
         delta, delta_bits = OrderedDelta.fit(words, prev, spec)
         key_bits = estimate_bits(words)
         if delta_bits < key_bits * DELTA_MIN_GAIN:
             array_codecs.append(delta)
+    return _finish(words, spec, array_codecs, level, prev)
+
+
+def _finish(
+    words: np.ndarray, spec: TensorSpec, array_codecs: list[ArrayCodec], level: int, prev: np.ndarray | None = None
+) -> Encoded:
+    """Run the chosen array codecs, then byte planes + zstd; raw when that does not pay."""
     coded = words
     for c in array_codecs:
         coded = c.encode(coded, spec, {"prev": prev} if prev is not None else {})
