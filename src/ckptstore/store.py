@@ -383,8 +383,6 @@ class Store:
         metadata: dict[str, Any],
         framework: str,
         progress: Callable[[int, int], None] | None,
-        *,
-        created: str | None = None,
     ) -> Manifest:
         logical = sum(lf.nbytes for lf in leaves.values())
         names = list(leaves)
@@ -423,7 +421,7 @@ class Store:
             "format_version": FORMAT_VERSION,
             "run": run,
             "step": step,
-            "created": created or _now(),
+            "created": _now(),
             "framework": framework,
             "tree": skeleton,
             "tensors": tensors,

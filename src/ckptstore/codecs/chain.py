@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,6 @@ class Encoded:
     codecs: list[dict[str, Any]]
     roles: tuple[str, ...]  # reference roles the chain needs (empty for keyframes and raw)
     parts: list[bytes | memoryview]  # the payload, in pieces: written out as they are, never concatenated
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_keyframe(self) -> bool:

@@ -13,7 +13,7 @@ import datetime
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -310,8 +310,3 @@ def export_safetensors(store: Store, ref: str, out: str | Path, *, key: str = "s
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(out)
     return out
-
-
-def iter_epoch_states(path: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    for f in epoch_files(path):
-        yield f, read_checkpoint(f)
