@@ -235,9 +235,18 @@ def restore(
     return restore_training_state(state, model, optimizer, scheduler, scaler, rng=rng)
 
 
-def load_pt(path: str) -> Any:
-    """Read a foreign ``.pt`` file safely: ``weights_only=True``, and a clear error when torch refuses it."""
+def load_pt(path: str, *, mmap: bool = False) -> Any:
+    """Read a foreign ``.pt`` file safely: ``weights_only=True``, and a clear error when torch refuses it.
+
+    ``mmap=True`` maps the file instead of reading it, so tensors cost memory only when touched (zip-format files;
+    old-format files fall back to a plain read)."""
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise

@@ -1,0 +1,346 @@
+"""A training trajectory as the analyses read it: an ordered list of checkpoints, tensor by tensor.
+
+Every analysis in :mod:`ckptstore.analysis` reads through a :class:`Trajectory`, so the same code (and the same
+numbers) serve a store run, a folder of ``epoch_N.pt`` files and a list of state dicts in memory. Reading is
+*name-major*: :meth:`Trajectory.iter_tensor` walks one weight tensor through every checkpoint before the next tensor,
+so an analysis holds a few copies of one tensor, not whole checkpoints, whatever the length of the run.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ckptstore.errors import CkptStoreError, InvalidStateError
+from ckptstore.format import tree
+from ckptstore.format.dtypes import dtype as dtype_of
+
+if TYPE_CHECKING:
+    from ckptstore.store import Manifest, Store
+
+# Where a checkpoint keeps its model weights, in order of preference: open_clip_train and most trainers use
+# ``state_dict``, ckptstore.torch.training_state ``model``.
+WEIGHT_KEYS = ("state_dict", "model", "model_state_dict", "module")
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+class TrajectoryError(CkptStoreError, ValueError):
+    """The checkpoints given cannot be read as one trajectory (none, no weights, mismatched tensors)."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One checkpoint of a trajectory: where it sits in training, and its recorded metadata."""
+
+    index: int
+    label: str  # a store reference (``run@step``) or a file name
+    step: int | None
+    epoch: int | None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "step": self.step, "epoch": self.epoch}
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    name: str  # the parameter name (``module.`` stripped)
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def leaf_values(leaf: tree.Leaf) -> np.ndarray:
+    """A floating leaf as a read-only numpy float array of its shape (bfloat16 widened exactly to float32)."""
+    if leaf.dtype == "bfloat16":
+        out = (leaf.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif leaf.dtype in ("float16", "float32", "float64"):
+        out = leaf.data.view(np.dtype(dtype_of(leaf.dtype).numpy))
+    else:
+        raise InvalidStateError(f"not a floating tensor: {leaf.dtype}")
+    out = out.reshape(leaf.shape)
+    out.flags.writeable = False
+    return out
+
+
+def _weights_node(root: Any) -> tuple[str | None, Mapping[str, Any]]:
+    """The sub-dict of a (flattened-tree or loaded) state that holds the model weights, and its key."""
+    if isinstance(root, Mapping):
+        for key in WEIGHT_KEYS:
+            node = root.get(key)
+            if isinstance(node, Mapping) and node:
+                return key, node
+        return None, root
+    raise TrajectoryError(f"a checkpoint's state is a {type(root).__name__}, not a dict of tensors")
+
+
+class Trajectory:
+    """Ordered checkpoints of one run. Subclasses say how to read one weight tensor of one checkpoint."""
+
+    points: list[Point]
+
+    def __init__(self, points: Sequence[Point], weights: Sequence[WeightInfo]) -> None:
+        if not points:
+            raise TrajectoryError("a trajectory needs at least one checkpoint")
+        self.points = list(points)
+        self._weights = {w.name: w for w in weights}
+        if not self._weights:
+            raise TrajectoryError(
+                f"{points[0].label} holds no floating-point model weights",
+                hint="expected a dict of tensors, or one under 'state_dict' / 'model'",
+            )
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    # ------------------------------------------------------------------ what subclasses provide
+    def _tensor(self, index: int, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def state_dict(self, index: int) -> dict[str, Any]:
+        """The model weights of one checkpoint as torch tensors, keyed by parameter name (for building a model)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def weights(self) -> list[WeightInfo]:
+        """The floating-point weight tensors, in the first checkpoint's order."""
+        return list(self._weights.values())
+
+    def weight_names(self) -> list[str]:
+        return list(self._weights)
+
+    def tensor(self, index: int, name: str) -> np.ndarray:
+        """One weight tensor of one checkpoint as a read-only float array."""
+        if name not in self._weights:
+            raise TrajectoryError(f"no weight tensor {name!r}", hint="Trajectory.weight_names() lists them")
+        arr = self._tensor(index, name)
+        want = self._weights[name].shape
+        if tuple(arr.shape) != want:
+            raise TrajectoryError(
+                f"{self.points[index].label}: tensor {name!r} has shape {tuple(arr.shape)}, the first checkpoint "
+                f"{want}",
+                hint="all checkpoints of a trajectory must hold the same model",
+            )
+        return arr
+
+    def iter_tensor(self, name: str) -> Iterator[np.ndarray]:
+        """One weight tensor through every checkpoint, in order."""
+        for i in range(len(self.points)):
+            yield self.tensor(i, name)
+
+
+def _weight_infos(named: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[WeightInfo]:
+    return [WeightInfo(n, dt, tuple(int(s) for s in shape)) for n, (dt, shape) in named.items() if dt in FLOAT_DTYPES]
+
+
+# ---------------------------------------------------------------------------------------------- a store run
+class StoreTrajectory(Trajectory):
+    """The checkpoints of one store run (or the chosen references of it), read tensor by tensor.
+
+    Walking a tensor through the run in order decodes each delta against the object read just before, so a full
+    pass costs about one decode of every weight, and memory stays at a few copies of the tensor being read.
+    """
+
+    def __init__(self, store: Store, run: str, refs: Sequence[str] | None = None) -> None:
+        self.store = store
+        self.run = run
+        if refs is None:
+            steps = store.steps(run)
+            if not steps:
+                raise TrajectoryError(f"run {run!r} has no checkpoints", hint="`ckpt ls` lists the runs")
+            self._manifests = [store.manifest(run, s) for s in steps]
+        else:
+            self._manifests = [store.resolve(r) for r in refs]
+        self._names: list[dict[str, str]] = []  # per checkpoint: parameter name -> stored tensor name
+        infos: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for i, m in enumerate(self._manifests):
+            _, node = _weights_node(m.data.get("tree"))
+            names: dict[str, str] = {}
+            for param, sub in node.items():
+                if isinstance(sub, dict) and set(sub) == {"$tensor"}:
+                    names[str(param).removeprefix("module.")] = sub["$tensor"]
+            self._names.append(names)
+            if i == 0:
+                for param, tname in names.items():
+                    t = m.tensors[tname]
+                    infos[param] = (t["dtype"], tuple(t["shape"]))
+        points = [
+            Point(
+                i,
+                m.ref,
+                m.metadata["step"] if isinstance(m.metadata.get("step"), int) else m.step,
+                m.metadata.get("epoch") if isinstance(m.metadata.get("epoch"), int) else None,
+                m.metadata,
+            )
+            for i, m in enumerate(self._manifests)
+        ]
+        super().__init__(points, _weight_infos(infos))
+        self._known: OrderedDict[str, np.ndarray] = OrderedDict()  # recently decoded objects, as delta bases
+
+    @property
+    def manifests(self) -> list[Manifest]:
+        return list(self._manifests)
+
+    def _stored_name(self, index: int, name: str) -> str:
+        try:
+            return self._names[index][name]
+        except KeyError:
+            raise TrajectoryError(
+                f"{self.points[index].label} has no weight tensor {name!r}",
+                hint="all checkpoints of a trajectory must hold the same model",
+            ) from None
+
+    def _tensor(self, index: int, name: str) -> np.ndarray:
+        m = self._manifests[index]
+        tname = self._stored_name(index, name)
+        leaf = self.store.load_leaves(m, [tname], known=self._known)[tname]
+        oid = m.tensors[tname]["object"]
+        self._known[oid] = leaf.data
+        self._known.move_to_end(oid)
+        while len(self._known) > 3:  # a delta's base is (almost always) one of the last objects read
+            self._known.popitem(last=False)
+        return leaf_values(leaf)
+
+    def iter_tensor(self, name: str) -> Iterator[np.ndarray]:
+        self._known.clear()
+        try:
+            yield from super().iter_tensor(name)
+        finally:
+            self._known.clear()
+
+    def state_dict(self, index: int) -> dict[str, Any]:
+        from ckptstore.torch import leaf_to_tensor
+
+        m = self._manifests[index]
+        names = self._names[index]
+        leaves = self.store.load_leaves(m, list(dict.fromkeys(names.values())))
+        return {param: leaf_to_tensor(leaves[t]) for param, t in names.items()}
+
+
+# ----------------------------------------------------------------------------------------- .pt files on disk
+class FileTrajectory(Trajectory):
+    """``.pt`` checkpoint files (``epoch_N.pt`` of open_clip_train, or any ``torch.save`` of a state dict).
+
+    Files are read with ``torch.load(weights_only=True, mmap=True)``: a tensor's bytes are read only when it is
+    asked for, so walking one tensor through many files does not load whole files.
+    """
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        from ckptstore.integrations.openclip import checkpoint_metadata
+
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise TrajectoryError("no checkpoint files given")
+        self._states: list[Mapping[str, Any]] = []
+        points = []
+        infos: dict[str, tuple[str, tuple[int, ...]]] = {}
+        from ckptstore.torch import _TORCH_TO_NAME, load_pt
+
+        for i, p in enumerate(self.paths):
+            obj = load_pt(str(p), mmap=True)
+            _, node = _weights_node(obj)
+            sd = {str(k).removeprefix("module."): v for k, v in node.items() if hasattr(v, "dtype")}
+            self._states.append(sd)
+            meta: dict[str, Any] = checkpoint_metadata(obj, p) if isinstance(obj, Mapping) else {}
+            epoch = obj.get("epoch") if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int) else None
+            step = meta.get("step") if isinstance(meta.get("step"), int) else None
+            points.append(Point(i, p.name, step, epoch, meta))
+            if i == 0:
+                for k, v in sd.items():
+                    if v.dtype in _TORCH_TO_NAME:
+                        infos[k] = (_TORCH_TO_NAME[v.dtype], tuple(v.shape))
+        super().__init__(points, _weight_infos(infos))
+
+    def _tensor(self, index: int, name: str) -> np.ndarray:
+        from ckptstore.torch import tensor_to_leaf
+
+        t = self._states[index].get(name)
+        if t is None:
+            raise TrajectoryError(
+                f"{self.paths[index]} has no weight tensor {name!r}",
+                hint="all checkpoints of a trajectory must hold the same model",
+            )
+        return leaf_values(tensor_to_leaf(t))
+
+    def state_dict(self, index: int) -> dict[str, Any]:
+        return dict(self._states[index])
+
+
+# ------------------------------------------------------------------------------------------- in memory
+class MemoryTrajectory(Trajectory):
+    """State dicts held in memory (numpy arrays or torch tensors): for tests, notebooks and small models."""
+
+    def __init__(
+        self,
+        states: Sequence[Mapping[str, Any]],
+        *,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        if metadata is not None and len(metadata) != len(states):
+            raise TrajectoryError(f"{len(states)} states but {len(metadata)} metadata entries")
+        self._leaves: list[dict[str, tree.Leaf]] = []
+        for s in states:
+            _, node = _weights_node(s)
+            leaves = {}
+            for k, v in node.items():
+                if isinstance(v, np.ndarray):
+                    leaves[str(k)] = tree.Leaf.from_numpy(v)
+                elif hasattr(v, "dtype") and type(v).__module__.startswith("torch"):
+                    from ckptstore.torch import tensor_to_leaf
+
+                    leaves[str(k)] = tensor_to_leaf(v)
+            self._leaves.append(leaves)
+        metas = list(metadata) if metadata is not None else [{} for _ in states]
+        points = [
+            Point(
+                i,
+                labels[i] if labels else f"#{i}",
+                m.get("step") if isinstance(m.get("step"), int) else i,
+                m.get("epoch") if isinstance(m.get("epoch"), int) else None,
+                m,
+            )
+            for i, m in enumerate(metas)
+        ]
+        first = self._leaves[0] if self._leaves else {}
+        super().__init__(points, _weight_infos({k: (lf.dtype, lf.shape) for k, lf in first.items()}))
+
+    def _tensor(self, index: int, name: str) -> np.ndarray:
+        leaf = self._leaves[index].get(name)
+        if leaf is None:
+            raise TrajectoryError(f"checkpoint {index} has no weight tensor {name!r}")
+        return leaf_values(leaf)
+
+    def state_dict(self, index: int) -> dict[str, Any]:
+        from ckptstore.torch import leaf_to_tensor
+
+        return {k: leaf_to_tensor(lf) for k, lf in self._leaves[index].items()}
+
+
+def open_trajectory(source: Any, *, store: Store | None = None, refs: Sequence[str] | None = None) -> Trajectory:
+    """A trajectory from a store run name (with ``store``), a folder of ``epoch_N.pt`` files, or a list of files.
+
+    A folder is read like ``ckpt ingest`` reads it: open_clip_train's ``epoch_N.pt`` files in epoch order.
+    """
+    if isinstance(source, Trajectory):
+        return source
+    if store is not None and isinstance(source, str) and not Path(source).exists():
+        return StoreTrajectory(store, source, refs)
+    if isinstance(source, str | Path) and Path(source).is_dir():
+        from ckptstore.integrations.openclip import epoch_files
+
+        return FileTrajectory(epoch_files(source))
+    if isinstance(source, str | Path):
+        return FileTrajectory([source])
+    if isinstance(source, Sequence) and all(isinstance(p, str | Path) for p in source):
+        return FileTrajectory(list(source))
+    raise TrajectoryError(f"cannot read a trajectory from {source!r}", hint="give a store run, a folder or .pt files")
