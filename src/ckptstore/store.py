@@ -455,6 +455,9 @@ class Store:
         records: dict[str, dict[str, Any]] = {}
         total = len(todo)
         history = [st for st in self.steps(base.run) if st <= base.step] if base is not None else []
+        # Base objects that other objects' chains pass through: another job may be reading those while decoding,
+        # so their head arrays are never overwritten in place.
+        referenced = {d for r in base.objects.values() for d in r.get("refs", {}).values()} if base else set()
 
         def job(item: tuple[str, str]) -> tuple[str, dict[str, Any], list[bytes | memoryview]]:
             name, oid = item
@@ -464,12 +467,16 @@ class Store:
             refs: dict[str, np.ndarray] = {}
             base_oid = None
             depth = 0
+            spare = None  # a head array this job owns once encoded: its memory takes the copy of ``words``
             if base is not None:
                 chosen = self._delta_base(name, leaf, base, history)
                 if chosen is not None:
                     base_oid, depth = chosen
                     # consumed once: dropping it keeps old head + new head near one checkpoint
                     prev_words = self._head.pop(base_oid, None)
+                    reusable = new_head is not None and base_oid not in new_head and base_oid not in referenced
+                    if prev_words is not None and reusable:
+                        spare = prev_words
                     refs["prev"] = prev_words if prev_words is not None else self._decode_object(base, base_oid)
             enc = codecs.encode(words, spec, refs, level=self.level)
             rec: dict[str, Any] = {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": enc.codecs}
@@ -481,7 +488,11 @@ class Store:
             # Keep a private copy of what was saved as the base for the next save (the caller's tensors may
             # change in place as training goes on).
             if new_head is not None:
-                new_head[oid] = np.array(words, copy=True)
+                if spare is not None and spare.shape == words.shape and spare.dtype == words.dtype:
+                    np.copyto(spare, words)  # reuse pages already mapped: a fresh array costs a page fault per 4 KiB
+                    new_head[oid] = spare
+                else:
+                    new_head[oid] = np.array(words, copy=True)
             return oid, rec, enc.parts
 
         stored = 0

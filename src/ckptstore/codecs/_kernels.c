@@ -119,6 +119,35 @@ static PyObject *f32_delta_decode(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* f32_delta_encode followed by split_planes in one pass: the residual words go straight into 4 byte planes
+ * (out: 4*n bytes, plane j at offset j*n), saving a pass and a tensor-sized temporary. */
+static PyObject *f32_delta_encode_planes(PyObject *self, PyObject *args) {
+    Py_buffer x, p, s, o;
+    int mode;
+    Py_ssize_t rows, n, cols;
+    if (!PyArg_ParseTuple(args, "y*y*y*niw*", &x, &p, &s, &rows, &mode, &o)) return NULL;
+    PyObject *ret = NULL;
+    if (get_buffers(&x, &p, &s, &o, &n, rows, mode, &cols) == 0) {
+        const uint32_t *xs = x.buf, *ps = p.buf;
+        const float *sc = s.buf;
+        uint8_t *b0 = o.buf, *b1 = b0 + n, *b2 = b1 + n, *b3 = b2 + n;
+        Py_BEGIN_ALLOW_THREADS
+        FOR_EACH_PREDICTION({
+            uint32_t d = ord32(xs[i]) - ord32(pr);
+            uint32_t z = (d << 1) ^ (uint32_t)((int32_t)d >> 31);
+            b0[i] = (uint8_t)z; b1[i] = (uint8_t)(z >> 8); b2[i] = (uint8_t)(z >> 16); b3[i] = (uint8_t)(z >> 24);
+        })
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&p);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&o);
+    return ret;
+}
+
 /* (n, k) bytes -> (k, n) planes, and back. */
 static PyObject *planes(PyObject *self, PyObject *args, int split) {
     Py_buffer src, dst;
@@ -165,11 +194,84 @@ static PyObject *planes(PyObject *self, PyObject *args, int split) {
 static PyObject *split_planes(PyObject *self, PyObject *args) { return planes(self, args, 1); }
 static PyObject *join_planes(PyObject *self, PyObject *args) { return planes(self, args, 0); }
 
+
+/* Per row of a (rows, cols) float32 matrix pair: sum(x*y) and sum(y*y) in double (the least-squares scale of
+ * x ~ s*y is their quotient). Sequential double sums: they may differ from numpy's pairwise einsum in the last
+ * bits, which only moves the chosen scale (stored exactly in the payload), never what a payload decodes to. */
+static PyObject *f32_row_dots(PyObject *self, PyObject *args) {
+    Py_buffer x, y, num, den;
+    Py_ssize_t rows;
+    if (!PyArg_ParseTuple(args, "y*y*nw*w*", &x, &y, &rows, &num, &den)) return NULL;
+    PyObject *ret = NULL;
+    if (x.len % 4 || y.len != x.len || rows <= 0 || (x.len / 4) % rows || num.len != rows * 8 ||
+        den.len != rows * 8) {
+        PyErr_SetString(PyExc_ValueError, "f32_row_dots: bad buffer lengths");
+    } else {
+        const float *xs = x.buf, *ys = y.buf;
+        double *nu = num.buf, *de = den.buf;
+        Py_ssize_t cols = (x.len / 4) / rows;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            const float *a = xs + r * cols, *b = ys + r * cols;
+            double s0 = 0, s1 = 0, s2 = 0, s3 = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+            Py_ssize_t i = 0;
+            for (; i + 4 <= cols; i += 4) {
+                double b0 = b[i], b1 = b[i + 1], b2 = b[i + 2], b3 = b[i + 3];
+                s0 += (double)a[i] * b0; s1 += (double)a[i + 1] * b1;
+                s2 += (double)a[i + 2] * b2; s3 += (double)a[i + 3] * b3;
+                t0 += b0 * b0; t1 += b1 * b1; t2 += b2 * b2; t3 += b3 * b3;
+            }
+            for (; i < cols; i++) { s0 += (double)a[i] * b[i]; t0 += (double)b[i] * b[i]; }
+            nu[r] = (s0 + s1) + (s2 + s3);
+            de[r] = (t0 + t1) + (t2 + t3);
+        }
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&num);
+    PyBuffer_Release(&den);
+    return ret;
+}
+
+/* Byte histogram of each byte position (plane) of k-byte words, over every `step`-th word: counts[j*256 + b]. */
+static PyObject *plane_histogram(PyObject *self, PyObject *args) {
+    Py_buffer src, counts;
+    Py_ssize_t k, step;
+    if (!PyArg_ParseTuple(args, "y*nnw*", &src, &k, &step, &counts)) return NULL;
+    PyObject *ret = NULL;
+    if (k < 1 || k > 16 || step < 1 || src.len % k || counts.len != k * 256 * 8) {
+        PyErr_SetString(PyExc_ValueError, "plane_histogram: bad item size, step or buffer lengths");
+    } else {
+        const uint8_t *a = src.buf;
+        int64_t *c = counts.buf;
+        Py_ssize_t n = src.len / k;
+        Py_BEGIN_ALLOW_THREADS
+        memset(c, 0, (size_t)(k * 256 * 8));
+        for (Py_ssize_t i = 0; i < n; i += step)
+            for (Py_ssize_t j = 0; j < k; j++) c[j * 256 + a[i * k + j]]++;
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&counts);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"f32_delta_encode", f32_delta_encode, METH_VARARGS,
      "f32_delta_encode(x, prev, scales, rows, mode, out): zigzag(ord(x) - ord(pred(prev))) into out"},
     {"f32_delta_decode", f32_delta_decode, METH_VARARGS,
      "f32_delta_decode(z, prev, scales, rows, mode, out): inverse of f32_delta_encode"},
+    {"f32_delta_encode_planes", f32_delta_encode_planes, METH_VARARGS,
+     "f32_delta_encode_planes(x, prev, scales, rows, mode, out): f32_delta_encode into 4 byte planes"},
+    {"f32_row_dots", f32_row_dots, METH_VARARGS,
+     "f32_row_dots(x, y, rows, num, den): per row sum(x*y) and sum(y*y) of float32 matrices, in double"},
+    {"plane_histogram", plane_histogram, METH_VARARGS,
+     "plane_histogram(src, itemsize, step, counts): byte counts per plane over every step-th word"},
     {"split_planes", split_planes, METH_VARARGS, "split_planes(src, itemsize, dst): words -> byte planes"},
     {"join_planes", join_planes, METH_VARARGS, "join_planes(src, itemsize, dst): byte planes -> words"},
     {NULL, NULL, 0, NULL},

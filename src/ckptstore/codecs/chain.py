@@ -78,11 +78,19 @@ def _finish(
 ) -> Encoded:
     """Run the chosen array codecs, then byte planes + zstd; raw when that does not pay."""
     coded = words
-    for c in array_codecs:
-        coded = c.encode(coded, spec, {"prev": prev} if prev is not None else {})
+    refs = {"prev": prev} if prev is not None else {}
+    planes = None
+    if len(array_codecs) == 1 and isinstance(array_codecs[0], OrderedDelta):
+        planes = array_codecs[0].encode_planes(words, spec, refs)  # fused delta + plane split, where it applies
+    if planes is None:
+        for c in array_codecs:
+            coded = c.encode(coded, spec, refs)
     last: BytesCodec = BytePlanesZstd(level)
     parts: list[bytes | memoryview] = [_side_prefix(array_codecs)]
-    parts += last.encode_parts(coded, spec) if isinstance(last, BytePlanesZstd) else [last.encode(coded, spec)]
+    if isinstance(last, BytePlanesZstd):
+        parts += last.encode_parts(coded, spec, planes)
+    else:
+        parts += [last.encode(coded, spec)]
     if sum(len(p) for p in parts) >= words.nbytes:
         return Encoded([], (), [memoryview(np.ascontiguousarray(words)).cast("B")])  # type: ignore[arg-type]
     roles = tuple(r for c in array_codecs for r in c.ref_roles())

@@ -83,11 +83,16 @@ def _scaled(prev: np.ndarray, spec: TensorSpec, a: float | np.ndarray) -> np.nda
 
 def _row_scales(x: np.ndarray, y: np.ndarray, rows: int) -> np.ndarray:
     """Least-squares scale per row (x ≈ s * y), float32; 1 where a row is all zero or not finite."""
-    xs, ys = x.reshape(rows, -1), y.reshape(rows, -1)
+    if kernels is not None and x.dtype == np.float32 and y.dtype == np.float32:
+        num, den = np.empty(rows), np.empty(rows)
+        kernels.f32_row_dots(np.ascontiguousarray(x), np.ascontiguousarray(y), rows, num, den)
+    else:
+        xs, ys = x.reshape(rows, -1), y.reshape(rows, -1)
+        with np.errstate(all="ignore"):
+            # float64 sums: the scale must be right to ~1e-8 for the prediction to land within a few ULPs
+            num = np.einsum("ij,ij->i", xs, ys, dtype=np.float64)
+            den = np.einsum("ij,ij->i", ys, ys, dtype=np.float64)
     with np.errstate(all="ignore"):
-        # float64 sums: the scale must be right to ~1e-8 for the prediction to land within a few ULPs
-        num = np.einsum("ij,ij->i", xs, ys, dtype=np.float64)
-        den = np.einsum("ij,ij->i", ys, ys, dtype=np.float64)
         s = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
     s[~np.isfinite(s)] = 1.0
     return s.astype(np.float32)
@@ -183,6 +188,17 @@ class OrderedDelta(ArrayCodec):
         cur = to_ordered(words) if _is_float(spec) else words
         d = np.subtract(cur, pred)
         return zigzag(d)
+
+    def encode_planes(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The residual already split into byte planes ((4, n) uint8), when the fused C loop applies; else None.
+        Same bytes as ``split_planes(self.encode(...))``, one pass instead of two."""
+        kargs = self._kernel_args(spec)
+        if kargs is None or kernels is None:
+            return None
+        prev = np.ascontiguousarray(_ref(refs, words))
+        out = np.empty((4, words.size), dtype=np.uint8)
+        kernels.f32_delta_encode_planes(np.ascontiguousarray(words), prev, kargs[0], kargs[1], kargs[2], out)
+        return out
 
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:
         kargs = self._kernel_args(spec)

@@ -116,10 +116,14 @@ class BytePlanesZstd(BytesCodec):
     def encode(self, words: np.ndarray, spec: TensorSpec) -> bytes:
         return b"".join(self.encode_parts(words, spec))
 
-    def encode_parts(self, words: np.ndarray, spec: TensorSpec) -> list[bytes | memoryview]:
-        """The payload as header + one piece per plane, so a writer can stream it without concatenating."""
+    def encode_parts(
+        self, words: np.ndarray, spec: TensorSpec, planes: np.ndarray | None = None
+    ) -> list[bytes | memoryview]:
+        """The payload as header + one piece per plane, so a writer can stream it without concatenating.
+        ``planes``: the words already split (by a fused codec loop); ``words`` then only gives the width."""
         k = words.dtype.itemsize
-        planes = split_planes(words) if k > 1 else words.view(np.uint8).reshape(1, -1)
+        if planes is None:
+            planes = split_planes(words) if k > 1 else words.view(np.uint8).reshape(1, -1)
         level = self.level
 
         def code(plane: np.ndarray) -> tuple[int, int, bytes | memoryview]:
@@ -192,12 +196,16 @@ def estimate_bits(words: np.ndarray, sample: int = 1 << 14) -> float:
     if n == 0:
         return 0.0
     step = max(1, n // sample)
-    s = np.ascontiguousarray(words[::step])
-    k = s.dtype.itemsize
-    # one bincount over (plane, byte) pairs instead of one per plane
-    keys = s.view(np.uint8).reshape(-1, k).astype(np.intp)
-    keys += np.arange(k, dtype=np.intp) * 256
-    counts = np.bincount(keys.reshape(-1), minlength=256 * k).astype(np.float64)
+    k = words.dtype.itemsize
+    m = (n + step - 1) // step
+    if kernels is not None and words.flags.c_contiguous:
+        hist = np.empty(256 * k, dtype=np.int64)
+        kernels.plane_histogram(words, k, step, hist)
+        counts = hist.astype(np.float64)
+    else:
+        # one bincount over (plane, byte) pairs instead of one per plane
+        keys = np.ascontiguousarray(words[::step]).view(np.uint8).reshape(-1, k).astype(np.intp)
+        keys += np.arange(k, dtype=np.intp) * 256
+        counts = np.bincount(keys.reshape(-1), minlength=256 * k).astype(np.float64)
     nz = counts[counts > 0]
-    m = s.size
     return float(-(nz * np.log2(nz / m)).sum() / m)
