@@ -78,6 +78,8 @@ def test_delta_encode_decode_match_numpy(seed: int, rows: int, cols: int, specia
         assert fast.tobytes() == ref.tobytes(), codec.predictor
         assert fused is not None and fused.tobytes() == ref_planes.tobytes(), codec.predictor
         assert back.tobytes() == ref_back.tobytes() == cur.tobytes(), codec.predictor
+        from_planes = codec.decode_planes([np.array(p) for p in fused], spec, {"prev": prev})
+        assert from_planes is not None and from_planes.tobytes() == cur.tobytes(), codec.predictor
 
 
 @settings(max_examples=40, deadline=None)
@@ -90,6 +92,25 @@ def test_split_and_join_planes_match_numpy(data: bytes, k: int) -> None:
         ref_back = planes.join_planes(ref, words.dtype)
     assert fast.tobytes() == ref.tobytes()
     assert planes.join_planes(fast, words.dtype).tobytes() == ref_back.tobytes() == words.tobytes()
+    if k == 4:
+        out = np.empty_like(words)
+        kernels.join_planes4(*[np.array(p) for p in fast], out)
+        assert out.tobytes() == words.tobytes()
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(min_size=0, max_size=6000), k=st.sampled_from([1, 2, 4, 8]), level=st.sampled_from([1, 3]))
+def test_planes_codec_payloads_decode_the_same_with_and_without_kernels(data: bytes, k: int, level: int) -> None:
+    words = np.frombuffer(data[: len(data) // k * k], dtype=f"<u{k}").copy()
+    words[: words.size // 2] = 0  # some constant and compressible planes besides random ones
+    spec = TensorSpec({1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}[k], (words.size,))
+    codec = planes.BytePlanesZstd(level)
+    payload = codec.encode(words, spec)
+    fast = codec.decode(payload, spec)
+    with numpy_only():
+        assert codec.encode(words, spec) == payload
+        ref = codec.decode(payload, spec)
+    assert fast.tobytes() == ref.tobytes() == words.tobytes()
 
 
 @settings(max_examples=40, deadline=None)

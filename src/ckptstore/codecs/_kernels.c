@@ -148,6 +148,70 @@ static PyObject *f32_delta_encode_planes(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* The inverse of f32_delta_encode_planes: residual words read from 4 separate plane buffers (each n bytes: a
+ * decompressed plane, or a raw one still inside the payload), decoded against the prediction into out. */
+static PyObject *f32_delta_decode_planes(PyObject *self, PyObject *args) {
+    Py_buffer q0, q1, q2, q3, p, s, o;
+    int mode;
+    Py_ssize_t rows, n, cols;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*niw*", &q0, &q1, &q2, &q3, &p, &s, &rows, &mode, &o)) return NULL;
+    PyObject *ret = NULL;
+    if (get_buffers(&p, &p, &s, &o, &n, rows, mode, &cols) == 0) {
+        if (q0.len != n || q1.len != n || q2.len != n || q3.len != n) {
+            PyErr_SetString(PyExc_ValueError, "f32_delta_decode_planes: planes must hold one byte per word");
+        } else {
+            const uint8_t *b0 = q0.buf, *b1 = q1.buf, *b2 = q2.buf, *b3 = q3.buf;
+            const uint32_t *ps = p.buf;
+            const float *sc = s.buf;
+            uint32_t *out = o.buf;
+            Py_BEGIN_ALLOW_THREADS
+            FOR_EACH_PREDICTION({
+                uint32_t z = (uint32_t)b0[i] | ((uint32_t)b1[i] << 8) | ((uint32_t)b2[i] << 16) |
+                             ((uint32_t)b3[i] << 24);
+                uint32_t d = (z >> 1) ^ (0u - (z & 1u));
+                out[i] = ord32(ord32(pr) + d);
+            })
+            Py_END_ALLOW_THREADS
+            ret = Py_None;
+            Py_INCREF(ret);
+        }
+    }
+    PyBuffer_Release(&q0);
+    PyBuffer_Release(&q1);
+    PyBuffer_Release(&q2);
+    PyBuffer_Release(&q3);
+    PyBuffer_Release(&p);
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&o);
+    return ret;
+}
+
+/* 4 separate plane buffers (n bytes each) -> n little-endian 4-byte words. */
+static PyObject *join_planes4(PyObject *self, PyObject *args) {
+    Py_buffer q0, q1, q2, q3, o;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &q0, &q1, &q2, &q3, &o)) return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t n = q0.len;
+    if (q1.len != n || q2.len != n || q3.len != n || o.len != 4 * n) {
+        PyErr_SetString(PyExc_ValueError, "join_planes4: planes of unequal length or wrong output size");
+    } else {
+        const uint8_t *b0 = q0.buf, *b1 = q1.buf, *b2 = q2.buf, *b3 = q3.buf;
+        uint32_t *out = o.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = (uint32_t)b0[i] | ((uint32_t)b1[i] << 8) | ((uint32_t)b2[i] << 16) | ((uint32_t)b3[i] << 24);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&q0);
+    PyBuffer_Release(&q1);
+    PyBuffer_Release(&q2);
+    PyBuffer_Release(&q3);
+    PyBuffer_Release(&o);
+    return ret;
+}
+
 /* (n, k) bytes -> (k, n) planes, and back. */
 static PyObject *planes(PyObject *self, PyObject *args, int split) {
     Py_buffer src, dst;
@@ -268,6 +332,9 @@ static PyMethodDef methods[] = {
      "f32_delta_decode(z, prev, scales, rows, mode, out): inverse of f32_delta_encode"},
     {"f32_delta_encode_planes", f32_delta_encode_planes, METH_VARARGS,
      "f32_delta_encode_planes(x, prev, scales, rows, mode, out): f32_delta_encode into 4 byte planes"},
+    {"f32_delta_decode_planes", f32_delta_decode_planes, METH_VARARGS,
+     "f32_delta_decode_planes(p0, p1, p2, p3, prev, scales, rows, mode, out): inverse of f32_delta_encode_planes"},
+    {"join_planes4", join_planes4, METH_VARARGS, "join_planes4(p0, p1, p2, p3, out): 4 byte planes -> words"},
     {"f32_row_dots", f32_row_dots, METH_VARARGS,
      "f32_row_dots(x, y, rows, num, den): per row sum(x*y) and sum(y*y) of float32 matrices, in double"},
     {"plane_histogram", plane_histogram, METH_VARARGS,

@@ -134,6 +134,10 @@ def decode(
             assert isinstance(c, ArrayCodec)
             c.load_side(bytes(view[8 : 8 + length]))
             view = view[8 + length :]
+    if len(array_codecs) == 1 and isinstance(array_codecs[0], OrderedDelta) and isinstance(last, BytePlanesZstd):
+        fused = array_codecs[0].decode_planes(last.decode_planes(view, spec), spec, refs or {})
+        if fused is not None:  # planes joined and delta undone in one pass
+            return fused
     words = last.decode(view, spec)
     if words.size != spec.size:
         raise CodecError(f"decoded {words.size} elements, expected {spec.size}")

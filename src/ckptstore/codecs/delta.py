@@ -200,6 +200,19 @@ class OrderedDelta(ArrayCodec):
         kernels.f32_delta_encode_planes(np.ascontiguousarray(words), prev, kargs[0], kargs[1], kargs[2], out)
         return out
 
+    def decode_planes(
+        self, planes: list[np.ndarray], spec: TensorSpec, refs: Mapping[str, np.ndarray]
+    ) -> np.ndarray | None:
+        """Decode straight from the residual's 4 byte planes (the inverse of :meth:`encode_planes`), when the
+        fused C loop applies; else None."""
+        kargs = self._kernel_args(spec)
+        if kargs is None or kernels is None or len(planes) != 4:
+            return None
+        out = np.empty(spec.size, dtype=np.uint32)
+        prev = np.ascontiguousarray(_ref(refs, out))
+        kernels.f32_delta_decode_planes(*planes, prev, kargs[0], kargs[1], kargs[2], out)
+        return out
+
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:
         kargs = self._kernel_args(spec)
         if kargs is not None and kernels is not None:

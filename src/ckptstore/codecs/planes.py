@@ -143,6 +143,20 @@ class BytePlanesZstd(BytesCodec):
 
     def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray:
         k = spec.dt.itemsize if spec.dtype != "complex128" else 8
+        planes = self.decode_planes(payload, spec)
+        word = np.dtype(f"<u{k}")
+        if k == 1:
+            return np.array(planes[0], copy=True).view(word)
+        if k == 4 and kernels is not None:
+            out = np.empty(spec.size, dtype=word)
+            kernels.join_planes4(*planes, out)
+            return out
+        return join_planes(np.stack(planes), word)
+
+    def decode_planes(self, payload: memoryview | bytes, spec: TensorSpec) -> list[np.ndarray]:
+        """The byte planes of a payload, lowest byte first, each ``n`` bytes; raw planes are read-only views into
+        ``payload`` (no copy), the others fresh arrays."""
+        k = spec.dt.itemsize if spec.dtype != "complex128" else 8
         n = spec.size
         buf = memoryview(payload)
         if len(buf) < 1 or buf[0] != k:
@@ -161,33 +175,29 @@ class BytePlanesZstd(BytesCodec):
                 raise CodecError("planes-zstd payload truncated or corrupt")
             spans.append((method, value, buf[pos : pos + length]))
             pos += length
-        planes = np.empty((k, n), dtype=np.uint8)
 
-        def fill(i: int) -> None:
+        def plane(i: int) -> np.ndarray:
             method, value, data = spans[i]
             if method == CONST:
                 if value > 255:
                     raise CodecError(f"planes-zstd constant plane has value {value} > 255")
-                planes[i].fill(value)
-            elif method == RAW:
+                return np.full(n, value, dtype=np.uint8)
+            if method == RAW:
                 if len(data) != n:
                     raise CodecError("planes-zstd raw plane has the wrong length")
-                planes[i] = np.frombuffer(data, dtype=np.uint8)
-            else:
-                try:
-                    declared = zstandard.frame_content_size(data)
-                    if declared != n:  # refuse before allocating what a damaged header claims
-                        raise CodecError(f"zstd plane declares {declared} bytes, expected {n}")
-                    out = _dctx().decompress(data, max_output_size=n)
-                except zstandard.ZstdError as exc:
-                    raise CodecError(f"zstd plane does not decode: {exc}") from None
-                if len(out) != n:
-                    raise CodecError("zstd plane decoded to the wrong length")
-                planes[i] = np.frombuffer(out, dtype=np.uint8)
+                return np.frombuffer(data, dtype=np.uint8)
+            try:
+                declared = zstandard.frame_content_size(data)
+                if declared != n:  # refuse before allocating what a damaged header claims
+                    raise CodecError(f"zstd plane declares {declared} bytes, expected {n}")
+                out = _dctx().decompress(data, max_output_size=n)
+            except zstandard.ZstdError as exc:
+                raise CodecError(f"zstd plane does not decode: {exc}") from None
+            if len(out) != n:
+                raise CodecError("zstd plane decoded to the wrong length")
+            return np.frombuffer(out, dtype=np.uint8)
 
-        _pmap(fill, list(range(k)), n * k >= _PARALLEL_BYTES)
-        word = np.dtype(f"<u{k}")
-        return join_planes(planes, word) if k > 1 else planes.reshape(-1).view(word)
+        return _pmap(plane, list(range(k)), n * k >= _PARALLEL_BYTES)
 
 
 def estimate_bits(words: np.ndarray, sample: int = 1 << 14) -> float:
