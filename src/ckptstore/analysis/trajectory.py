@@ -206,7 +206,7 @@ class StoreTrajectory(Trajectory):
         oid = m.tensors[tname]["object"]
         self._known[oid] = leaf.data
         self._known.move_to_end(oid)
-        while len(self._known) > 3:  # a delta's base is (almost always) one of the last objects read
+        while len(self._known) > 1:  # walking in order, a delta's base is the object read just before
             self._known.popitem(last=False)
         return leaf_values(leaf)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 from typing import Any
 
@@ -21,5 +20,4 @@ def register(sub: Any) -> None:
     )
     asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
     for mod in _ANALYSES:
-        with contextlib.suppress(ModuleNotFoundError):  # TEMPORARY while the analyses are being written
-            importlib.import_module(mod).register(asub)
+        importlib.import_module(mod).register(asub)

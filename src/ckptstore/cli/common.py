@@ -15,7 +15,9 @@ from ckptstore.store import Store, open_store
 DEFAULT_STORE = "ckpt.store"
 
 
-def add_store_arg(p: argparse.ArgumentParser) -> None:
+def add_store_arg(p: argparse.ArgumentParser, *, short_option: bool = True) -> None:
+    """``--store``/``-s`` and ``--storage-option``/``-o``; ``short_option=False`` leaves ``-o`` to the command
+    (``ckpt report -o report.html``)."""
     p.add_argument(
         "--store",
         "-s",
@@ -24,7 +26,7 @@ def add_store_arg(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--storage-option",
-        "-o",
+        *(["-o"] if short_option else []),
         action="append",
         default=[],
         metavar="KEY=VALUE",

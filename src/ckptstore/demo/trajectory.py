@@ -180,7 +180,7 @@ def caption_vocabulary() -> list[str]:
     return sorted(w for w in words if w.isascii() and w.isalpha() and w not in DIGIT_NAMES)
 
 
-def _captions(labels: Sequence[int], seed: int, words_per_caption: tuple[int, int]) -> list[str]:
+def digit_captions(labels: Sequence[int], seed: int, words_per_caption: tuple[int, int]) -> list[str]:
     """Digit phrase first (it survives truncation), then vocabulary words dealt without replacement.
 
     Dealing from a shuffled deck, rather than sampling, makes the number of distinct tokens as large as the
@@ -233,7 +233,7 @@ def write_digits_dataset(
     img_dir = out_dir / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     labels = [int(t) for t in digits.target[:count]]
-    captions = _captions(labels, seed, words_per_caption)
+    captions = digit_captions(labels, seed, words_per_caption)
     rows = []
     for i in range(count):
         pixels = (np.asarray(digits.images[i]) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)

@@ -1,0 +1,157 @@
+"""``ckpt analyze weights`` and ``ckpt analyze stability``: weight dynamics and stability flags of a run
+(docs/analysis-dynamics.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
+
+if TYPE_CHECKING:
+    from ckptstore.analysis.trajectory import Trajectory
+
+
+def register(asub: Any) -> None:
+    w = asub.add_parser(
+        "weights",
+        help="norms, distances, cosines, spectra and a PCA map of the weights through the run",
+        description="Read every weight tensor of RUN through all its checkpoints (one tensor at a time) and report, "
+        "per tensor, per module and for the whole model: norm, distance from the first checkpoint and from the "
+        "previous one, relative update size, cosine similarity to the first and the last checkpoint; for matrices "
+        "the top singular value, stable rank and effective rank; path length against net displacement; and a 2-D "
+        "PCA projection of the trajectory.",
+    )
+    _common(w)
+    w.add_argument("--top", type=int, default=15, metavar="N", help="modules in the table (default 15)")
+    w.add_argument("--no-spectral", action="store_true", help="skip singular values of the weight matrices (faster)")
+    w.add_argument("--no-pca", action="store_true", help="skip the PCA projection")
+    w.add_argument(
+        "--group-depth",
+        type=int,
+        metavar="D",
+        help="group tensors into modules by their first D name components (default: the name without its last "
+        "component; D=4 groups visual.transformer.resblocks.3.*)",
+    )
+    w.set_defaults(func=cmd_weights)
+
+    s = asub.add_parser(
+        "stability",
+        help="flags: loss spikes, NaN/Inf weights, norm blow-ups, update spikes, clamped logit_scale, frozen modules",
+        description="Check RUN for loss spikes (from the recorded losses), non-finite weights, norm blow-ups and "
+        "update spikes per module, OpenCLIP's logit_scale at its clamp, rank collapse of the projections and "
+        "modules that stop moving. Each flag names the checkpoint where the problem first appears and how sure it "
+        "is.",
+    )
+    _common(s)
+    s.set_defaults(func=cmd_stability)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_store_arg(p)
+    p.add_argument(
+        "run", nargs="+", metavar="RUN", help="a run of the store, a folder of epoch_N.pt files, or .pt files"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", metavar="FILE.json", help="also write the JSON result to FILE.json")
+
+
+def open_run(args: argparse.Namespace) -> Trajectory:
+    """Paths that exist are read as files (one folder, or ``.pt`` files); a single other name is a store run."""
+    from ckptstore.analysis.trajectory import StoreTrajectory, TrajectoryError, open_trajectory
+
+    runs: list[str] = args.run
+    if all(Path(r).exists() for r in runs):
+        return open_trajectory(runs[0] if len(runs) == 1 else runs)
+    if len(runs) == 1:
+        return StoreTrajectory(get_store(args), runs[0])
+    missing = next(r for r in runs if not Path(r).exists())
+    raise TrajectoryError(f"no such checkpoint file: {missing}", hint="give one store run, or existing .pt files")
+
+
+def _emit(args: argparse.Namespace, blob: dict[str, Any]) -> bool:
+    """Write ``--out`` and print ``--json``; True when the human output is not wanted."""
+    if args.out:
+        Path(args.out).write_text(json.dumps(blob, indent=2, allow_nan=False) + "\n")
+    if args.json:
+        print_json(blob)
+    return bool(args.json)
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}g}"
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from ckptstore.analysis.weights import analyze_weights, top_modules
+
+    traj = open_run(args)
+    with progress_bar(f"reading {len(traj.weights)} tensors through {len(traj)} checkpoints") as prog:
+        dyn = analyze_weights(
+            traj, spectral=not args.no_spectral, pca=not args.no_pca, group_depth=args.group_depth, progress=prog
+        )
+    blob = dyn.to_dict()
+    if _emit(args, blob):
+        return 0
+    first, last = traj.points[0].label, traj.points[-1].label
+    mods = blob["modules"]
+    rows = []
+    for name, dist in top_modules(blob, args.top):
+        m = mods[name]
+        path = sum(v for v in m["dist_prev"][1:] if v is not None)
+        rows.append([name, f"{m['numel']:,}", _f(m["norm"][-1]), _f(dist), _f(dist / m["norm"][0] if m["norm"][0]
+                     else None), _f(path), _f(m["cos_init"][-1])])  # fmt: skip
+    print_table(
+        f"modules farthest from {first} at {last} ({len(mods)} modules, {len(traj)} checkpoints)",
+        ["module", "params", "norm", "dist from first", "relative", "path", "cos to first"],
+        rows,
+        justify=["left", *["right"] * 6],
+    )
+    model = blob["model"]
+    print(
+        f"model: path length {_f(model['path_length'])}, displacement {_f(model['displacement'])}, "
+        f"straightness {_f(model['straightness'], 3)} (1 = a straight line from {first} to {last})"
+    )
+    pca = blob["pca"]
+    if pca:
+        r = pca["explained_variance_ratio"]
+        shown = ", ".join("-" if v is None else f"{v:.1%}" for v in r)
+        how = "exact" if pca["method"] == "exact" else f"count-sketch of {pca['sketch_dim']:,} dimensions"
+        print(f"PCA of the trajectory ({how}): the first two components explain {shown} of the variance")
+    bad = sum(1 for t in blob["tensors"].values() if any(t["nonfinite"]))
+    if bad:
+        print(f"warning: {bad} tensors hold NaN/Inf values (see `ckpt analyze stability`)")
+    return 0
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from ckptstore.analysis.stability import analyze_stability
+
+    traj = open_run(args)
+    with progress_bar(f"reading {len(traj.weights)} tensors through {len(traj)} checkpoints") as prog:
+        report = analyze_stability(traj, progress=prog)
+    blob = report.to_dict()
+    if _emit(args, blob):
+        return 0
+    checked = ", ".join(blob["checked"])
+    if not blob["flags"]:
+        print(f"no flags in {len(traj)} checkpoints (checked: {checked})")
+    else:
+        rows = [
+            [f["label"], f["kind"], f["where"], f["confidence"], f["what"]]
+            for f in blob["flags"]
+        ]  # fmt: skip
+        print_table(
+            f"{len(rows)} stability flag{'s' if len(rows) != 1 else ''} in {len(traj)} checkpoints",
+            ["first at", "kind", "where", "confidence", "what"],
+            rows,
+        )
+        print(f"checked: {checked}")
+    for kind, why in blob["skipped"].items():
+        print(f"not checked: {kind}: {why}")
+    return 0
