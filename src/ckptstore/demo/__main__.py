@@ -4,7 +4,8 @@
 
 Trains with the real, unmodified ``open_clip_train`` on scikit-learn's digits with varied captions (cached after
 the first run), ingests every ``epoch_N.pt`` into a store, prints the ``ckpt ls`` table and the bytes saved,
-verifies every hash, and checks that an export of the newest checkpoint is bit-identical to the original file.
+verifies every hash, checks that an export of the newest checkpoint is bit-identical to the original file, and
+writes an HTML report of the run (weight dynamics, stability flags, CKA, zero-shot, transfer; --no-report skips it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="training epochs (one checkpoint each)")
     ap.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
     ap.add_argument("--out", type=Path, default=Path("demo-out"), help="where the store and exports go")
+    ap.add_argument("--no-report", dest="report", action="store_false", help="skip the HTML report of the stored run")
     a = ap.parse_args(argv)
 
     import torch
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     same = all(same_bits(original["state_dict"][k], exported["state_dict"][k]) for k in original["state_dict"])
     print(f"export demo@latest -> {out}: state_dict bit-identical to {files[-1].name}: {same}")
+    if a.report:
+        page = a.out / "report.html"
+        print(f"\n== analysing the stored run: ckpt report demo -o {page} ...", flush=True)
+        ckpt(["report", "--store", str(store_path), "demo", "-o", str(page)])
     print(f"\ndone in {time.perf_counter() - t0:.0f}s. Try: ckpt --help; ckpt show demo@latest --store {store_path}")
     return 0 if res["ok"] and same else 1
 
