@@ -8,6 +8,9 @@ so an analysis holds a few copies of one tensor, not whole checkpoints, whatever
 
 from __future__ import annotations
 
+import os
+import sys
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,11 +230,69 @@ class StoreTrajectory(Trajectory):
 
 
 # ----------------------------------------------------------------------------------------- .pt files on disk
+def _file_mappings(path: Path) -> list[tuple[int, int, int]]:
+    """``(start, end, file offset)`` of this process's memory mappings of ``path`` (from ``/proc/self/maps``; none
+    where that does not exist)."""
+    try:
+        st = path.stat()
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or int(parts[4]) != st.st_ino:
+            continue
+        major, _, minor = parts[3].partition(":")
+        if (int(major, 16), int(minor, 16)) != (os.major(st.st_dev), os.minor(st.st_dev)):
+            continue
+        start, _, end = parts[0].partition("-")
+        out.append((int(start, 16), int(end, 16), int(parts[2], 16)))
+    return out
+
+
+def _little_endian_file(path: Path) -> bool:
+    """True when torch.load leaves a zip-format ``.pt`` file's tensor bytes as they are on disk (no byte swap)."""
+    if sys.byteorder != "little":
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/byteorder")]
+            return all(z.read(n).strip() == b"little" for n in names)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _file_offsets(path: Path, state: Mapping[str, Any]) -> dict[str, int]:
+    """Where each contiguous tensor of ``state`` (loaded from ``path`` with mmap) starts in the file.
+
+    ``torch.load(mmap=True)`` maps the whole file and points every storage into that mapping, so a tensor's file
+    offset is its address less the mapping's start. Tensors outside a mapping of the file (an old-format file read
+    whole, a non-contiguous view) get none."""
+    maps = _file_mappings(path)
+    if not maps or not _little_endian_file(path):
+        return {}
+    out = {}
+    for name, t in state.items():
+        if getattr(t, "device", None) is None or t.device.type != "cpu" or not t.is_contiguous():
+            continue
+        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        for start, end, offset in maps:
+            if start <= ptr and ptr + nbytes <= end:
+                out[name] = ptr - start + offset
+                break
+    return out
+
+
 class FileTrajectory(Trajectory):
     """``.pt`` checkpoint files (``epoch_N.pt`` of open_clip_train, or any ``torch.save`` of a state dict).
 
-    Files are read with ``torch.load(weights_only=True, mmap=True)``: a tensor's bytes are read only when it is
-    asked for, so walking one tensor through many files does not load whole files.
+    Files are opened with ``torch.load(weights_only=True, mmap=True)``, which reads only their pickled structure.
+    A weight tensor is then read from the file at its offset into a fresh buffer, not through the mapping: touched
+    mapping pages would stay resident (and count in RSS) for as long as the file is open, so a walk through every
+    file would end up holding every file's weights. Reading a tensor costs one copy of it, like a store read.
+    (Tensors with no known offset, e.g. of an old-format file that torch reads whole, are used as loaded.)
     """
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
@@ -241,6 +302,7 @@ class FileTrajectory(Trajectory):
         if not self.paths:
             raise TrajectoryError("no checkpoint files given")
         self._states: list[Mapping[str, Any]] = []
+        self._offsets: list[dict[str, int]] = []  # per file: parameter name -> byte offset of its data in the file
         points = []
         infos: dict[str, tuple[str, tuple[int, ...]]] = {}
         from ckptstore.torch import _TORCH_TO_NAME, load_pt
@@ -250,6 +312,7 @@ class FileTrajectory(Trajectory):
             _, node = _weights_node(obj)
             sd = {str(k).removeprefix("module."): v for k, v in node.items() if hasattr(v, "dtype")}
             self._states.append(sd)
+            self._offsets.append(_file_offsets(p, sd))
             meta: dict[str, Any] = checkpoint_metadata(obj, p) if isinstance(obj, Mapping) else {}
             epoch = obj.get("epoch") if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int) else None
             step = meta.get("step") if isinstance(meta.get("step"), int) else None
@@ -261,7 +324,7 @@ class FileTrajectory(Trajectory):
         super().__init__(points, _weight_infos(infos))
 
     def _tensor(self, index: int, name: str) -> np.ndarray:
-        from ckptstore.torch import tensor_to_leaf
+        from ckptstore.torch import _TORCH_TO_NAME, tensor_to_leaf
 
         t = self._states[index].get(name)
         if t is None:
@@ -269,7 +332,18 @@ class FileTrajectory(Trajectory):
                 f"{self.paths[index]} has no weight tensor {name!r}",
                 hint="all checkpoints of a trajectory must hold the same model",
             )
-        return leaf_values(tensor_to_leaf(t))
+        offset = self._offsets[index].get(name)
+        dt = _TORCH_TO_NAME.get(t.dtype)
+        if offset is None or dt not in FLOAT_DTYPES:
+            return leaf_values(tensor_to_leaf(t))
+        size = t.element_size()
+        buf = np.empty(t.numel() * size, dtype=np.uint8)
+        with open(self.paths[index], "rb") as f:
+            f.seek(offset)
+            got = f.readinto(buf.data)
+        if got != buf.size:
+            raise TrajectoryError(f"{self.paths[index]}: short read of tensor {name!r} (the file changed?)")
+        return leaf_values(tree.Leaf(dt, tuple(int(s) for s in t.shape), buf.view(f"<u{size}"), "torch"))
 
     def state_dict(self, index: int) -> dict[str, Any]:
         return dict(self._states[index])
