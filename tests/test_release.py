@@ -29,7 +29,7 @@ from ckptstore.cli.main import main as ckpt_main  # noqa: E402
 from ckptstore.demo import trajectory as tj  # noqa: E402
 from ckptstore.release import ReleaseError, evenly_spaced, release, resolve_model_config  # noqa: E402
 from ckptstore.storage.readonly import ReadOnlyStoreError  # noqa: E402
-from ckptstore.store import Manifest, create_store, open_store  # noqa: E402
+from ckptstore.store import create_store, open_store  # noqa: E402
 from ckptstore.torch import same_bits  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -231,21 +231,15 @@ def test_evenly_spaced() -> None:
     assert evenly_spaced([], 3) == []
 
 
-def _manifest(metadata: dict[str, Any]) -> Manifest:
-    data = {"kind": "ckptstore.manifest", "format_version": 1, "run": "r", "step": 1, "tree": {}, "tensors": {},
-            "objects": {}, "metadata": metadata}  # fmt: skip
-    return Manifest(data, "runs/r/ckpt/1.json")
-
-
 def test_model_config_sources(tmp_path: Path) -> None:
-    cfg, source = resolve_model_config(_manifest({"hparams": {"model": "ViT-B-32"}}))
+    cfg, source = resolve_model_config({"hparams": {"model": "ViT-B-32"}})
     assert source == "open_clip.get_model_config('ViT-B-32')" and cfg["vision_cfg"]["patch_size"] == 32
     given = tj.tiny_model_config("tiny")
     (tmp_path / "cfg.json").write_text(json.dumps({"model_cfg": given, "preprocess_cfg": {}}))
-    assert resolve_model_config(_manifest({"model": "nope"}), tmp_path / "cfg.json")[0] == given
-    assert resolve_model_config(_manifest({"model_config": given}))[0] == given
+    assert resolve_model_config({"model": "nope"}, tmp_path / "cfg.json")[0] == given
+    assert resolve_model_config({"model_config": given})[0] == given
     with pytest.raises(ReleaseError) as ei:
-        resolve_model_config(_manifest({"model": "not-a-registered-model"}))
+        resolve_model_config({"model": "not-a-registered-model"}, ref="r@1")
     assert "--model-config" in str(ei.value)
 
 

@@ -161,17 +161,21 @@ def _open_clip_config(name: str) -> dict[str, Any] | None:
     return dict(cfg) if cfg else None
 
 
-def model_name_of(m: Manifest) -> str | None:
-    meta = m.metadata
+def model_name_of(meta: Mapping[str, Any]) -> str | None:
+    """The model name a checkpoint's metadata records: ``model``, else open_clip_train's ``hparams.model``."""
     name = meta.get("model") or (meta.get("hparams") or {}).get("model")
     return str(name) if name else None
 
 
 def resolve_model_config(
-    m: Manifest, given: Mapping[str, Any] | str | os.PathLike[str] | None = None
+    meta: Mapping[str, Any],
+    given: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    ref: str = "this checkpoint",
 ) -> tuple[dict[str, Any], str]:
-    """The open_clip model config (``embed_dim``/``vision_cfg``/``text_cfg``) of a checkpoint, and where it came
-    from. In order: ``given`` (a dict or a JSON file, either the bare config or an ``open_clip_config.json``);
+    """The open_clip model config (``embed_dim``/``vision_cfg``/``text_cfg``) of a checkpoint, from its metadata
+    ``meta`` (a stored manifest's or a ``.pt`` file's; ``ref`` names it in errors), and where it came from.
+    In order: ``given`` (a dict or a JSON file, either the bare config or an ``open_clip_config.json``);
     the checkpoint's ``metadata.model_config``; open_clip's registry for the model name in the metadata
     (``model``, or ``hparams.model`` from open_clip_train's params.txt); a ``model_configs/<name>.json`` up to
     four folders above the ingested file (where a training launcher that registers its own configs keeps them)."""
@@ -181,24 +185,23 @@ def resolve_model_config(
         else:
             cfg, source = json.loads(Path(given).read_text()), str(given)
         return _bare(cfg), source
-    stored = m.metadata.get("model_config")
+    stored = meta.get("model_config")
     if isinstance(stored, Mapping):
         return _bare(dict(stored)), "metadata.model_config"
-    name = model_name_of(m)
+    name = model_name_of(meta)
     if name:
         registered = _open_clip_config(name)
         if registered:
             return registered, f"open_clip.get_model_config({name!r})"
-        src = (m.metadata.get("source") or {}).get("file")
+        src = (meta.get("source") or {}).get("file")
         if isinstance(src, str):
             for parent in list(Path(src).parents)[:5]:
                 candidate = parent / "model_configs" / f"{name}.json"
                 if candidate.is_file():
                     return _bare(json.loads(candidate.read_text())), str(candidate)
     raise ReleaseError(
-        f"no open_clip model config for {m.ref}"
-        + (f" (model {name!r} is not in open_clip's registry)" if name else ""),
-        ref=m.ref,
+        f"no open_clip model config for {ref}" + (f" (model {name!r} is not in open_clip's registry)" if name else ""),
+        ref=ref,
         hint="pass --model-config FILE: the model's JSON config (embed_dim, vision_cfg, text_cfg)",
     )
 
@@ -210,9 +213,9 @@ def _bare(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def preprocess_config(m: Manifest) -> dict[str, Any]:
-    """Image normalisation as the run trained with it (params.txt), else open_clip's defaults."""
-    hp = m.metadata.get("hparams") or {}
+def preprocess_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Image normalisation as the run trained with it (params.txt in the metadata), else open_clip's defaults."""
+    hp = meta.get("hparams") or {}
     out: dict[str, Any] = {}
     try:
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -298,7 +301,7 @@ def write_checkpoint_folder(
     row = _Row(chosen, folder_name(m))
     d = root / row.folder
     d.mkdir(parents=True)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(m)}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(m.metadata)}
     (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     write_weights(store, m, d / WEIGHTS_FILE)
     files = [d / CONFIG_FILE, d / WEIGHTS_FILE]
@@ -589,7 +592,9 @@ def release(
     model_cfg: dict[str, Any] = {}
     cfg_source = ""
     if chosen:  # one run, one model: the config of its last chosen checkpoint serves them all
-        model_cfg, cfg_source = resolve_model_config(chosen[-1].manifest, model_config)
+        model_cfg, cfg_source = resolve_model_config(
+            chosen[-1].manifest.metadata, model_config, ref=chosen[-1].manifest.ref
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -609,7 +614,7 @@ def release(
             "ckptstore_version": __version__,
             "source_store": store.url,
             "run": run,
-            "model": model_name_of(latest),
+            "model": model_name_of(latest.metadata),
             "model_config_source": cfg_source or None,
             "license": license or "other",
             "stored_checkpoints": len(infos),

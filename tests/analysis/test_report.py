@@ -3,7 +3,6 @@ self-containment (no fetches, every plot a decodable PNG), and ``ckpt report`` e
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import io
@@ -495,29 +494,13 @@ def test_global_matplotlib_state_untouched() -> None:
 # ---------------------------------------------------------------------------------------------- ckpt report
 
 
-def _parser() -> argparse.ArgumentParser:
-    from ckptstore.cli import report_cmds
-
-    parser = argparse.ArgumentParser(prog="ckpt")
-    parser.add_argument("--traceback", action="store_true")
-    report_cmds.register(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def ckpt(*argv: str) -> int:
-    """``ckpt ARGS``: through ckptstore.cli.main once ``report`` is wired there, else a parser of our own."""
-    from ckptstore.cli import main as cli_main
+    from ckptstore.cli.main import main
 
-    sub = next(a for a in cli_main.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "report" in sub.choices:
-        return cli_main.main(list(argv))
-    args = _parser().parse_args(list(argv))
-    return int(args.func(args) or 0)
+    return main(list(argv))
 
 
 def test_cli_on_a_non_clip_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for mod in ("weights", "stability"):
-        pytest.importorskip(f"ckptstore.analysis.{mod}")
     from ckptstore.store import open_store
 
     store = open_store(str(tmp_path / "s"), create=True)
@@ -547,8 +530,6 @@ def test_cli_on_a_non_clip_run(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 @pytest.mark.slow
 def test_cli_on_the_demo_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for mod in ("weights", "stability", "representations", "transfer", "probes"):
-        pytest.importorskip(f"ckptstore.analysis.{mod}")
     pytest.importorskip("torch")
     pytest.importorskip("open_clip_train")
     pytest.importorskip("sklearn")

@@ -270,7 +270,8 @@ def test_noisy_decaying_losses_raise_nothing(seed: int, noise: float) -> None:
 def test_real_runs_raise_no_flags() -> None:
     """The shared 2-epoch tiny OpenCLIP run and the 20-epoch one (the same cached run tests/policy/test_thin_openclip.py
     trains): warm-up then cosine decay, normal runs. Twenty checkpoints give every check a history."""
-    tj = pytest.importorskip("ckptstore.demo.trajectory")
+    from ckptstore.demo import trajectory as tj
+
     pytest.importorskip("open_clip")
     from ckptstore.analysis.trajectory import open_trajectory
 

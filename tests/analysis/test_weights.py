@@ -314,7 +314,8 @@ def test_invariants(states: list[dict[str, np.ndarray]]) -> None:
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """The shared 2-epoch tiny OpenCLIP run (trained once and cached), and a store holding it."""
-    tj = pytest.importorskip("ckptstore.demo.trajectory")
+    from ckptstore.demo import trajectory as tj
+
     pytest.importorskip("open_clip")
     import ckptstore
     from ckptstore.integrations.openclip import ingest

@@ -1,7 +1,8 @@
 """Research answers from a stored run: weight dynamics, representation evolution, stability, transfer, reports.
 
 Each analysis reads a :class:`~ckptstore.analysis.trajectory.Trajectory` (a store run, ``.pt`` files, or state dicts
-in memory) tensor by tensor and returns a result with ``to_dict()`` for JSON (docs/analysis.md, docs/report.md).
+in memory) tensor by tensor and returns a result with ``to_dict()`` for JSON (docs/analysis-dynamics.md,
+docs/analysis-representations.md, docs/report.md).
 Importing this package does not import torch, open_clip, scikit-learn or matplotlib; the analyses that need them
 import them when they run.
 

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ckptstore.analysis.probes import ProbeSet
-    from ckptstore.store import Manifest
 
 __all__ = [
     "BLOCK_PATTERN",
@@ -171,14 +169,13 @@ def zero_shot_accuracy(
 def model_config_for(point: Point, given: Mapping[str, Any] | str | Path | None = None) -> tuple[dict[str, Any], str]:
     """The open_clip model config of a checkpoint from its metadata, and where it came from.
 
-    :func:`ckptstore.release.resolve_model_config` read from a :class:`Point`'s metadata (so ``.pt`` files and
-    store runs resolve alike): ``given``; ``metadata.model_config``; open_clip's registry for ``metadata.model``;
-    a ``model_configs/<name>.json`` near the checkpoint's source file.
+    :func:`ckptstore.release.resolve_model_config` on a :class:`Point`'s metadata (so ``.pt`` files and store runs
+    resolve alike): ``given``; ``metadata.model_config``; open_clip's registry for ``metadata.model``; a
+    ``model_configs/<name>.json`` near the checkpoint's source file.
     """
     from ckptstore.release import resolve_model_config
 
-    shim = SimpleNamespace(metadata=point.metadata, ref=point.label)  # all resolve_model_config reads of a Manifest
-    return resolve_model_config(cast("Manifest", shim), given)
+    return resolve_model_config(point.metadata, given, ref=point.label)
 
 
 def build_openclip_model(config: Mapping[str, Any]) -> nn.Module:
@@ -239,7 +236,7 @@ def _image_transform(model: nn.Module, metadata: Mapping[str, Any]) -> Callable[
     visual = getattr(model, "visual", None)
     if visual is not None and hasattr(visual, "image_size"):
         base["size"] = visual.image_size
-    overrides = preprocess_config(cast("Manifest", SimpleNamespace(metadata=metadata)))
+    overrides = preprocess_config(metadata)
     cfg = PreprocessCfg(**merge_preprocess_dict(base, overrides))
     return cast("Callable[[Any], torch.Tensor]", image_transform_v2(cfg, is_train=False))
 

@@ -74,14 +74,14 @@ def leaf_values(leaf: tree.Leaf) -> np.ndarray:
     return out
 
 
-def _weights_node(root: Any) -> tuple[str | None, Mapping[str, Any]]:
-    """The sub-dict of a (flattened-tree or loaded) state that holds the model weights, and its key."""
+def _weights_node(root: Any) -> Mapping[str, Any]:
+    """The sub-dict of a (flattened-tree or loaded) state that holds the model weights."""
     if isinstance(root, Mapping):
         for key in WEIGHT_KEYS:
             node = root.get(key)
             if isinstance(node, Mapping) and node:
-                return key, node
-        return None, root
+                return node
+        return root
     raise TrajectoryError(f"a checkpoint's state is a {type(root).__name__}, not a dict of tensors")
 
 
@@ -166,7 +166,7 @@ class StoreTrajectory(Trajectory):
         self._names: list[dict[str, str]] = []  # per checkpoint: parameter name -> stored tensor name
         infos: dict[str, tuple[str, tuple[int, ...]]] = {}
         for i, m in enumerate(self._manifests):
-            _, node = _weights_node(m.data.get("tree"))
+            node = _weights_node(m.data.get("tree"))
             names: dict[str, str] = {}
             for param, sub in node.items():
                 if isinstance(sub, dict) and set(sub) == {"$tensor"}:
@@ -309,7 +309,7 @@ class FileTrajectory(Trajectory):
 
         for i, p in enumerate(self.paths):
             obj = load_pt(str(p), mmap=True)
-            _, node = _weights_node(obj)
+            node = _weights_node(obj)
             sd = {str(k).removeprefix("module."): v for k, v in node.items() if hasattr(v, "dtype")}
             self._states.append(sd)
             self._offsets.append(_file_offsets(p, sd))
@@ -364,7 +364,7 @@ class MemoryTrajectory(Trajectory):
             raise TrajectoryError(f"{len(states)} states but {len(metadata)} metadata entries")
         self._leaves: list[dict[str, tree.Leaf]] = []
         for s in states:
-            _, node = _weights_node(s)
+            node = _weights_node(s)
             leaves = {}
             for k, v in node.items():
                 if isinstance(v, np.ndarray):

@@ -1,13 +1,10 @@
-"""``ckpt analyze``: research answers from a stored run (docs/analysis.md). Each analysis is a subcommand."""
+"""``ckpt analyze``: research answers from a stored run, one subcommand per analysis (docs/analysis-dynamics.md,
+docs/analysis-representations.md)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any
-
-# The modules that add subcommands to ``ckpt analyze``; each has ``register(subparsers)``.
-_ANALYSES = ("ckptstore.cli.analyze_dynamics", "ckptstore.cli.analyze_probes")
 
 
 def register(sub: Any) -> None:
@@ -19,5 +16,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    for mod in _ANALYSES:
-        importlib.import_module(mod).register(asub)
+    from ckptstore.cli import analyze_dynamics, analyze_probes
+
+    analyze_dynamics.register(asub)  # weights, stability
+    analyze_probes.register(asub)  # representations, transfer

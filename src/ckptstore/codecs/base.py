@@ -93,6 +93,18 @@ class ArrayCodec(Codec):
     @abstractmethod
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray: ...
 
+    def encode_planes(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """Optional fused path: the encoded words already split into byte planes (``(itemsize, n)`` uint8, the same
+        bytes as splitting :meth:`encode`'s output), or None when the codec has none for this input."""
+        return None
+
+    def decode_planes(
+        self, planes: list[np.ndarray], spec: TensorSpec, refs: Mapping[str, np.ndarray]
+    ) -> np.ndarray | None:
+        """Optional fused path: decode straight from the byte planes of the encoded words (lowest byte first, ``n``
+        bytes each), or None when the codec has none for this input."""
+        return None
+
 
 class BytesCodec(Codec):
     """Words → bytes (the last codec of a chain)."""

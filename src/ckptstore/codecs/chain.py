@@ -80,8 +80,8 @@ def _finish(
     coded = words
     refs = {"prev": prev} if prev is not None else {}
     planes = None
-    if len(array_codecs) == 1 and isinstance(array_codecs[0], OrderedDelta):
-        planes = array_codecs[0].encode_planes(words, spec, refs)  # fused delta + plane split, where it applies
+    if len(array_codecs) == 1:
+        planes = array_codecs[0].encode_planes(words, spec, refs)  # the codec's fused plane split, if it has one
     if planes is None:
         for c in array_codecs:
             coded = c.encode(coded, spec, refs)
@@ -134,14 +134,17 @@ def decode(
             assert isinstance(c, ArrayCodec)
             c.load_side(bytes(view[8 : 8 + length]))
             view = view[8 + length :]
-    if len(array_codecs) == 1 and isinstance(array_codecs[0], OrderedDelta) and isinstance(last, BytePlanesZstd):
-        fused = array_codecs[0].decode_planes(last.decode_planes(view, spec), spec, refs or {})
-        if fused is not None:  # planes joined and delta undone in one pass
+    stages = [c for c in array_codecs if isinstance(c, ArrayCodec)]  # all of them (checked above); typed
+    if isinstance(last, BytePlanesZstd):
+        planes = last.decode_planes(view, spec)
+        fused = stages[0].decode_planes(planes, spec, refs or {}) if len(stages) == 1 else None
+        if fused is not None:  # planes joined and the array codec undone in one pass
             return fused
-    words = last.decode(view, spec)
+        words = last.join(planes, spec)
+    else:
+        words = last.decode(view, spec)
     if words.size != spec.size:
         raise CodecError(f"decoded {words.size} elements, expected {spec.size}")
-    for c in reversed(array_codecs):
-        assert isinstance(c, ArrayCodec)
+    for c in reversed(stages):
         words = c.decode(words, spec, refs or {})
     return words

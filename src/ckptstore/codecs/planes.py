@@ -142,8 +142,12 @@ class BytePlanesZstd(BytesCodec):
         return [header, *(p for _, _, p in parts)]
 
     def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray:
-        k = spec.dt.itemsize if spec.dtype != "complex128" else 8
-        planes = self.decode_planes(payload, spec)
+        return self.join(self.decode_planes(payload, spec), spec)
+
+    @staticmethod
+    def join(planes: list[np.ndarray], spec: TensorSpec) -> np.ndarray:
+        """Byte planes (as :meth:`decode_planes` returns them) -> a fresh array of the tensor's words."""
+        k = len(planes)
         word = np.dtype(f"<u{k}")
         if k == 1:
             return np.array(planes[0], copy=True).view(word)
