@@ -55,7 +55,7 @@ from ckptstore.metadata import validate as validate_metadata
 from ckptstore.refs import Ref, parse_ref, resolve
 from ckptstore.storage import Storage, open_storage
 
-DEFAULT_KEYFRAME_INTERVAL = 8
+DEFAULT_KEYFRAME_INTERVAL = 4  # chains of at most 4 objects: docs/benchmarks.md weighs this against size
 DEFAULT_LEVEL = 1
 MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
 _WINDOW = 4  # tensors being encoded ahead of the writer, per worker
@@ -586,6 +586,20 @@ class Store:
         """Decode one object, resolving its delta chain; ``known`` holds already-decoded objects (the previous
         checkpoint when reading a run in order). With ``verify`` the object itself is decoded and hashed even if
         known; its references may still come from ``known``."""
+        return self._decode_chain(manifest, oid, known=known, verify=verify, _depth=_depth)[0]
+
+    def _decode_chain(
+        self,
+        manifest: Manifest,
+        oid: str,
+        *,
+        known: Mapping[str, np.ndarray] | None = None,
+        verify: bool = False,
+        _depth: int = 0,
+    ) -> tuple[np.ndarray, bool]:
+        """:meth:`_decode_object`, plus whether the array is private to this call (decoded here, not a cached
+        base). A delta whose base is private is decoded into the base's memory: a chain of any length then
+        allocates one output instead of one per link."""
         if _depth > MAX_CHAIN:
             raise FormatError(
                 f"delta chain of object {oid[:20]}… is longer than {MAX_CHAIN} (a cycle?)", path=manifest.key
@@ -595,19 +609,21 @@ class Store:
             if hit is None:
                 hit = self._head.get(oid)
             if hit is not None:
-                return hit
+                return hit, False
         rec = manifest.objects.get(oid)
         if rec is None:
             raise FormatError(f"object {oid} missing from manifest", path=manifest.key)
         spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
-        refs = {
-            role: self._decode_object(manifest, dep, known=known, _depth=_depth + 1)
-            for role, dep in rec.get("refs", {}).items()
-        }
+        refs: dict[str, np.ndarray] = {}
+        private: set[str] = set()
+        for role, dep in rec.get("refs", {}).items():
+            refs[role], owned = self._decode_chain(manifest, dep, known=known, _depth=_depth + 1)
+            if owned:
+                private.add(role)
         length = int(rec["length"])
         _check_pack_key(rec.get("pack"), manifest.key)
         try:
-            payload = self.storage.read_range(rec["pack"], int(rec["offset"]), length) if length else b""
+            payload = self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
         except (FileNotFoundError, EOFError, OSError) as exc:
             raise IntegrityError(
                 f"cannot read object {oid[:20]}…: {exc}",
@@ -616,7 +632,7 @@ class Store:
                 hint="run `ckpt verify`; the pack file is missing or cut",
             ) from None
         try:
-            words = codecs.decode(payload, rec["codecs"], spec, refs)
+            words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private)
         except CkptStoreError as exc:
             raise IntegrityError(
                 f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"), ref=manifest.ref
@@ -630,7 +646,7 @@ class Store:
                     ref=manifest.ref,
                     hint="the store is damaged; restore the pack from backup",
                 )
-        return words
+        return words, True
 
     def load_leaves(
         self,
@@ -666,7 +682,10 @@ class Store:
             self.storage.prefetch(self._ranges_to_read(m, wanted, known)),
             ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode") as ex,
         ):
-            return dict(ex.map(one, wanted))
+            # largest first, so the big chains start at once and the small tensors fill in the tail
+            order = sorted(wanted, key=lambda n: -int(np.prod(m.tensors[n]["shape"], dtype=np.int64)))
+            decoded = dict(ex.map(one, order))
+        return {n: decoded[n] for n in wanted}
 
     def _ranges_to_read(
         self, m: Manifest, names: Iterable[str], known: Mapping[str, np.ndarray] | None

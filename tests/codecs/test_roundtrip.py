@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from ckptstore import codecs
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, from_record, register, registered
+from ckptstore.codecs.chain import _finish as finish
 from ckptstore.codecs.delta import OrderedDelta, to_ordered, unzigzag, zigzag
 from ckptstore.codecs.planes import CONST, RAW, ZSTD, BytePlanesZstd, estimate_bits
 from ckptstore.errors import CodecError
@@ -280,6 +281,80 @@ def test_decode_returns_fresh_memory(rng: np.random.Generator) -> None:
     a[:] = 0
     b = codecs.decode(enc.payload, enc.codecs, spec)
     assert b.tobytes() == words.tobytes()
+
+
+def _large_pair(rng: np.random.Generator, rows: int = 1031, cols: int = 1100) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 matrix past every size threshold (scratch planes, split decode) and its next version: rows move
+    by their own scale, so the per-row predictor is chosen."""
+    prev = (rng.standard_normal((rows, cols)) * 0.05).astype("<f4")
+    row_scale = (1 - rng.random((rows, 1)) * 1e-2).astype("<f4")
+    cur = (prev * row_scale + (rng.standard_normal((rows, cols)) * 1e-5).astype("<f4")).astype("<f4")
+    return cur.reshape(-1).view("<u4").copy(), prev.reshape(-1).view("<u4").copy()
+
+
+@pytest.mark.parametrize("predictor", ["prev", "scale", "rowscale"])
+def test_reusable_reference_is_decoded_into(predictor: str, rng: np.random.Generator) -> None:
+    """A reference the caller hands over becomes the output (a chain reuses one buffer); one it keeps is not
+    touched. Large and with an odd row count, so the decode runs as two row-aligned halves."""
+    cur, prev = _large_pair(rng)
+    spec = TensorSpec("float32", (1031, 1100))
+    codec = {
+        "prev": OrderedDelta("prev"),
+        "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
+        "rowscale": OrderedDelta("rowscale", rows=1031, scales=(1 - rng.random(1031) * 1e-2).astype("<f4")),
+    }[predictor]
+    enc = finish(cur, spec, [codec], 1, prev)
+    assert enc.roles == ("prev",)
+    kept = prev.copy()
+    fresh = codecs.decode(enc.payload, enc.codecs, spec, {"prev": kept})
+    assert fresh.tobytes() == cur.tobytes() and fresh is not kept and kept.tobytes() == prev.tobytes()
+    handed = prev.copy()
+    out = codecs.decode(enc.payload, enc.codecs, spec, {"prev": handed}, reusable={"prev"})
+    assert out is handed and out.tobytes() == cur.tobytes()
+    readonly = prev.copy()
+    readonly.flags.writeable = False  # not usable as output: decoded into fresh memory instead
+    out = codecs.decode(enc.payload, enc.codecs, spec, {"prev": readonly}, reusable={"prev"})
+    assert out is not readonly and out.tobytes() == cur.tobytes()
+
+
+def test_large_decodes_in_one_thread_do_not_share_memory(rng: np.random.Generator) -> None:
+    """Planes of large tensors decode into the thread's scratch buffer; what decode returns never aliases it."""
+    cur, prev = _large_pair(rng)
+    spec = TensorSpec("float32", (1031, 1100))
+    key_a = codecs.encode(prev, spec)
+    key_b = codecs.encode(cur, spec)
+    dlt = codecs.encode(cur, spec, {"prev": prev})
+    assert not key_a.roles and not key_b.roles and dlt.roles == ("prev",)
+    a = codecs.decode(key_a.payload, key_a.codecs, spec)
+    b = codecs.decode(key_b.payload, key_b.codecs, spec)
+    c = codecs.decode(dlt.payload, dlt.codecs, spec, {"prev": a})
+    assert a.tobytes() == prev.tobytes() and b.tobytes() == cur.tobytes() and c.tobytes() == cur.tobytes()
+
+
+def test_damaged_large_payload_raises_codec_error(rng: np.random.Generator) -> None:
+    """The scratch-buffer path checks zstd planes as strictly as the one-shot path: cut or flipped frames are a
+    CodecError (or, for a flip zstd cannot see, an array of the right size that the store's hash then refuses)."""
+    words, _ = _large_pair(rng)
+    spec = TensorSpec("float32", (1031, 1100))
+    enc = codecs.encode(words, spec)
+    payload = enc.payload
+    methods = plane_methods(payload)
+    assert ZSTD in [m for m, _ in methods]
+    for cut in (len(payload) // 3, len(payload) // 2, len(payload) - 1):
+        with pytest.raises(CodecError):
+            codecs.decode(payload[:cut], enc.codecs, spec)
+    start = 1 + 9 * len(methods)
+    for m, length in methods:  # damage the middle of each zstd frame
+        if m == ZSTD:
+            bad = bytearray(payload)
+            bad[start + length // 2] ^= 0xFF
+            try:
+                out = codecs.decode(bytes(bad), enc.codecs, spec)
+            except CodecError:
+                pass
+            else:
+                assert out.size == spec.size
+        start += length if m in (RAW, ZSTD) else 0
 
 
 # ---------------------------------------------------------------------------------------------- units

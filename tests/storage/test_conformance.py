@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ckptstore.errors import ConcurrentCommitError
@@ -102,6 +103,16 @@ class StorageTests:
             storage.read_range("k", 10, 1)
         with pytest.raises(EOFError):
             storage.read_range("k", 100, 1)
+
+    def test_read_view_is_read_range(self, storage: Storage) -> None:
+        """``read_view`` (a mapping on local disk, for large ranges) gives the same bytes at any offset."""
+        data = np.random.default_rng(0).integers(0, 256, 3 * 1024 * 1024 + 17, dtype=np.uint8).tobytes()
+        storage.write("k", data)
+        for start, length in [(0, len(data)), (4097, 2 * 1024 * 1024), (len(data) - 1_500_000, 1_500_000), (5, 9)]:
+            view = storage.read_view("k", start, length)
+            assert bytes(view) == storage.read_range("k", start, length) == data[start : start + length]
+        with pytest.raises(EOFError):
+            storage.read_view("k", len(data) - 1_048_576, 1_048_577)
 
     def test_read_range_missing(self, storage: Storage) -> None:
         with pytest.raises(FileNotFoundError):
@@ -277,6 +288,18 @@ def test_open_storage_picks_the_backend(tmp_path: Path) -> None:
     assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
     assert open_storage(f"file://{tmp_path}").url == str(tmp_path.resolve())
     assert isinstance(open_storage("memory://x"), FsspecStorage)
+
+
+def test_local_read_view_outlives_the_file(tmp_path: Path) -> None:
+    """A mapped range stays readable after its pack is deleted (gc may unlink a pack while a load decodes)."""
+    storage = LocalStorage(tmp_path)
+    data = bytes(range(256)) * 8192
+    storage.write("packs/a.pack", data)
+    view = storage.read_view("packs/a.pack", 100, len(data) - 100)
+    assert isinstance(view, memoryview)  # mapped, not copied
+    storage.delete("packs/a.pack")
+    assert not (tmp_path / "packs/a.pack").exists()
+    assert bytes(view) == data[100:]
 
 
 def test_local_leaves_no_temp_files(tmp_path: Path) -> None:

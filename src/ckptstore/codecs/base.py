@@ -99,10 +99,16 @@ class ArrayCodec(Codec):
         return None
 
     def decode_planes(
-        self, planes: list[np.ndarray], spec: TensorSpec, refs: Mapping[str, np.ndarray]
+        self,
+        planes: list[np.ndarray],
+        spec: TensorSpec,
+        refs: Mapping[str, np.ndarray],
+        out: np.ndarray | None = None,
     ) -> np.ndarray | None:
         """Optional fused path: decode straight from the byte planes of the encoded words (lowest byte first, ``n``
-        bytes each), or None when the codec has none for this input."""
+        bytes each), or None when the codec has none for this input. ``out``, when given, is one of ``refs`` that
+        the caller no longer needs: the codec may write the result into it (reading each element before writing it),
+        so a delta chain reuses one buffer."""
         return None
 
 

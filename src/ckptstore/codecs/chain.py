@@ -8,7 +8,7 @@ picks, the result is raw when coding does not pay. ``decode`` runs a stored chai
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,8 @@ from ckptstore.errors import CodecError
 DELTA_MIN_GAIN = 0.97
 # Tensors of at most this many elements are coded both ways and the smaller kept (no cost model).
 SMALL_TENSOR = 4096
+# Tensors at least this large decode their zstd planes into the thread's reusable buffer (fresh pages cost more).
+SCRATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -112,8 +114,13 @@ def decode(
     codecs: Sequence[Mapping[str, Any]],
     spec: TensorSpec,
     refs: Mapping[str, np.ndarray] | None = None,
+    *,
+    reusable: Collection[str] = (),
 ) -> np.ndarray:
-    """Decode a payload through its stored chain into flat words of the tensor's width."""
+    """Decode a payload through its stored chain into flat words of the tensor's width.
+
+    ``reusable``: roles of ``refs`` whose arrays the caller hands over (it decoded them only for this call); a
+    fused delta decode writes its result into such an array instead of a fresh one."""
     word = np.dtype(f"<u{spec.dt.itemsize if spec.dtype != 'complex128' else 8}")
     if not codecs:
         if len(payload) != spec.nbytes:
@@ -136,8 +143,12 @@ def decode(
             view = view[8 + length :]
     stages = [c for c in array_codecs if isinstance(c, ArrayCodec)]  # all of them (checked above); typed
     if isinstance(last, BytePlanesZstd):
-        planes = last.decode_planes(view, spec)
-        fused = stages[0].decode_planes(planes, spec, refs or {}) if len(stages) == 1 else None
+        # every path below consumes the planes before returning, so the thread's buffer can hold them
+        planes = last.decode_planes(view, spec, reuse=spec.nbytes >= SCRATCH_BYTES)
+        fused = None
+        if len(stages) == 1:
+            spare = [refs[r] for r in stages[0].ref_roles() if r in reusable] if refs else []
+            fused = stages[0].decode_planes(planes, spec, refs or {}, spare[0] if spare else None)
         if fused is not None:  # planes joined and the array codec undone in one pass
             return fused
         words = last.join(planes, spec)

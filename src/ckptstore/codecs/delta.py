@@ -21,12 +21,14 @@ from typing import Any
 import numpy as np
 
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, register
-from ckptstore.codecs.planes import estimate_bits, kernels
+from ckptstore.codecs.planes import estimate_bits, kernels, pmap
 from ckptstore.errors import CodecError
 
 PREDICTORS = ("prev", "scale", "rowscale")
 # rowscale is tried for 2-D (and higher) tensors whose rows have at least this many elements
 _ROWSCALE_MIN_COLS = 16
+# Fused decodes of tensors at least this large run as two halves on the two plane threads.
+_SPLIT_BYTES = 4 * 1024 * 1024
 
 
 def to_ordered(words: np.ndarray) -> np.ndarray:
@@ -201,16 +203,46 @@ class OrderedDelta(ArrayCodec):
         return out
 
     def decode_planes(
-        self, planes: list[np.ndarray], spec: TensorSpec, refs: Mapping[str, np.ndarray]
+        self,
+        planes: list[np.ndarray],
+        spec: TensorSpec,
+        refs: Mapping[str, np.ndarray],
+        out: np.ndarray | None = None,
     ) -> np.ndarray | None:
         """Decode straight from the residual's 4 byte planes (the inverse of :meth:`encode_planes`), when the
-        fused C loop applies; else None."""
+        fused C loop applies; else None. The loop reads ``prev[i]`` before it writes ``out[i]``, so ``out`` may be
+        ``prev`` itself."""
         kargs = self._kernel_args(spec)
         if kargs is None or kernels is None or len(planes) != 4:
             return None
-        out = np.empty(spec.size, dtype=np.uint32)
+        usable = (
+            out is not None
+            and out.dtype == np.uint32
+            and out.shape == (spec.size,)
+            and out.flags.c_contiguous
+            and out.flags.writeable
+        )
+        if not usable:
+            out = np.empty(spec.size, dtype=np.uint32)
+        assert out is not None
         prev = np.ascontiguousarray(_ref(refs, out))
-        kernels.f32_delta_decode_planes(*planes, prev, kargs[0], kargs[1], kargs[2], out)
+        scales, rows, mode = kargs
+        n = spec.size
+        pieces = 2 if n * 4 >= _SPLIT_BYTES and (mode != 2 or rows >= 2) else 1
+        if mode == 2:  # per-row scales: cut at a row boundary
+            cols = n // max(rows, 1)
+            cut = (rows // 2) * cols if pieces == 2 else n
+        else:
+            cut = n // 2 if pieces == 2 else n
+
+        def run(lo_hi: tuple[int, int]) -> None:
+            lo, hi = lo_hi
+            sc = scales if mode != 2 else scales[lo // cols : hi // cols]
+            r = rows if mode != 2 else (hi - lo) // cols
+            kernels.f32_delta_decode_planes(*(p[lo:hi] for p in planes), prev[lo:hi], sc, r, mode, out[lo:hi])
+
+        spans = [(0, cut), (cut, n)] if pieces == 2 else [(0, n)]
+        pmap(run, spans, parallel=pieces == 2)  # the loop releases the GIL: two cores for one large tensor
         return out
 
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:

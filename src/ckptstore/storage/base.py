@@ -63,6 +63,11 @@ class Storage(ABC):
     @abstractmethod
     def read_range(self, key: str, start: int, length: int) -> bytes: ...
 
+    def read_view(self, key: str, start: int, length: int) -> bytes | memoryview:
+        """Like :meth:`read_range`, for a reader that only looks at the bytes while it decodes them: local disk
+        maps the file instead of copying it (the decoder then reads the page cache directly)."""
+        return self.read_range(key, start, length)
+
     @abstractmethod
     def write(self, key: str, data: bytes) -> None:
         """Atomically create or replace ``key``."""

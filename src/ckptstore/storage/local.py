@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from ckptstore.errors import ConcurrentCommitError, StoreLockedError
 from ckptstore.storage.base import Storage, Writer
 
 TMP_SUFFIX = ".tmp-"
+# Ranges at least this long are mapped by read_view instead of copied: below it the mapping costs more than a copy.
+_MAP_MIN = 1 << 20
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,6 +92,25 @@ class LocalStorage(Storage):
         if len(data) != length:
             raise EOFError(f"{key}: wanted {length} bytes at {start}, file has fewer")
         return data
+
+    def read_view(self, key: str, start: int, length: int) -> bytes | memoryview:
+        """A read-only mapping of the range (pages populated up front), or a copy for short ranges.
+
+        Safe because packs are immutable: a key is only ever created whole (rename) or deleted (unlink), and a
+        mapping of an unlinked file stays valid. The mapping is released when the last view of it goes.
+        """
+        if length < _MAP_MIN:
+            return self.read_range(key, start, length)
+        fd = os.open(self._path(key), os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < start + length:
+                raise EOFError(f"{key}: wanted {length} bytes at {start}, file has fewer")
+            skip = start % mmap.ALLOCATIONGRANULARITY
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fd, length + skip, flags=flags, prot=mmap.PROT_READ, offset=start - skip)
+        finally:
+            os.close(fd)
+        return memoryview(mm)[skip : skip + length]
 
     def write(self, key: str, data: bytes) -> None:
         with self.open_writer(key) as w:

@@ -35,6 +35,9 @@ class ReadOnlyStorage(Storage):
     def read_range(self, key: str, start: int, length: int) -> bytes:
         return self.inner.read_range(key, start, length)
 
+    def read_view(self, key: str, start: int, length: int) -> bytes | memoryview:
+        return self.inner.read_view(key, start, length)
+
     def write(self, key: str, data: bytes) -> None:
         raise self._refuse(key)
 
