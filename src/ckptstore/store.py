@@ -575,18 +575,12 @@ class Store:
 
     # ------------------------------------------------------------------ loading
     def _decode_object(
-        self,
-        manifest: Manifest,
-        oid: str,
-        *,
-        known: Mapping[str, np.ndarray] | None = None,
-        verify: bool = False,
-        _depth: int = 0,
+        self, manifest: Manifest, oid: str, *, known: Mapping[str, np.ndarray] | None = None, verify: bool = False
     ) -> np.ndarray:
         """Decode one object, resolving its delta chain; ``known`` holds already-decoded objects (the previous
         checkpoint when reading a run in order). With ``verify`` the object itself is decoded and hashed even if
         known; its references may still come from ``known``."""
-        return self._decode_chain(manifest, oid, known=known, verify=verify, _depth=_depth)[0]
+        return self._decode_chain(manifest, oid, known=known, verify=verify)[0]
 
     def _decode_chain(
         self,
