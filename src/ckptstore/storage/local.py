@@ -97,9 +97,11 @@ class LocalStorage(Storage):
         """A read-only mapping of the range (pages populated up front), or a copy for short ranges.
 
         Safe because packs are immutable: a key is only ever created whole (rename) or deleted (unlink), and a
-        mapping of an unlinked file stays valid. The mapping is released when the last view of it goes.
+        mapping of an unlinked file stays valid. The mapping is released when the last view of it goes. (A pack
+        truncated in place by something outside ckptstore while a load reads it would fault the process instead of
+        raising: the price of not copying.)
         """
-        if length < _MAP_MIN:
+        if length < _MAP_MIN or not hasattr(mmap, "MAP_SHARED"):  # (Windows' mmap takes other arguments)
             return self.read_range(key, start, length)
         fd = os.open(self._path(key), os.O_RDONLY)
         try:
