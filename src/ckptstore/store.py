@@ -575,12 +575,19 @@ class Store:
 
     # ------------------------------------------------------------------ loading
     def _decode_object(
-        self, manifest: Manifest, oid: str, *, known: Mapping[str, np.ndarray] | None = None, verify: bool = False
+        self,
+        manifest: Manifest,
+        oid: str,
+        *,
+        known: Mapping[str, np.ndarray] | None = None,
+        verify: bool = False,
+        scratch: bool = False,
     ) -> np.ndarray:
         """Decode one object, resolving its delta chain; ``known`` holds already-decoded objects (the previous
         checkpoint when reading a run in order). With ``verify`` the object itself is decoded and hashed even if
-        known; its references may still come from ``known``."""
-        return self._decode_chain(manifest, oid, known=known, verify=verify)[0]
+        known; its references may still come from ``known``. ``scratch``: decode zstd planes into the calling
+        thread's reusable buffer, for threads that end with their load (the buffer lives as long as the thread)."""
+        return self._decode_chain(manifest, oid, known=known, verify=verify, scratch=scratch)[0]
 
     def _decode_chain(
         self,
@@ -589,6 +596,7 @@ class Store:
         *,
         known: Mapping[str, np.ndarray] | None = None,
         verify: bool = False,
+        scratch: bool = False,
         _depth: int = 0,
     ) -> tuple[np.ndarray, bool]:
         """:meth:`_decode_object`, plus whether the array is private to this call (decoded here, not a cached
@@ -611,7 +619,7 @@ class Store:
         refs: dict[str, np.ndarray] = {}
         private: set[str] = set()
         for role, dep in rec.get("refs", {}).items():
-            refs[role], owned = self._decode_chain(manifest, dep, known=known, _depth=_depth + 1)
+            refs[role], owned = self._decode_chain(manifest, dep, known=known, scratch=scratch, _depth=_depth + 1)
             if owned:
                 private.add(role)
         length = int(rec["length"])
@@ -626,7 +634,7 @@ class Store:
                 hint="run `ckpt verify`; the pack file is missing or cut",
             ) from None
         try:
-            words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private)
+            words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private, scratch=scratch)
         except CkptStoreError as exc:
             raise IntegrityError(
                 f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"), ref=manifest.ref
@@ -659,7 +667,7 @@ class Store:
 
         def one(n: str) -> tuple[str, tree.Leaf]:
             t = m.tensors[n]
-            words = self._decode_object(m, t["object"], known=known)
+            words = self._decode_object(m, t["object"], known=known, scratch=True)  # a pool thread of this call
             leaf = tree.Leaf(t["dtype"], tuple(t["shape"]), words)
             if object_id(leaf) != t["object"]:  # xxh3 runs at >10 GB/s: every load checks what it returns
                 raise IntegrityError(

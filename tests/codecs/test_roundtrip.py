@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptstore import codecs
+from ckptstore.codecs import planes
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, from_record, register, registered
 from ckptstore.codecs.chain import _finish as finish
 from ckptstore.codecs.delta import OrderedDelta, to_ordered, unzigzag, zigzag
@@ -325,9 +326,15 @@ def test_large_decodes_in_one_thread_do_not_share_memory(rng: np.random.Generato
     key_b = codecs.encode(cur, spec)
     dlt = codecs.encode(cur, spec, {"prev": prev})
     assert not key_a.roles and not key_b.roles and dlt.roles == ("prev",)
-    a = codecs.decode(key_a.payload, key_a.codecs, spec)
-    b = codecs.decode(key_b.payload, key_b.codecs, spec)
-    c = codecs.decode(dlt.payload, dlt.codecs, spec, {"prev": a})
+    try:
+        a = codecs.decode(key_a.payload, key_a.codecs, spec, scratch=True)
+        b = codecs.decode(key_b.payload, key_b.codecs, spec, scratch=True)
+        c = codecs.decode(dlt.payload, dlt.codecs, spec, {"prev": a}, scratch=True)
+        held = getattr(planes._local, "scratch", None)  # the thread now holds one buffer for all planes
+        assert held is not None and held.size >= 4 * spec.size
+    finally:
+        planes.release_scratch()
+    assert getattr(planes._local, "scratch", None) is None
     assert a.tobytes() == prev.tobytes() and b.tobytes() == cur.tobytes() and c.tobytes() == cur.tobytes()
 
 
@@ -341,15 +348,16 @@ def test_damaged_large_payload_raises_codec_error(rng: np.random.Generator) -> N
     methods = plane_methods(payload)
     assert ZSTD in [m for m, _ in methods]
     for cut in (len(payload) // 3, len(payload) // 2, len(payload) - 1):
-        with pytest.raises(CodecError):
-            codecs.decode(payload[:cut], enc.codecs, spec)
+        for scratch in (False, True):
+            with pytest.raises(CodecError):
+                codecs.decode(payload[:cut], enc.codecs, spec, scratch=scratch)
     start = 1 + 9 * len(methods)
     for m, length in methods:  # damage the middle of each zstd frame
         if m == ZSTD:
             bad = bytearray(payload)
             bad[start + length // 2] ^= 0xFF
             try:
-                out = codecs.decode(bytes(bad), enc.codecs, spec)
+                out = codecs.decode(bytes(bad), enc.codecs, spec, scratch=True)
             except CodecError:
                 pass
             else:
