@@ -477,7 +477,7 @@ class Store:
                     reusable = new_head is not None and base_oid not in new_head and base_oid not in referenced
                     if prev_words is not None and reusable:
                         spare = prev_words
-                    refs["prev"] = prev_words if prev_words is not None else self._decode_object(base, base_oid)
+                    refs["prev"] = prev_words if prev_words is not None else self._decode_chain(base, base_oid)[0]
             enc = codecs.encode(words, spec, refs, level=self.level)
             rec: dict[str, Any] = {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": enc.codecs}
             if enc.roles and base_oid is not None:
@@ -574,21 +574,6 @@ class Store:
         return done + 1
 
     # ------------------------------------------------------------------ loading
-    def _decode_object(
-        self,
-        manifest: Manifest,
-        oid: str,
-        *,
-        known: Mapping[str, np.ndarray] | None = None,
-        verify: bool = False,
-        scratch: bool = False,
-    ) -> np.ndarray:
-        """Decode one object, resolving its delta chain; ``known`` holds already-decoded objects (the previous
-        checkpoint when reading a run in order). With ``verify`` the object itself is decoded and hashed even if
-        known; its references may still come from ``known``. ``scratch``: decode zstd planes into the calling
-        thread's reusable buffer, for threads that end with their load (the buffer lives as long as the thread)."""
-        return self._decode_chain(manifest, oid, known=known, verify=verify, scratch=scratch)[0]
-
     def _decode_chain(
         self,
         manifest: Manifest,
@@ -599,9 +584,13 @@ class Store:
         scratch: bool = False,
         _depth: int = 0,
     ) -> tuple[np.ndarray, bool]:
-        """:meth:`_decode_object`, plus whether the array is private to this call (decoded here, not a cached
-        base). A delta whose base is private is decoded into the base's memory: a chain of any length then
-        allocates one output instead of one per link."""
+        """Decode one object, resolving its delta chain; returns the words and whether the array is private to
+        this call (decoded here, not a cached base). ``known`` holds already-decoded objects (the previous
+        checkpoint when reading a run in order). With ``verify`` the object itself is decoded and hashed even if
+        known; its references may still come from ``known``. ``scratch``: decode zstd planes into the calling
+        thread's reusable buffer, for threads that end with their load (the buffer lives as long as the thread).
+        A delta whose base is private is decoded into the base's memory: a chain of any length then allocates one
+        output instead of one per link."""
         if _depth > MAX_CHAIN:
             raise FormatError(
                 f"delta chain of object {oid[:20]}… is longer than {MAX_CHAIN} (a cycle?)", path=manifest.key
@@ -667,7 +656,7 @@ class Store:
 
         def one(n: str) -> tuple[str, tree.Leaf]:
             t = m.tensors[n]
-            words = self._decode_object(m, t["object"], known=known, scratch=True)  # a pool thread of this call
+            words, _ = self._decode_chain(m, t["object"], known=known, scratch=True)  # a pool thread of this call
             leaf = tree.Leaf(t["dtype"], tuple(t["shape"]), words)
             if object_id(leaf) != t["object"]:  # xxh3 runs at >10 GB/s: every load checks what it returns
                 raise IntegrityError(
@@ -949,7 +938,7 @@ class Store:
                 for t in m.tensors.values():
                     for o in reversed(m.chain(t["object"])):  # bases first
                         if o not in checked:
-                            current[o] = self._decode_object(m, o, known=ChainMap(current, known), verify=True)
+                            current[o] = self._decode_chain(m, o, known=ChainMap(current, known), verify=True)[0]
                             checked.add(o)
                         elif o in known:
                             current[o] = known[o]
