@@ -923,7 +923,7 @@ def test_update_metadata_tags(store: Store, rng: np.random.Generator, assert_sam
 def test_loads_never_write_into_delta_bases(tmp_path: Path, rng: np.random.Generator) -> None:
     """Loading decodes each delta into its base's buffer when the base was decoded only for it. The arrays the
     store keeps (the last save's words, the previous checkpoint in ``iter_load``) must never be that buffer:
-    interleave saves, random-order loads and in-order reads of large tensors (past the scratch and split-decode
+    interleave saves, random-order loads and in-order reads of large tensors (past the parallel-plane and split-decode
     thresholds) and compare every byte, including the checkpoints saved after the loads."""
     store = ckptstore.create_store(tmp_path / "s.store", keyframe_interval=4)
     w = (rng.standard_normal((1031, 1100)) * 0.05).astype(np.float32)

@@ -581,16 +581,13 @@ class Store:
         *,
         known: Mapping[str, np.ndarray] | None = None,
         verify: bool = False,
-        scratch: bool = False,
         _depth: int = 0,
     ) -> tuple[np.ndarray, bool]:
         """Decode one object, resolving its delta chain; returns the words and whether the array is private to
         this call (decoded here, not a cached base). ``known`` holds already-decoded objects (the previous
         checkpoint when reading a run in order). With ``verify`` the object itself is decoded and hashed even if
-        known; its references may still come from ``known``. ``scratch``: decode zstd planes into the calling
-        thread's reusable buffer, for threads that end with their load (the buffer lives as long as the thread).
-        A delta whose base is private is decoded into the base's memory: a chain of any length then allocates one
-        output instead of one per link."""
+        known; its references may still come from ``known``. A delta whose base is private is decoded into the
+        base's memory: a chain of any length then allocates one output instead of one per link."""
         if _depth > MAX_CHAIN:
             raise FormatError(
                 f"delta chain of object {oid[:20]}… is longer than {MAX_CHAIN} (a cycle?)", path=manifest.key
@@ -608,7 +605,7 @@ class Store:
         refs: dict[str, np.ndarray] = {}
         private: set[str] = set()
         for role, dep in rec.get("refs", {}).items():
-            refs[role], owned = self._decode_chain(manifest, dep, known=known, scratch=scratch, _depth=_depth + 1)
+            refs[role], owned = self._decode_chain(manifest, dep, known=known, _depth=_depth + 1)
             if owned:
                 private.add(role)
         length = int(rec["length"])
@@ -623,7 +620,7 @@ class Store:
                 hint="run `ckpt verify`; the pack file is missing or cut",
             ) from None
         try:
-            words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private, scratch=scratch)
+            words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private)
         except CkptStoreError as exc:
             raise IntegrityError(
                 f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"), ref=manifest.ref
@@ -656,7 +653,7 @@ class Store:
 
         def one(n: str) -> tuple[str, tree.Leaf]:
             t = m.tensors[n]
-            words, _ = self._decode_chain(m, t["object"], known=known, scratch=True)  # a pool thread of this call
+            words, _ = self._decode_chain(m, t["object"], known=known)
             leaf = tree.Leaf(t["dtype"], tuple(t["shape"]), words)
             if object_id(leaf) != t["object"]:  # xxh3 runs at >10 GB/s: every load checks what it returns
                 raise IntegrityError(
@@ -673,10 +670,7 @@ class Store:
             self.storage.prefetch(self._ranges_to_read(m, wanted, known)),
             ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode") as ex,
         ):
-            # largest first, so the big chains start at once and the small tensors fill in the tail
-            order = sorted(wanted, key=lambda n: -int(np.prod(m.tensors[n]["shape"], dtype=np.int64)))
-            decoded = dict(ex.map(one, order))
-        return {n: decoded[n] for n in wanted}
+            return dict(ex.map(one, wanted))
 
     def _ranges_to_read(
         self, m: Manifest, names: Iterable[str], known: Mapping[str, np.ndarray] | None

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptstore import codecs
-from ckptstore.codecs import planes
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, from_record, register, registered
 from ckptstore.codecs.chain import _finish as finish
 from ckptstore.codecs.delta import OrderedDelta, to_ordered, unzigzag, zigzag
@@ -285,7 +284,7 @@ def test_decode_returns_fresh_memory(rng: np.random.Generator) -> None:
 
 
 def _large_pair(rng: np.random.Generator, rows: int = 1031, cols: int = 1100) -> tuple[np.ndarray, np.ndarray]:
-    """A float32 matrix past every size threshold (scratch planes, split decode) and its next version: rows move
+    """A float32 matrix past every size threshold (parallel planes, split decode) and its next version: rows move
     by their own scale, so the per-row predictor is chosen."""
     prev = (rng.standard_normal((rows, cols)) * 0.05).astype("<f4")
     row_scale = (1 - rng.random((rows, 1)) * 1e-2).astype("<f4")
@@ -318,29 +317,9 @@ def test_reusable_reference_is_decoded_into(predictor: str, rng: np.random.Gener
     assert out is not readonly and out.tobytes() == cur.tobytes()
 
 
-def test_large_decodes_in_one_thread_do_not_share_memory(rng: np.random.Generator) -> None:
-    """Planes of large tensors decode into the thread's scratch buffer; what decode returns never aliases it."""
-    cur, prev = _large_pair(rng)
-    spec = TensorSpec("float32", (1031, 1100))
-    key_a = codecs.encode(prev, spec)
-    key_b = codecs.encode(cur, spec)
-    dlt = codecs.encode(cur, spec, {"prev": prev})
-    assert not key_a.roles and not key_b.roles and dlt.roles == ("prev",)
-    try:
-        a = codecs.decode(key_a.payload, key_a.codecs, spec, scratch=True)
-        b = codecs.decode(key_b.payload, key_b.codecs, spec, scratch=True)
-        c = codecs.decode(dlt.payload, dlt.codecs, spec, {"prev": a}, scratch=True)
-        held = getattr(planes._local, "scratch", None)  # the thread now holds one buffer for all planes
-        assert held is not None and held.size >= 4 * spec.size
-    finally:
-        planes.release_scratch()
-    assert getattr(planes._local, "scratch", None) is None
-    assert a.tobytes() == prev.tobytes() and b.tobytes() == cur.tobytes() and c.tobytes() == cur.tobytes()
-
-
 def test_damaged_large_payload_raises_codec_error(rng: np.random.Generator) -> None:
-    """The scratch-buffer path checks zstd planes as strictly as the one-shot path: cut or flipped frames are a
-    CodecError (or, for a flip zstd cannot see, an array of the right size that the store's hash then refuses)."""
+    """A tensor past the parallel-plane and split-decode thresholds: cut or flipped zstd frames are a CodecError
+    (or, for a flip zstd cannot see, an array of the right size that the store's hash then refuses)."""
     words, _ = _large_pair(rng)
     spec = TensorSpec("float32", (1031, 1100))
     enc = codecs.encode(words, spec)
@@ -348,16 +327,15 @@ def test_damaged_large_payload_raises_codec_error(rng: np.random.Generator) -> N
     methods = plane_methods(payload)
     assert ZSTD in [m for m, _ in methods]
     for cut in (len(payload) // 3, len(payload) // 2, len(payload) - 1):
-        for scratch in (False, True):
-            with pytest.raises(CodecError):
-                codecs.decode(payload[:cut], enc.codecs, spec, scratch=scratch)
+        with pytest.raises(CodecError):
+            codecs.decode(payload[:cut], enc.codecs, spec)
     start = 1 + 9 * len(methods)
     for m, length in methods:  # damage the middle of each zstd frame
         if m == ZSTD:
             bad = bytearray(payload)
             bad[start + length // 2] ^= 0xFF
             try:
-                out = codecs.decode(bytes(bad), enc.codecs, spec, scratch=True)
+                out = codecs.decode(bytes(bad), enc.codecs, spec)
             except CodecError:
                 pass
             else:

@@ -23,8 +23,6 @@ from ckptstore.errors import CodecError
 DELTA_MIN_GAIN = 0.97
 # Tensors of at most this many elements are coded both ways and the smaller kept (no cost model).
 SMALL_TENSOR = 4096
-# Tensors at least this large decode their zstd planes into the thread's reusable buffer (fresh pages cost more).
-SCRATCH_BYTES = 1 << 20
 
 
 @dataclass
@@ -116,14 +114,11 @@ def decode(
     refs: Mapping[str, np.ndarray] | None = None,
     *,
     reusable: Collection[str] = (),
-    scratch: bool = False,
 ) -> np.ndarray:
     """Decode a payload through its stored chain into flat words of the tensor's width.
 
     ``reusable``: roles of ``refs`` whose arrays the caller hands over (it decoded them only for this call); a
-    fused delta decode writes its result into such an array instead of a fresh one. ``scratch``: large tensors'
-    zstd planes go into the calling thread's reusable buffer (kept until the thread ends or
-    :func:`~ckptstore.codecs.planes.release_scratch`), instead of fresh memory for every object."""
+    fused delta decode writes its result into such an array instead of a fresh one."""
     word = np.dtype(f"<u{spec.dt.itemsize if spec.dtype != 'complex128' else 8}")
     if not codecs:
         if len(payload) != spec.nbytes:
@@ -146,8 +141,7 @@ def decode(
             view = view[8 + length :]
     stages = [c for c in array_codecs if isinstance(c, ArrayCodec)]  # all of them (checked above); typed
     if isinstance(last, BytePlanesZstd):
-        # every path below consumes the planes before returning, so the thread's buffer can hold them
-        planes = last.decode_planes(view, spec, reuse=scratch and spec.nbytes >= SCRATCH_BYTES)
+        planes = last.decode_planes(view, spec)
         fused = None
         if len(stages) == 1:
             spare = [refs[r] for r in stages[0].ref_roles() if r in reusable] if refs else []

@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, register
-from ckptstore.codecs.planes import estimate_bits, kernels, pmap
+from ckptstore.codecs.planes import PARALLEL_BYTES, estimate_bits, kernels, pmap
 from ckptstore.errors import CodecError
 
 PREDICTORS = ("prev", "scale", "rowscale")
 # rowscale is tried for 2-D (and higher) tensors whose rows have at least this many elements
 _ROWSCALE_MIN_COLS = 16
-# Fused decodes of tensors at least this large run as two halves on the two plane threads.
-_SPLIT_BYTES = 4 * 1024 * 1024
 
 
 def to_ordered(words: np.ndarray) -> np.ndarray:
@@ -228,21 +226,20 @@ class OrderedDelta(ArrayCodec):
         prev = np.ascontiguousarray(_ref(refs, out))
         scales, rows, mode = kargs
         n = spec.size
-        pieces = 2 if n * 4 >= _SPLIT_BYTES and (mode != 2 or rows >= 2) else 1
-        if mode == 2:  # per-row scales: cut at a row boundary
-            cols = n // max(rows, 1)
-            cut = (rows // 2) * cols if pieces == 2 else n
-        else:
-            cut = n // 2 if pieces == 2 else n
+        # Large tensors decode as two halves on the two plane threads (the loop releases the GIL); per-row
+        # scales cut at a row boundary.
+        cols = n // rows if mode == 2 and rows > 0 else 1
+        cut = (rows // 2) * cols if mode == 2 else n // 2
+        spans = [(0, cut), (cut, n)] if n * 4 >= PARALLEL_BYTES and 0 < cut < n else [(0, n)]
 
         def run(lo_hi: tuple[int, int]) -> None:
             lo, hi = lo_hi
-            sc = scales if mode != 2 else scales[lo // cols : hi // cols]
-            r = rows if mode != 2 else (hi - lo) // cols
+            sc, r = scales, rows  # the whole tensor: the kernel checks the arguments as given
+            if mode == 2 and len(spans) == 2:
+                sc, r = scales[lo // cols : hi // cols], (hi - lo) // cols
             kernels.f32_delta_decode_planes(*(p[lo:hi] for p in planes), prev[lo:hi], sc, r, mode, out[lo:hi])
 
-        spans = [(0, cut), (cut, n)] if pieces == 2 else [(0, n)]
-        pmap(run, spans, parallel=pieces == 2)  # the loop releases the GIL: two cores for one large tensor
+        pmap(run, spans, parallel=len(spans) == 2)
         return out
 
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:

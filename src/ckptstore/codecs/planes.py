@@ -38,8 +38,8 @@ _MIN_SAVING = 0.02
 # Planes at least this large are first checked for randomness on a sample (low mantissa bytes usually are).
 _RANDOM_CHECK_BYTES = 1 << 16
 _RANDOM_BITS = 7.97  # sampled order-0 entropy (bits/byte) above which a plane is stored raw
-# Planes of tensors at least this large are coded in parallel.
-_PARALLEL_BYTES = 4 * 1024 * 1024
+# Tensors at least this large have their planes coded, and their words joined, on the two plane threads.
+PARALLEL_BYTES = 4 * 1024 * 1024
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -138,7 +138,7 @@ class BytePlanesZstd(BytesCodec):
                 return ZSTD, len(packed), packed
             return RAW, n, memoryview(plane)  # type: ignore[arg-type]
 
-        parts = pmap(code, list(planes), words.nbytes >= _PARALLEL_BYTES)
+        parts = pmap(code, list(planes), words.nbytes >= PARALLEL_BYTES)
         header = bytes([len(parts)]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v, _ in parts)
         return [header, *(p for _, _, p in parts)]
 
@@ -155,17 +155,15 @@ class BytePlanesZstd(BytesCodec):
         if k == 4 and kernels is not None:
             n = spec.size
             out = np.empty(n, dtype=word)
-            cut = n // 2 if n * 4 >= _PARALLEL_BYTES else n
+            cut = n // 2 if n * 4 >= PARALLEL_BYTES else n
             spans = [(0, cut), (cut, n)] if cut < n else [(0, n)]
             pmap(lambda lh: kernels.join_planes4(*(p[lh[0] : lh[1]] for p in planes), out[lh[0] : lh[1]]), spans, True)
             return out
         return join_planes(np.stack(planes), word)
 
-    def decode_planes(self, payload: memoryview | bytes, spec: TensorSpec, *, reuse: bool = False) -> list[np.ndarray]:
+    def decode_planes(self, payload: memoryview | bytes, spec: TensorSpec) -> list[np.ndarray]:
         """The byte planes of a payload, lowest byte first, each ``n`` bytes; raw planes are read-only views into
-        ``payload`` (no copy), the others fresh arrays, or with ``reuse`` views into this thread's scratch buffer
-        (:func:`scratch_buffer`): a caller that consumes the planes before its thread decodes anything else saves
-        faulting in fresh pages for every object."""
+        ``payload`` (no copy), the others fresh arrays."""
         k = spec.dt.itemsize if spec.dtype != "complex128" else 8
         n = spec.size
         buf = memoryview(payload)
@@ -200,13 +198,6 @@ class BytePlanesZstd(BytesCodec):
                 declared = zstandard.frame_content_size(data)
                 if declared != n:  # refuse before allocating what a damaged header claims
                     raise CodecError(f"zstd plane declares {declared} bytes, expected {n}")
-                if scratch is not None:
-                    dest = scratch[i * n : (i + 1) * n]
-                    with _dctx().stream_reader(data, read_across_frames=False) as reader:
-                        got = reader.readinto(dest) if n else 0
-                        if got != n or reader.read(1):
-                            raise CodecError("zstd plane decoded to the wrong length")
-                    return dest
                 out = _dctx().decompress(data, max_output_size=n)
             except zstandard.ZstdError as exc:
                 raise CodecError(f"zstd plane does not decode: {exc}") from None
@@ -214,23 +205,7 @@ class BytePlanesZstd(BytesCodec):
                 raise CodecError("zstd plane decoded to the wrong length")
             return np.frombuffer(out, dtype=np.uint8)
 
-        scratch = scratch_buffer(k * n) if reuse else None
-        return pmap(plane, list(range(k)), n * k >= _PARALLEL_BYTES)
-
-
-def scratch_buffer(nbytes: int) -> np.ndarray:
-    """This thread's reusable decode buffer, grown to at least ``nbytes`` (see :meth:`BytePlanesZstd.decode_planes`).
-
-    Held by the thread until :func:`release_scratch`; decoding threads are pool threads that end with their load.
-    """
-    buf: np.ndarray | None = getattr(_local, "scratch", None)
-    if buf is None or buf.size < nbytes:
-        buf = _local.scratch = np.empty(nbytes, dtype=np.uint8)
-    return buf[:nbytes]
-
-
-def release_scratch() -> None:
-    _local.scratch = None
+        return pmap(plane, list(range(k)), n * k >= PARALLEL_BYTES)
 
 
 def estimate_bits(words: np.ndarray, sample: int = 1 << 14) -> float:
