@@ -1,0 +1,210 @@
+"""What ``ckpt report`` does, for library users: run every analysis that applies to a run, then the page.
+
+>>> from ckptstore.analysis.report.run import report_run
+>>> report = report_run(store, "run-1", spectral=False)  # doctest: +SKIP
+>>> report.write("report.html")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptstore.errors import CkptStoreError
+
+if TYPE_CHECKING:
+    from ckptstore.analysis.trajectory import Trajectory
+    from ckptstore.store import Store
+
+# A stage name -> a context manager yielding a ``(done, total)`` callback (``ckpt report`` passes a rich bar).
+ProgressFactory = Callable[[str], AbstractContextManager[Callable[[int, int], None]]]
+
+# Weight names every open_clip CLIP model has (after ``module.`` is stripped): a vision tower and a text tower.
+_CLIP_MARKERS = (("visual.",), ("token_embedding.weight", "text.token_embedding.weight"))
+
+
+@contextmanager
+def _no_progress(_stage: str) -> Iterator[Callable[[int, int], None]]:
+    yield lambda done, total: None
+
+
+@dataclass
+class RunReport:
+    """The analyses of one run (each as its ``to_dict()``) and, for each one not run, the reason."""
+
+    traj: Trajectory
+    results: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
+    title: str | None = None
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {**self.results, "title": self.title, "skipped": self.skipped}
+
+    def json(self) -> dict[str, Any]:
+        """The report as one JSON-ready dict (:func:`~ckptstore.analysis.report.report_json`)."""
+        from ckptstore.analysis.report.data import report_json
+
+        return report_json(self.traj, **self._kwargs())
+
+    def html(self) -> str:
+        """The report as one self-contained HTML page (:func:`~ckptstore.analysis.report.build_report`)."""
+        from ckptstore.analysis.report.page import build_report
+
+        return build_report(self.traj, **self._kwargs())
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """The page written atomically to ``path`` (:func:`~ckptstore.analysis.report.write_report`)."""
+        from ckptstore.analysis.report.page import write_report
+
+        return write_report(self.traj, path, **self._kwargs())
+
+
+def open_run(store: Store | None, run: str) -> Trajectory:
+    """A folder or ``.pt`` file given as ``run`` is read from disk; anything else is a run of ``store``."""
+    from ckptstore.analysis.trajectory import StoreTrajectory, open_trajectory
+
+    if Path(run).exists():
+        return open_trajectory(run)
+    if store is None:
+        raise CkptStoreError(f"{run!r} is not a file or folder, and no store was given to read it from")
+    return StoreTrajectory(store, run)
+
+
+def clip_model_config(traj: Trajectory, given: str | None) -> dict[str, Any]:
+    """The open_clip config to build the run's model with, or a :class:`CkptStoreError` saying why there is none."""
+    from ckptstore.analysis.representations import RepresentationError, model_config_for
+
+    names = traj.weight_names()
+    for options in _CLIP_MARKERS:
+        if not any(n.startswith(o) for n in names for o in options):
+            raise RepresentationError(
+                "not an OpenCLIP model (no vision tower 'visual.*' and text tower 'token_embedding' among its weights)",
+                hint="representations and transfer need an open_clip CLIP model",
+            )
+    cfg, _source = model_config_for(traj.points[0], given)
+    return cfg
+
+
+def _skipped_sections(
+    traj: Trajectory, representations: bool, transfer: bool, model_config: str | None
+) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """The model config (``None`` when neither model section runs) and the model sections that will not run."""
+    skipped: dict[str, str] = {}
+    cfg: dict[str, Any] | None = None
+    if representations or transfer:
+        try:
+            cfg = clip_model_config(traj, model_config)
+        except CkptStoreError as exc:
+            for section in ("representations", "transfer"):
+                skipped[section] = str(exc)
+    if not representations:
+        skipped["representations"] = "skipped (--no-representations)"
+    if not transfer:
+        skipped["transfer"] = "skipped (--no-transfer)"
+    return cfg, skipped
+
+
+def analyze_run(
+    traj: Trajectory,
+    *,
+    probe: str = "digits",
+    representations: bool = True,
+    transfer: bool = True,
+    spectral: bool = True,
+    model_config: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each analysis that applies, as its ``to_dict()``; and, for each one not run, the reason.
+
+    Representations and transfer need the run's model: an OpenCLIP CLIP model whose config can be found. When it
+    cannot, both are skipped with the reason. Both use the ``probe`` set (transfer: a linear probe on a seeded,
+    stratified split of its labelled images). A probe that cannot be read is an error (the user asked for it).
+    """
+    from ckptstore.analysis.stability import analyze_stability
+    from ckptstore.analysis.weights import analyze_weights
+
+    bar = progress or _no_progress
+    with bar("weights") as prog:
+        weights = analyze_weights(traj, spectral=spectral, progress=prog)
+    cfg, skipped = _skipped_sections(traj, representations, transfer, model_config)
+
+    probe_set = None
+    if "representations" not in skipped or "transfer" not in skipped:
+        from ckptstore.analysis.probes import load_probe
+
+        probe_set = load_probe(probe)
+
+    results: dict[str, Any] = {"weights": weights.to_dict()}
+    if probe_set is not None and "representations" not in skipped:
+        from ckptstore.analysis.representations import analyze_representations
+
+        with bar("representations") as prog:
+            results["representations"] = analyze_representations(
+                traj, probe_set, model_config=cfg, progress=prog
+            ).to_dict()
+
+    if probe_set is not None and "transfer" not in skipped:
+        from ckptstore.analysis.transfer import TransferError, analyze_transfer
+
+        try:
+            with bar("transfer") as prog:
+                results["transfer"] = analyze_transfer(traj, probe_set, model_config=cfg, progress=prog).to_dict()
+        except TransferError as exc:  # e.g. a probe CSV without labels: the page says so, the rest still helps
+            skipped["transfer"] = str(exc)
+    # Stability reads the weight series (not recomputed) and the embeddings' effective dimension.
+    stability = analyze_stability(traj, weights=weights, representations=results.get("representations"))
+    results["stability"] = stability.to_dict()
+    return results, skipped
+
+
+def report_run(
+    store: Store | None,
+    run: str,
+    *,
+    probe: str = "digits",
+    representations: bool = True,
+    transfer: bool = True,
+    spectral: bool = True,
+    model_config: str | None = None,
+    title: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> RunReport:
+    """``ckpt report`` as a function: ``run`` of ``store`` (or a folder / ``.pt`` file of open_clip_train
+    checkpoints, then ``store`` may be ``None``), every analysis that applies, ready for ``.html()``, ``.json()`` or
+    ``.write(path)``."""
+    traj = open_run(store, run)
+    results, skipped = analyze_run(
+        traj,
+        probe=probe,
+        representations=representations,
+        transfer=transfer,
+        spectral=spectral,
+        model_config=model_config,
+        progress=progress,
+    )
+    return RunReport(traj, results, skipped, title)
+
+
+def summary_line(blob: Mapping[str, Any]) -> str:
+    """One line: the run, how many checkpoints, what was analysed, flags, best transfer checkpoint."""
+    bits = [f"{blob['run']}: {len(blob['points'])} checkpoints"]
+    stab = blob.get("stability")
+    if stab:
+        flags = stab.get("flags") or []
+        high = sum(1 for f in flags if f.get("confidence") == "high")
+        bits.append(
+            f"{len(flags)} stability flag{'s' if len(flags) != 1 else ''}" + (f" ({high} high)" if high else "")
+        )
+    tr = blob.get("transfer")
+    best = (tr or {}).get("best") or {}
+    if isinstance(best.get("accuracy"), int | float):
+        bits.append(f"best transfer accuracy {best['accuracy']:.3f} at {best.get('label')}")
+    done = [k for k in ("weights", "representations", "transfer", "stability") if blob.get(k) is not None]
+    bits.append("analysed: " + ", ".join(done))
+    if blob.get("skipped"):
+        bits.append("skipped: " + ", ".join(blob["skipped"]))
+    return "; ".join(bits)
