@@ -27,8 +27,9 @@ from ckptstore.errors import (
     TensorNotFoundError,
     UnsupportedVersionError,
 )
+from ckptstore.format.manifest import Manifest, object_id
 from ckptstore.storage import open_storage
-from ckptstore.store import Manifest, Store, object_id
+from ckptstore.store import Store
 
 torch = pytest.importorskip("torch")
 

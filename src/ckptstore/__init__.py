@@ -9,8 +9,9 @@
 """
 
 from ckptstore.errors import CkptStoreError
+from ckptstore.format.manifest import CheckpointInfo, Manifest
 from ckptstore.refs import Ref, parse_ref
-from ckptstore.store import CheckpointInfo, Manifest, Store, create_store, open_store
+from ckptstore.store import Store, create_store, open_store
 
 __version__ = "0.1.0"
 

@@ -27,12 +27,13 @@ import torch
 
 from ckptstore import metadata as md_schema
 from ckptstore.format import tree
+from ckptstore.format.manifest import CheckpointInfo
 from ckptstore.policy import thin as policy_store
 from ckptstore.policy.history import PATH_KEY, Entry
 from ckptstore.policy.retention import RetentionPlan, RetentionPolicy, parse_retention
 from ckptstore.policy.save import OVERALL, Decision, Now, SavePolicy, WeightChange, parse_save_policy
 from ckptstore.policy.spec import InvalidPolicyError
-from ckptstore.store import CheckpointInfo, Store, open_store
+from ckptstore.store import Store, open_store
 from ckptstore.torch import training_state
 
 __all__ = ["Checkpointer", "Recorder", "WeightTracker", "plain_metrics"]

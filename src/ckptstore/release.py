@@ -35,9 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptstore.errors import CkptStoreError, InvalidReferenceError, MissingDependencyError, StoreExistsError
-from ckptstore.format.spec import PACKS_DIR, STORE_FILE
-from ckptstore.store import Manifest, Store
+from ckptstore.errors import (
+    CkptStoreError,
+    FormatError,
+    InvalidReferenceError,
+    MissingDependencyError,
+    StoreExistsError,
+)
+from ckptstore.format.manifest import Manifest
+from ckptstore.format.pack import check_pack_key
+from ckptstore.format.spec import STORE_FILE
+from ckptstore.store import Store
 
 RELEASE_FORMAT = "ckptstore.release"
 RELEASE_VERSION = 1
@@ -331,8 +339,10 @@ def copy_run_store(store: Store, run: str, dest: Path) -> dict[str, Any]:
         for rec in m.objects.values():
             packs.add(rec["pack"])
     for pack in sorted(packs):
-        if not pack.startswith(f"{PACKS_DIR}/"):
-            raise ReleaseError(f"object location {pack!r} outside packs/", ref=run)
+        try:
+            check_pack_key(pack, store.manifest(run, steps[0]).key)
+        except FormatError:
+            raise ReleaseError(f"object location {pack!r} outside packs/", ref=run) from None
         size = src.size(pack)
         with target.open_writer(pack) as w:
             for off in range(0, size, _COPY_CHUNK):

@@ -11,18 +11,13 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import math
 import os
-import struct
-import uuid
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from ckptstore import codecs
 from ckptstore.errors import (
@@ -31,14 +26,24 @@ from ckptstore.errors import (
     ConcurrentCommitError,
     FormatError,
     IntegrityError,
-    InvalidStateError,
     StoreExistsError,
     StoreNotFoundError,
     TensorNotFoundError,
     UnsupportedVersionError,
 )
 from ckptstore.format import tree
+from ckptstore.format.manifest import (
+    MAX_CHAIN,
+    CheckpointInfo,
+    Manifest,
+    json_bytes,
+    manifest_bytes,
+    manifest_key,
+    object_id,
+    with_true_depths,
+)
 from ckptstore.format.names import check_run_name, check_step, check_tensor_name
+from ckptstore.format.pack import PackWriter, check_pack_key, copy_spans, new_pack_key, repacked_key
 from ckptstore.format.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -46,7 +51,6 @@ from ckptstore.format.spec import (
     MANIFEST_KIND,
     MAX_MANIFEST_BYTES,
     PACK_HEADER_SIZE,
-    PACK_MAGIC,
     PACKS_DIR,
     RUNS_DIR,
     STORE_FILE,
@@ -56,143 +60,27 @@ from ckptstore.refs import Ref, parse_ref, resolve
 from ckptstore.storage import Storage, open_storage
 
 DEFAULT_KEYFRAME_INTERVAL = 4  # chains of at most 4 objects: docs/benchmarks.md weighs this against size
-DEFAULT_LEVEL = 1
-MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
+DEFAULT_LEVEL = codecs.DEFAULT_LEVEL
+
+
+def store_settings(info: Mapping[str, Any]) -> dict[str, int]:
+    """The write settings a store records in ckptstore.json (format §3); a store written before they were
+    recorded has none, and reads with the defaults it was written with."""
+    given = info.get("settings") or {}
+    out = {
+        "keyframe_interval": int(given.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL)),
+        "zstd_level": int(given.get("zstd_level", DEFAULT_LEVEL)),
+    }
+    if out["keyframe_interval"] < 1 or not 1 <= out["zstd_level"] <= 22:
+        raise FormatError(f"{STORE_FILE} holds invalid settings {given!r}")
+    return out
+
+
 _WINDOW = 4  # tensors being encoded ahead of the writer, per worker
-
-
-def object_id(leaf: tree.Leaf) -> str:
-    """Content address of a tensor: xxh3-128 over its dtype, shape and little-endian bytes."""
-    h = xxhash.xxh3_128()
-    h.update(f"{leaf.dtype}:{','.join(map(str, leaf.shape))}:".encode())
-    h.update(memoryview(np.ascontiguousarray(leaf.data)).cast("B"))  # type: ignore[arg-type]
-    return "xxh128:" + h.hexdigest()
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _manifest_key(run: str, step: int) -> str:
-    return f"{RUNS_DIR}/{run}/ckpt/{step:020d}.json"
-
-
-def _json_bytes(obj: Any) -> bytes:
-    try:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-    except ValueError as exc:
-        raise InvalidStateError(
-            f"metadata holds a non-finite number: {exc}", hint="use None for missing values"
-        ) from None
-    except TypeError as exc:
-        raise InvalidStateError(f"metadata is not JSON-serialisable: {exc}") from None
-
-
-@dataclass
-class CheckpointInfo:
-    """One row of a listing: what ``ckpt ls`` shows."""
-
-    run: str
-    step: int
-    created: str
-    logical_bytes: int
-    stored_bytes: int
-    tensors: int
-    metadata: dict[str, Any]
-
-    @property
-    def ref(self) -> str:
-        return f"{self.run}@{self.step}"
-
-    @property
-    def ratio(self) -> float:
-        return self.logical_bytes / self.stored_bytes if self.stored_bytes else math.inf
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ref": self.ref,
-            "run": self.run,
-            "step": self.step,
-            "created": self.created,
-            "epoch": self.metadata.get("epoch"),
-            "logical_bytes": self.logical_bytes,
-            "stored_bytes": self.stored_bytes,
-            "ratio": round(self.ratio, 4) if math.isfinite(self.ratio) else None,
-            "tensors": self.tensors,
-            "metadata": self.metadata,
-        }
-
-
-class Manifest:
-    """A committed checkpoint's manifest (parsed and validated)."""
-
-    def __init__(self, data: dict[str, Any], key: str) -> None:
-        self.data = data
-        self.key = key
-        if data.get("kind") != MANIFEST_KIND:
-            raise FormatError("not a ckptstore manifest", path=key)
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise UnsupportedVersionError(
-                f"manifest format version {data['format_version']} is newer than {FORMAT_VERSION}",
-                path=key,
-                hint="upgrade ckptstore",
-            )
-        for field in ("run", "step", "tree", "tensors", "objects"):
-            if field not in data:
-                raise FormatError(f"manifest lacks {field!r}", path=key)
-
-    @property
-    def run(self) -> str:
-        return str(self.data["run"])
-
-    @property
-    def step(self) -> int:
-        return int(self.data["step"])
-
-    @property
-    def tensors(self) -> dict[str, dict[str, Any]]:
-        tensors: dict[str, dict[str, Any]] = self.data["tensors"]
-        return tensors
-
-    @property
-    def objects(self) -> dict[str, dict[str, Any]]:
-        objects: dict[str, dict[str, Any]] = self.data["objects"]
-        return objects
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = self.data.setdefault("metadata", {})
-        return meta
-
-    @property
-    def ref(self) -> str:
-        return f"{self.run}@{self.step}"
-
-    def chain(self, oid: str) -> list[str]:
-        """The object and every object it depends on, dependencies last."""
-        out, todo = [], [oid]
-        while todo:
-            o = todo.pop()
-            if o in out:
-                continue
-            out.append(o)
-            rec = self.objects.get(o)
-            if rec is None:
-                raise FormatError(f"manifest references unknown object {o}", path=self.key)
-            todo.extend(rec.get("refs", {}).values())
-        return out
-
-    def info(self) -> CheckpointInfo:
-        st = self.data.get("stats", {})
-        return CheckpointInfo(
-            self.run,
-            self.step,
-            self.data.get("created", ""),
-            int(st.get("logical_bytes", 0)),
-            int(st.get("stored_bytes", 0)),
-            len(self.tensors),
-            self.metadata,
-        )
 
 
 class Store:
@@ -209,19 +97,21 @@ class Store:
         storage: Storage,
         *,
         threads: int | None = None,
-        keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL,
-        level: int = DEFAULT_LEVEL,
+        keyframe_interval: int | None = None,
+        level: int | None = None,
     ) -> None:
         self.storage = storage
         self.threads = threads or min(2, os.cpu_count() or 1)
-        self.keyframe_interval = max(1, int(keyframe_interval))
-        self.level = level
+        self.info = self._read_store_file()
+        # The store's recorded settings, unless this process overrides them (then only for its own writes).
+        self.settings = store_settings(self.info)
+        kf = self.settings["keyframe_interval"] if keyframe_interval is None else keyframe_interval
+        self.keyframe_interval = max(1, int(kf))
+        self.level = self.settings["zstd_level"] if level is None else int(level)
         # Private copies of the words of the last checkpoint this Store saved: the delta bases of the next save,
         # so a training loop never reads its own checkpoints back. About one checkpoint of memory.
         self._head: dict[str, np.ndarray] = {}
         self._manifests: dict[tuple[str, int], Manifest] = {}
-        info = self._read_store_file()
-        self.info = info
 
     # ------------------------------------------------------------------ opening
     def _read_store_file(self) -> dict[str, Any]:
@@ -289,7 +179,7 @@ class Store:
         cached = self._manifests.get((run, step))
         if cached is not None:
             return cached
-        key = _manifest_key(run, step)
+        key = manifest_key(run, step)
         try:
             raw = self.storage.read(key)
         except (FileNotFoundError, OSError):
@@ -356,7 +246,7 @@ class Store:
         for name in leaves:
             check_tensor_name(name)
         meta = validate_metadata(metadata)  # docs/metadata.md; refuse bad metadata before touching the store
-        meta_bytes = _json_bytes(meta)
+        meta_bytes = json_bytes(meta)
         framework = "torch" if any(lf.framework == "torch" for lf in leaves.values()) else "numpy"
         with self._write_lock():
             steps = self.steps(run)
@@ -402,7 +292,7 @@ class Store:
             elif o not in planned:
                 planned.add(o)
                 todo.append((n, o))
-        pack_key = f"{PACKS_DIR}/{run}/{step:020d}-{uuid.uuid4().hex[:12]}.pack"
+        pack_key = new_pack_key(run, step)
         stored = 0
         new_head: dict[str, np.ndarray] = {}
         for o in oids:  # unchanged tensors: carry their words over
@@ -430,9 +320,9 @@ class Store:
             "stats": {"logical_bytes": logical, "stored_bytes": stored},
             "metadata": metadata,
         }
-        key = _manifest_key(run, step)
+        key = manifest_key(run, step)
         try:
-            self.storage.create(key, json.dumps(data, separators=(",", ":"), allow_nan=False).encode())
+            self.storage.create(key, manifest_bytes(data))
         except ConcurrentCommitError:
             if todo:  # another writer committed run@step first; our pack is referenced by nothing
                 self.storage.delete(pack_key)
@@ -496,11 +386,7 @@ class Store:
             return oid, rec, enc.parts
 
         stored = 0
-        writer = self.storage.open_writer(pack_key)
-        try:
-            header = PACK_MAGIC + struct.pack("<II", FORMAT_VERSION, 0)
-            assert len(header) == PACK_HEADER_SIZE
-            writer.write(header)
+        with PackWriter(self.storage, pack_key) as writer:
             with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-encode") as ex:
                 window: list[Future[tuple[str, dict[str, Any], list[bytes | memoryview]]]] = []
                 it = iter(todo)
@@ -513,9 +399,6 @@ class Store:
                     done = self._drain(fut, writer, pack_key, records, done, total, progress)
             stored = writer.tell
             writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
         return records, stored
 
     def _delta_base(self, name: str, leaf: tree.Leaf, base: Manifest, steps: list[int]) -> tuple[str, int] | None:
@@ -555,7 +438,7 @@ class Store:
     @staticmethod
     def _drain(
         fut: Future[tuple[str, dict[str, Any], list[bytes | memoryview]]],
-        writer: Any,
+        writer: PackWriter,
         pack_key: str,
         records: dict[str, dict[str, Any]],
         done: int,
@@ -564,10 +447,7 @@ class Store:
     ) -> int:
         oid, rec, parts = fut.result()
         rec["pack"] = pack_key
-        rec["offset"] = writer.tell
-        for part in parts:
-            writer.write(part)
-        rec["length"] = writer.tell - rec["offset"]
+        rec["offset"], rec["length"] = writer.append(parts)
         records[oid] = rec
         if progress is not None:
             progress(done + 1, total)
@@ -609,7 +489,7 @@ class Store:
             if owned:
                 private.add(role)
         length = int(rec["length"])
-        _check_pack_key(rec.get("pack"), manifest.key)
+        check_pack_key(rec.get("pack"), manifest.key)
         try:
             payload = self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
         except (FileNotFoundError, EOFError, OSError) as exc:
@@ -687,7 +567,7 @@ class Store:
                 continue
             seen.add(o)
             with contextlib.suppress(FormatError, KeyError, TypeError, ValueError):  # decoding reports damage
-                _check_pack_key(rec["pack"], m.key)
+                check_pack_key(rec["pack"], m.key)
                 if int(rec["length"]):
                     out.append((rec["pack"], int(rec["offset"]), int(rec["length"])))
             todo.extend(rec.get("refs", {}).values())
@@ -730,7 +610,7 @@ class Store:
             data = json.loads(json.dumps(m.data))
             update(data.setdefault("metadata", {}))  # "absent means {}" (docs/format.md)
             data["metadata"] = validate_metadata(data["metadata"])
-            raw = _json_bytes(data)
+            raw = json_bytes(data)
             self.storage.write(m.key, raw)
             new = Manifest(data, m.key)
             self._manifests[(new.run, new.step)] = new
@@ -793,7 +673,7 @@ class Store:
                     raise FormatError(f"object {o} lost while rebasing", path=m.key)
                 table[o] = rec
                 todo_ids.extend(rec.get("refs", {}).values())
-            return _with_true_depths(table)
+            return with_true_depths(table)
 
         for i, s in enumerate(steps):
             m = self.manifest(run, s)
@@ -822,7 +702,7 @@ class Store:
                     if o not in seen:
                         seen.add(o)
                         todo.append((n, o))
-                pack_key = f"{PACKS_DIR}/{run}/{s:020d}-{uuid.uuid4().hex[:12]}.pack"
+                pack_key = new_pack_key(run, s)
                 records, stored = self._encode_into_pack(pack_key, todo, fresh, prev, None)
                 replaced.update(records)
             table = table_for(m)
@@ -834,7 +714,7 @@ class Store:
                     stats = dict(data.get("stats", {}))
                     stats["stored_bytes"] = int(stats.get("stored_bytes", 0)) + stored
                     data["stats"] = stats
-                self.storage.write(m.key, json.dumps(data, separators=(",", ":"), allow_nan=False).encode())
+                self.storage.write(m.key, manifest_bytes(data))
                 m = Manifest(data, m.key)
                 self._manifests[(run, s)] = m
                 rewritten += 1
@@ -866,7 +746,7 @@ class Store:
         live: dict[str, dict[tuple[int, int], list[str]]] = {}  # pack -> (offset, length) -> object ids
         for m in manifests:
             for o, rec in m.objects.items():
-                _check_pack_key(rec.get("pack"), m.key)
+                check_pack_key(rec.get("pack"), m.key)
                 live.setdefault(rec["pack"], {}).setdefault((int(rec["offset"]), int(rec["length"])), []).append(o)
         removed = 0
         for key in self.storage.list(PACKS_DIR):
@@ -881,18 +761,8 @@ class Store:
             used = PACK_HEADER_SIZE + sum(length for _, length in spans)
             if used >= size * repack_below:
                 continue
-            new_key = pack.rsplit("-", 1)[0] + f"-{uuid.uuid4().hex[:12]}.pack"
-            moved: dict[tuple[int, int], int] = {}
-            writer = self.storage.open_writer(new_key)
-            try:
-                writer.write(PACK_MAGIC + struct.pack("<II", FORMAT_VERSION, 0))
-                for off, length in sorted(spans):
-                    moved[(off, length)] = writer.tell
-                    writer.write(self.storage.read_range(pack, off, length) if length else b"")
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
+            new_key = repacked_key(pack)
+            moved = copy_spans(self.storage, pack, spans, new_key)
             for m in manifests:
                 if not any(rec["pack"] == pack for rec in m.objects.values()):
                     continue
@@ -908,7 +778,7 @@ class Store:
                     table[o] = rec
                 data["objects"] = table
                 data["packs"] = [new_key if p == pack else p for p in data.get("packs", [])]
-                self.storage.write(m.key, json.dumps(data, separators=(",", ":"), allow_nan=False).encode())
+                self.storage.write(m.key, manifest_bytes(data))
                 m.data = data
             self.storage.delete(pack)
         self._manifests.clear()
@@ -957,38 +827,6 @@ class Store:
         }
 
 
-def _with_true_depths(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Records whose ``depth`` matches their actual chain in ``table`` (copies only those that change): after a
-    rebase re-encodes a base onto a deeper one, the depths recorded in its dependents are stale."""
-    depths: dict[str, int] = {}
-
-    def depth(o: str, seen: tuple[str, ...] = ()) -> int:
-        if o in depths:
-            return depths[o]
-        if o in seen or len(seen) > MAX_CHAIN:
-            raise FormatError(f"delta chain of object {o[:20]}… loops or exceeds {MAX_CHAIN} objects")
-        ref = table[o].get("refs", {}).get("prev")
-        depths[o] = 0 if ref is None or ref not in table else depth(ref, (*seen, o)) + 1
-        return depths[o]
-
-    out = {}
-    for o, rec in table.items():
-        d = depth(o)
-        out[o] = rec if int(rec.get("depth", 0)) == d else {**rec, "depth": d}
-    return out
-
-
-def _check_pack_key(key: Any, where: str) -> None:
-    """Object locations must stay inside the store's packs/ folder, whatever a (damaged) manifest says."""
-    if (
-        not isinstance(key, str)
-        or not key.startswith(f"{PACKS_DIR}/")
-        or not key.endswith(".pack")
-        or any(part in ("", ".", "..") or "\\" in part for part in key.split("/"))
-    ):
-        raise FormatError(f"object location {str(key)[:80]!r} is outside the store's packs", path=where)
-
-
 def _converter(kind: str) -> Callable[[tree.Leaf], Any]:
     if kind == "torch":
         from ckptstore.torch import leaf_to_tensor
@@ -999,17 +837,35 @@ def _converter(kind: str) -> Callable[[tree.Leaf], Any]:
     raise ValueError(f"unknown tensor framework {kind!r}; use 'torch' or 'numpy'")
 
 
-def create_store(location: str | os.PathLike[str], *, exist_ok: bool = False, **options: Any) -> Store:
-    """Create a new, empty store at a path or URL."""
+def create_store(
+    location: str | os.PathLike[str],
+    *,
+    exist_ok: bool = False,
+    keyframe_interval: int | None = None,
+    level: int | None = None,
+    **options: Any,
+) -> Store:
+    """Create a new, empty store at a path or URL. ``keyframe_interval`` and ``level`` (zstd) are recorded in the
+    store as its settings, used by every later writer that does not override them."""
     storage_options = options.pop("storage_options", {}) or {}
     storage = open_storage(location, **storage_options)
     if storage.exists(STORE_FILE):
         if exist_ok:
-            return Store(storage, **options)
+            return Store(storage, keyframe_interval=keyframe_interval, level=level, **options)
         raise StoreExistsError("a store already exists here", path=storage.url)
     if storage.list("") and not exist_ok:
         raise StoreExistsError("the directory is not empty", path=storage.url, hint="choose an empty or new directory")
-    storage.write(STORE_FILE, _json_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": _now()}))
+    if keyframe_interval is not None:
+        keyframe_interval = max(1, int(keyframe_interval))  # as Store(keyframe_interval=...) always took it
+    settings = store_settings(
+        {
+            "settings": {
+                k: v for k, v in (("keyframe_interval", keyframe_interval), ("zstd_level", level)) if v is not None
+            }
+        }
+    )
+    info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": _now(), "settings": settings}
+    storage.write(STORE_FILE, json_bytes(info))
     return Store(storage, **options)
 
 

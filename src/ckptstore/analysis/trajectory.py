@@ -24,7 +24,8 @@ from ckptstore.format import tree
 from ckptstore.format.dtypes import dtype as dtype_of
 
 if TYPE_CHECKING:
-    from ckptstore.store import Manifest, Store
+    from ckptstore.format.manifest import Manifest
+    from ckptstore.store import Store
 
 # Where a checkpoint keeps its model weights, in order of preference: open_clip_train and most trainers use
 # ``state_dict``, ckptstore.torch.training_state ``model``.

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptstore.cli.common import add_store_arg, get_store, human, print_json, progress_bar
-from ckptstore.store import CheckpointInfo
+from ckptstore.format.manifest import CheckpointInfo
 
 
 def register(sub: Any) -> None:

@@ -7,13 +7,41 @@ from typing import Any
 
 from ckptstore.cli import meta_cmds
 from ckptstore.cli.common import add_store_arg, get_store, human, print_json, print_table, progress_bar
-from ckptstore.store import create_store
+from ckptstore.store import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_LEVEL, create_store
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("init", help="create an empty store", description="Create an empty store at --store.")
+    p = sub.add_parser(
+        "init",
+        help="create an empty store",
+        description="Create an empty store at --store. Its write settings are recorded in the store "
+        "(ckptstore.json), so every later writer (save, rm, thin, gc) uses the same ones.",
+    )
     add_store_arg(p)
+    p.add_argument(
+        "--keyframe-interval",
+        type=int,
+        metavar="K",
+        help=f"longest delta chain: a tensor is stored whole at least every K checkpoints "
+        f"(default: {DEFAULT_KEYFRAME_INTERVAL}; smaller reads faster, larger stores smaller)",
+    )
+    p.add_argument(
+        "--level",
+        type=int,
+        metavar="1-22",
+        choices=range(1, 23),
+        help=f"zstd level of the byte planes (default: {DEFAULT_LEVEL}; higher is a little smaller and much slower)",
+    )
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "show-store",
+        help="show the store's format version and write settings",
+        description="Show the store's location, format version and the write settings recorded at `ckpt init`.",
+    )
+    add_store_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_show_store)
 
     p = sub.add_parser(
         "ls",
@@ -73,8 +101,35 @@ def register(sub: Any) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     from ckptstore.cli.common import storage_options
 
-    store = create_store(args.store, storage_options=storage_options(args))
+    if args.keyframe_interval is not None and args.keyframe_interval < 1:
+        raise SystemExit(f"ckpt init: --keyframe-interval must be at least 1, not {args.keyframe_interval}")
+    store = create_store(
+        args.store, storage_options=storage_options(args), keyframe_interval=args.keyframe_interval, level=args.level
+    )
     print(f"created store {store.url}")
+    return 0
+
+
+def cmd_show_store(args: argparse.Namespace) -> int:
+    store = get_store(args)
+    out = {
+        "url": store.url,
+        "format": store.info.get("format"),
+        "version": store.info.get("version"),
+        "created": store.info.get("created"),
+        "settings": store.settings,
+        "settings_recorded": "settings" in store.info,
+    }
+    if args.json:
+        print_json(out)
+        return 0
+    print_table(
+        None,
+        ["field", "value"],
+        [("url", out["url"]), ("format", f"{out['format']} v{out['version']}"), ("created", out["created"] or "-")]
+        + [(k, f"{v}" + ("" if out["settings_recorded"] else " (default)")) for k, v in store.settings.items()],
+        ["left", "left"],
+    )
     return 0
 
 

@@ -122,6 +122,8 @@ class BytesCodec(Codec):
     def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray: ...
 
 
+# Filled by ``@register`` as codec modules are imported; ``import ckptstore.codecs`` (run before any of its
+# submodules, this one included) imports the built-in ones, so the registry is full whenever it is read.
 _REGISTRY: dict[str, type[Codec]] = {}
 
 
@@ -134,7 +136,6 @@ def register(cls: type[Codec]) -> type[Codec]:
 
 def from_record(record: Mapping[str, Any]) -> Codec:
     """Instantiate a codec from its stored record, refusing unknown names and newer versions."""
-    _load_builtin()
     try:
         name = record["name"]
         version = int(record.get("version", 1))
@@ -156,11 +157,4 @@ def from_record(record: Mapping[str, Any]) -> Codec:
 
 
 def registered() -> dict[str, type[Codec]]:
-    _load_builtin()
     return dict(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    # Built-in codecs register themselves on import; importing here (not at package import) keeps the
-    # registry filled lazily and free of import cycles.
-    from ckptstore.codecs import delta, planes  # noqa: F401

@@ -7,6 +7,7 @@ picks, the result is raw when coding does not pay. ``decode`` runs a stored chai
 
 from __future__ import annotations
 
+import inspect
 import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore.codecs.base import ArrayCodec, BytesCodec, TensorSpec, from_record
+from ckptstore.codecs.base import ArrayCodec, BytesCodec, TensorSpec, from_record, registered
 from ckptstore.codecs.delta import OrderedDelta
-from ckptstore.codecs.planes import BytePlanesZstd, estimate_bits
+from ckptstore.codecs.planes import DEFAULT_LEVEL, BytePlanesZstd, estimate_bits
 from ckptstore.errors import CodecError
 
+# The bytes codec that ends every chain unless a store records another (ckptstore.json "settings", format §3).
+DEFAULT_BYTES_CODEC = BytePlanesZstd.name
 # A delta must beat the keyframe estimate by this factor to be worth a dependency on another object.
 DELTA_MIN_GAIN = 0.97
 # Tensors of at most this many elements are coded both ways and the smaller kept (no cost model).
@@ -49,20 +52,23 @@ def encode(
     spec: TensorSpec,
     refs: Mapping[str, np.ndarray] | None = None,
     *,
-    level: int = 1,
+    level: int = DEFAULT_LEVEL,
+    codec: str = DEFAULT_BYTES_CODEC,
 ) -> Encoded:
-    """Encode one tensor's words; ``refs`` (role → words) are the candidates for delta coding."""
+    """Encode one tensor's words; ``refs`` (role → words) are the candidates for delta coding. ``codec`` names the
+    registered bytes codec that ends the chain (``level`` is its config's ``level`` when it takes one)."""
     if words.size == 0:
         return Encoded([], (), [])
     array_codecs: list[ArrayCodec] = []
     prev = (refs or {}).get("prev")
     usable = prev is not None and prev.shape == words.shape and prev.dtype == words.dtype and spec.size >= 16
+    last = bytes_codec(codec, level)
     if usable and spec.size <= SMALL_TENSOR:
         # Small tensors (biases, norms, counters): coding both candidates outright is cheaper than fitting a
         # cost model, and exact. Predictor fitting is left to tensors where it pays.
         assert prev is not None
-        key = _finish(words, spec, [], level)
-        dlt = _finish(words, spec, [OrderedDelta("prev")], level, prev)
+        key = _finish(words, spec, [], last)
+        dlt = _finish(words, spec, [OrderedDelta("prev")], last, prev)
         return dlt if dlt.nbytes < key.nbytes * DELTA_MIN_GAIN else key
     if usable:
         assert prev is not None
@@ -70,13 +76,29 @@ def encode(
         key_bits = estimate_bits(words)
         if delta_bits < key_bits * DELTA_MIN_GAIN:
             array_codecs.append(delta)
-    return _finish(words, spec, array_codecs, level, prev)
+    return _finish(words, spec, array_codecs, last, prev)
+
+
+def bytes_codec(name: str, level: int = DEFAULT_LEVEL) -> BytesCodec:
+    """The registered bytes codec ``name``, configured with ``level`` if its config takes one."""
+    cls = registered().get(name)
+    if cls is None or not issubclass(cls, BytesCodec):
+        known = sorted(n for n, c in registered().items() if issubclass(c, BytesCodec))
+        raise CodecError(f"no bytes codec named {name!r}", hint=f"registered bytes codecs: {', '.join(known)}")
+    takes_level = "level" in inspect.signature(cls).parameters
+    codec = cls.from_config({"level": level} if takes_level else {})
+    assert isinstance(codec, BytesCodec)
+    return codec
 
 
 def _finish(
-    words: np.ndarray, spec: TensorSpec, array_codecs: list[ArrayCodec], level: int, prev: np.ndarray | None = None
+    words: np.ndarray,
+    spec: TensorSpec,
+    array_codecs: list[ArrayCodec],
+    last: BytesCodec,
+    prev: np.ndarray | None = None,
 ) -> Encoded:
-    """Run the chosen array codecs, then byte planes + zstd; raw when that does not pay."""
+    """Run the chosen array codecs, then the bytes codec; raw when that does not pay."""
     coded = words
     refs = {"prev": prev} if prev is not None else {}
     planes = None
@@ -85,7 +107,6 @@ def _finish(
     if planes is None:
         for c in array_codecs:
             coded = c.encode(coded, spec, refs)
-    last: BytesCodec = BytePlanesZstd(level)
     parts: list[bytes | memoryview] = [_side_prefix(array_codecs)]
     if isinstance(last, BytePlanesZstd):
         parts += last.encode_parts(coded, spec, planes)

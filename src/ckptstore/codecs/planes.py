@@ -32,6 +32,9 @@ if os.environ.get("CKPTSTORE_NO_KERNELS"):
     kernels = None
 
 RAW, ZSTD, CONST = 0, 1, 2
+# The zstd level every writer uses unless a store records another (ckptstore.json "settings", format §3).
+DEFAULT_LEVEL = 1
+
 _PLANE_HEADER = struct.Struct("<BQ")
 # A zstd plane is kept only when it saves at least this fraction; otherwise raw is as small and much faster.
 _MIN_SAVING = 0.02
@@ -108,7 +111,7 @@ def join_planes(planes: np.ndarray, word: np.dtype) -> np.ndarray:
 class BytePlanesZstd(BytesCodec):
     name = "planes-zstd"
 
-    def __init__(self, level: int = 3) -> None:
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = int(level)
 
     def config(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckptstore.store import CheckpointInfo
+from ckptstore.format.manifest import CheckpointInfo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ckptstore import create_store
-    from ckptstore.cli.main import main as ckpt
     from ckptstore.demo.trajectory import ensure_trajectory
     from ckptstore.integrations import openclip
 
@@ -63,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     openclip.ingest(store, [ckpt_dir], run="demo", on_file=report)
     print(f"   ingested in {time.perf_counter() - t1:.1f}s\n")
 
-    ckpt(["ls", "--store", str(store_path), "demo"])
+    for info in store.checkpoints("demo"):
+        print(f"   {info.ref:<12} {info.logical_bytes / 1e6:8.1f} MB -> {info.stored_bytes / 1e6:6.1f} MB", flush=True)
     pt_bytes = sum(f.stat().st_size for f in files)
     stored = store.stats("demo")["pack_bytes"]
     print(
@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export demo@latest -> {out}: state_dict bit-identical to {files[-1].name}: {same}")
     if a.report:
         page = a.out / "report.html"
-        print(f"\n== analysing the stored run: ckpt report demo -o {page} ...", flush=True)
-        ckpt(["report", "--store", str(store_path), "demo", "-o", str(page)])
+        print(f"\n== analysing the stored run: report_run(store, 'demo').write({page}) ...", flush=True)
+        from ckptstore.analysis.report.run import report_run
+
+        print(f"   {report_run(store, 'demo').write(page)}")
     print(f"\ndone in {time.perf_counter() - t0:.0f}s. Try: ckpt --help; ckpt show demo@latest --store {store_path}")
     return 0 if res["ok"] and same else 1
 

@@ -11,6 +11,7 @@ Anything else is refused with the path where it was found.
 from __future__ import annotations
 
 import base64
+import importlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,13 +63,19 @@ class Leaf:
 LeafConverter = Callable[[Any], "Leaf | None"]
 
 
+# Adapters for other frameworks' tensors, by the top-level module of the value's type: the adapter module and its
+# converter function. Filled lazily (fsspec's ``known_implementations``): the adapter is imported only when a value
+# of that framework is met, so the format layer never imports an adapter (nor torch) itself.
+LEAF_ADAPTERS: dict[str, tuple[str, str]] = {"torch": ("ckptstore.torch", "tensor_to_leaf")}
+
+
 def _foreign_leaf(value: Any) -> Leaf | None:
     """Tensors of other frameworks, converted without importing those frameworks unless they are in use."""
-    mod = type(value).__module__
-    if mod.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape"):
-        from ckptstore.torch import tensor_to_leaf
-
-        return tensor_to_leaf(value)
+    adapter = LEAF_ADAPTERS.get(type(value).__module__.partition(".")[0])
+    if adapter is not None and hasattr(value, "dtype") and hasattr(value, "shape"):
+        module, func = adapter
+        convert: Callable[[Any], Leaf] = getattr(importlib.import_module(module), func)
+        return convert(value)
     return None
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, ForeignCheckpointError
-from ckptstore.store import CheckpointInfo, Store
+from ckptstore.format.manifest import CheckpointInfo
+from ckptstore.store import Store
 
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
 

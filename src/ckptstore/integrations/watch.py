@@ -32,6 +32,7 @@ from typing import Any
 
 from ckptstore.errors import CkptStoreError
 from ckptstore.format import tree
+from ckptstore.format.manifest import object_id
 from ckptstore.integrations.openclip import (
     checkpoint_metadata,
     default_run_name,
@@ -41,7 +42,7 @@ from ckptstore.integrations.openclip import (
 from ckptstore.policy import thin as policy_store
 from ckptstore.policy.history import PATH_KEY
 from ckptstore.policy.retention import RetentionPolicy, parse_retention
-from ckptstore.store import Store, object_id
+from ckptstore.store import Store
 
 __all__ = ["WatchEvent", "Watcher", "pid_alive"]
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from ckptstore.format.manifest import Manifest
 from ckptstore.format.tree import Leaf
 from ckptstore.policy.history import PATH_KEY, PIN_TAG, Entry, entries_from_infos
 from ckptstore.policy.retention import RetentionPlan, RetentionPolicy, parse_retention, plan
-from ckptstore.store import Manifest, Store
+from ckptstore.store import Store
 
 __all__ = [
     "WEIGHT_PREFIXES",

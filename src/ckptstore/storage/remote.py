@@ -140,11 +140,11 @@ class _SpoolWriter(Writer):
 
                 def upload() -> None:
                     self.f.seek(0)
-                    with st.fs.open(st._p(self.key), "wb") as out:
+                    with st.fs.open(st.path_of(self.key), "wb") as out:
                         while chunk := self.f.read(8 * 2**20):
                             out.write(chunk)
 
-                st._call(f"uploading {self._pos} bytes", self.key, upload)
+                st.call(f"uploading {self._pos} bytes", self.key, upload)
             self._done = True
         finally:
             self.f.close()
@@ -184,12 +184,12 @@ class FsspecStorage(Storage):
         self.root = path.rstrip("/")
         self.url = url.rstrip("/")
         self.protocol = protocol
-        self._s3: S3Client | None = None
+        self.s3_client: S3Client | None = None
         if is_s3(fs):
             fs.retries = 1  # s3fs's own retry loop; ours (self.retry) covers every call
-            self._s3 = S3Client(fs)
+            self.s3_client = S3Client(fs)
         #: True where ``create`` is a single atomic conditional request; elsewhere it checks, then writes.
-        self.atomic_create = self._s3 is not None or protocol == "memory"
+        self.atomic_create = self.s3_client is not None or protocol == "memory"
         self.retry = RetryPolicy(self.options.retries, self.options.backoff, self.options.max_backoff)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
@@ -213,7 +213,7 @@ class FsspecStorage(Storage):
         self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
-    def _p(self, key: str) -> str:
+    def path_of(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
     def _where(self, key: str) -> str:
@@ -223,13 +223,13 @@ class FsspecStorage(Storage):
         with self._stats_lock:
             self.stats[name] += n
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def pool(self) -> ThreadPoolExecutor:
         with self._executor_lock:
             if self._executor is None:
                 self._executor = make_pool(self.options.concurrency)
             return self._executor
 
-    def _call(
+    def call(
         self, what: str, key: str, fn: Callable[[], T], on_retry: Callable[[int, BaseException], None] | None = None
     ) -> T:
         def counted(attempt: int, exc: BaseException) -> None:
@@ -252,11 +252,11 @@ class FsspecStorage(Storage):
 
     # ------------------------------------------------------------------ reads
     def read(self, key: str) -> bytes:
-        data: bytes = self._call("reading", key, lambda: self.fs.cat_file(self._p(key)))
+        data: bytes = self.call("reading", key, lambda: self.fs.cat_file(self.path_of(key)))
         self._count("bytes_read", len(data))
         return data
 
-    _read_uncached = read
+    read_uncached = read
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
@@ -275,7 +275,7 @@ class FsspecStorage(Storage):
             data = pending
         elif length > 2 * piece:  # a large range: fetch it in parallel pieces
             offsets = range(start, start + length, piece)
-            chunks = list(self._pool().map(lambda o: self._fetch(key, o, min(piece, start + length - o)), offsets))
+            chunks = list(self.pool().map(lambda o: self._fetch(key, o, min(piece, start + length - o)), offsets))
             data = b"".join(chunks)
         else:
             data = self._fetch(key, start, length)
@@ -308,7 +308,7 @@ class FsspecStorage(Storage):
         with self._prefetch_lock:
             for key, s0, parts in segments:
                 total = parts[-1][0] + parts[-1][1] - s0
-                fut = self._pool().submit(self._fetch, key, s0, total)
+                fut = self.pool().submit(self._fetch, key, s0, total)
                 for start, length in parts:
                     if (key, start, length) not in self._prefetched:
                         self._prefetched[(key, start, length)] = (fut, start - s0)
@@ -335,9 +335,9 @@ class FsspecStorage(Storage):
         return segment[offset : offset + length]
 
     def _fetch(self, key: str, start: int, length: int) -> bytes:
-        path = self._p(key)
+        path = self.path_of(key)
         try:
-            data: bytes = self._call(
+            data: bytes = self.call(
                 f"reading bytes {start}-{start + length - 1}",
                 key,
                 lambda: self.fs.cat_file(path, start=start, end=start + length),
@@ -354,41 +354,41 @@ class FsspecStorage(Storage):
     # ------------------------------------------------------------------ writes
     def write(self, key: str, data: bytes) -> None:
         data = bytes(data)
-        if self._s3 is not None and len(data) > 2 * self.options.part_size:
+        if self.s3_client is not None and len(data) > 2 * self.options.part_size:
             w = MultipartWriter(self, key)
             w.write(data)
             w.commit()
             return
-        path = self._p(key)
-        if self._s3 is not None:
-            s3 = self._s3
-            self._call(f"writing {len(data)} bytes", key, lambda: s3.put(path, data))
+        path = self.path_of(key)
+        if self.s3_client is not None:
+            s3 = self.s3_client
+            self.call(f"writing {len(data)} bytes", key, lambda: s3.put(path, data))
         else:
-            self._call(f"writing {len(data)} bytes", key, lambda: self.fs.pipe_file(path, data))
+            self.call(f"writing {len(data)} bytes", key, lambda: self.fs.pipe_file(path, data))
         self._count("bytes_written", len(data))
 
     def create(self, key: str, data: bytes) -> None:
         data = bytes(data)
-        if self._s3 is not None and len(data) > 2 * self.options.part_size:
+        if self.s3_client is not None and len(data) > 2 * self.options.part_size:
             w = MultipartWriter(self, key, exclusive=True, expect=data)
             w.write(data)
             w.commit()
             return
-        path = self._p(key)
+        path = self.path_of(key)
 
         def put() -> None:
-            if self._s3 is not None:
-                self._s3.put(path, data, exclusive=True)
+            if self.s3_client is not None:
+                self.s3_client.put(path, data, exclusive=True)
             else:
                 self.fs.pipe_file(path, data, mode="create")
 
         try:
-            self._call("committing", key, put)
+            self.call("committing", key, put)
         except FileExistsError:
             # The key may be there because an earlier try of this very request went through and only its answer
             # was lost (we retry, and so does the HTTP client: a PUT is idempotent to it). The content tells: a
             # manifest names a pack with a random id, a lock its owner's random token.
-            if self._read_uncached(key) == data:
+            if self.read_uncached(key) == data:
                 return
             raise ConcurrentCommitError(
                 "already exists", path=self._where(key), hint="another writer committed it first"
@@ -396,18 +396,18 @@ class FsspecStorage(Storage):
         self._count("bytes_written", len(data))
 
     def open_writer(self, key: str) -> Writer:
-        if self._s3 is not None:
+        if self.s3_client is not None:
             return MultipartWriter(self, key)
         return _SpoolWriter(self, key)
 
     # ------------------------------------------------------------------ metadata
     def _head(self, key: str) -> dict[str, Any]:
-        if self._s3 is not None:
-            s3 = self._s3
-            bucket, k = s3.split(self._p(key))
-            out: dict[str, Any] = self._call("looking up", key, lambda: s3.call("head_object", Bucket=bucket, Key=k))
+        if self.s3_client is not None:
+            s3 = self.s3_client
+            bucket, k = s3.split(self.path_of(key))
+            out: dict[str, Any] = self.call("looking up", key, lambda: s3.call("head_object", Bucket=bucket, Key=k))
             return {"size": int(out["ContentLength"]), "mtime": out.get("LastModified")}
-        info = self._call("looking up", key, lambda: self.fs.info(self._p(key)))
+        info = self.call("looking up", key, lambda: self.fs.info(self.path_of(key)))
         if info.get("type") == "directory":
             raise FileNotFoundError(self._where(key))
         mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
@@ -436,11 +436,11 @@ class FsspecStorage(Storage):
 
     def list(self, prefix: str) -> list[str]:
         prefix = prefix.strip("/")
-        base = self._p(prefix)
+        base = self.path_of(prefix)
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(base)
         try:
-            found = self._call("listing", prefix, lambda: self.fs.find(base))
+            found = self.call("listing", prefix, lambda: self.fs.find(base))
         except FileNotFoundError:
             return []
         n = len(self.root) + 1 if self.root else 0
@@ -449,7 +449,7 @@ class FsspecStorage(Storage):
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._call("deleting", key, lambda: self.fs.rm_file(self._p(key)))
+            self.call("deleting", key, lambda: self.fs.rm_file(self.path_of(key)))
 
     # ------------------------------------------------------------------ locking, closing
     @contextlib.contextmanager

@@ -15,12 +15,30 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptstore.storage.base import Writer
 
 if TYPE_CHECKING:
-    from ckptstore.storage.remote import FsspecStorage
+    from concurrent.futures import ThreadPoolExecutor
+
+
+class UploadHost(Protocol):
+    """What a :class:`MultipartWriter` needs from the storage it writes for (``FsspecStorage`` on S3). A protocol,
+    so this module does not import the storage that uses it."""
+
+    url: str
+    options: Any  # .part_size, .concurrency
+    s3_client: S3Client | None
+
+    def path_of(self, key: str) -> str: ...
+    def call(self, what: str, key: str, fn: Callable[[], Any]) -> Any: ...
+    def pool(self) -> ThreadPoolExecutor: ...
+    def read_uncached(self, key: str) -> bytes: ...
+    def size(self, key: str) -> int: ...
+    def create(self, key: str, data: bytes) -> None: ...
+    def write(self, key: str, data: bytes) -> None: ...
+
 
 #: S3's own limits: parts of 5 MiB at least (but the last) and 10,000 parts at most.
 MIN_PART_SIZE = 5 * 2**20
@@ -57,15 +75,13 @@ class S3Client:
 
 
 class MultipartWriter(Writer):
-    def __init__(
-        self, storage: FsspecStorage, key: str, *, exclusive: bool = False, expect: bytes | None = None
-    ) -> None:
+    def __init__(self, storage: UploadHost, key: str, *, exclusive: bool = False, expect: bytes | None = None) -> None:
         self.storage = storage
         self.expect = expect  # the whole content, when known: lets a retried conditional completion check it
         self.key = key
-        self.path = storage._p(key)
+        self.path = storage.path_of(key)
         self.exclusive = exclusive
-        self.client: S3Client = storage._s3  # type: ignore[assignment]
+        self.client: S3Client = storage.s3_client  # type: ignore[assignment]
         self.bucket, self.s3key = self.client.split(self.path)
         self.base = storage.options.part_size
         self.buf = bytearray()
@@ -93,7 +109,7 @@ class MultipartWriter(Writer):
             self._send_part(chunk)
 
     def _retry(self, fn: Callable[[], Any], what: str) -> Any:
-        return self.storage._call(what, self.key, fn)
+        return self.storage.call(what, self.key, fn)
 
     def _start(self) -> None:
         out = self._retry(
@@ -110,7 +126,7 @@ class MultipartWriter(Writer):
         # Back-pressure: at most `concurrency` parts in flight, and their errors surface early.
         while len(self.inflight) >= self.storage.options.concurrency:
             self.inflight.popleft().result()
-        self.inflight.append(self.storage._pool().submit(self._upload_part, n, chunk))
+        self.inflight.append(self.storage.pool().submit(self._upload_part, n, chunk))
 
     def _upload_part(self, n: int, chunk: bytes) -> None:
         out = self._retry(
@@ -174,7 +190,7 @@ class MultipartWriter(Writer):
     def _landed(self) -> bool:
         try:
             if self.expect is not None:
-                return self.storage._read_uncached(self.key) == self.expect
+                return self.storage.read_uncached(self.key) == self.expect
             return self.storage.size(self.key) == self._pos  # a pack: its key is unique to this writer
         except FileNotFoundError:
             return False

@@ -1,0 +1,198 @@
+"""Manifests (docs/format.md §5-§7): the JSON document that commits one checkpoint, object ids, keys and limits.
+
+A manifest lists, for one ``run@step``, the state tree, every tensor (dtype, shape, object id) and every object the
+checkpoint needs with its location (``pack``, ``offset``, ``length``), its codec chain and its delta references. It is
+written last, in one ``Storage.create`` (a new checkpoint) or ``Storage.write`` (a rebase or repack moving objects):
+a checkpoint exists exactly when its manifest does.
+
+Objects may live in any number of packs: the manifest's ``packs`` list and each object's ``pack`` say where. So a
+writer that is not a :class:`~ckptstore.store.Store` (one torch.distributed rank writing its own pack with
+:class:`ckptstore.format.pack.PackWriter`, a coordinator then committing one manifest that lists the objects of every
+rank's pack) builds the same ``data`` dict, checks it with :class:`Manifest`, and commits
+:func:`manifest_bytes` at :func:`manifest_key`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ckptstore.errors import FormatError, InvalidStateError, UnsupportedVersionError
+from ckptstore.format import tree
+from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, RUNS_DIR
+
+MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
+
+__all__ = [
+    "MAX_CHAIN",
+    "CheckpointInfo",
+    "Manifest",
+    "json_bytes",
+    "manifest_bytes",
+    "manifest_key",
+    "object_id",
+    "with_true_depths",
+]
+
+
+def object_id(leaf: tree.Leaf) -> str:
+    """Content address of a tensor: xxh3-128 over its dtype, shape and little-endian bytes."""
+    h = xxhash.xxh3_128()
+    h.update(f"{leaf.dtype}:{','.join(map(str, leaf.shape))}:".encode())
+    h.update(memoryview(np.ascontiguousarray(leaf.data)).cast("B"))  # type: ignore[arg-type]
+    return "xxh128:" + h.hexdigest()
+
+
+def manifest_key(run: str, step: int) -> str:
+    """The key a checkpoint's manifest is committed at."""
+    return f"{RUNS_DIR}/{run}/ckpt/{step:020d}.json"
+
+
+def manifest_bytes(data: dict[str, Any]) -> bytes:
+    """A manifest's bytes as committed: compact JSON, no NaN (the one place manifests are serialised)."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+
+
+def json_bytes(obj: Any) -> bytes:
+    """User data (metadata) as compact JSON; a non-finite number or a non-JSON value is an InvalidStateError."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise InvalidStateError(
+            f"metadata holds a non-finite number: {exc}", hint="use None for missing values"
+        ) from None
+    except TypeError as exc:
+        raise InvalidStateError(f"metadata is not JSON-serialisable: {exc}") from None
+
+
+@dataclass
+class CheckpointInfo:
+    """One row of a listing: what ``ckpt ls`` shows."""
+
+    run: str
+    step: int
+    created: str
+    logical_bytes: int
+    stored_bytes: int
+    tensors: int
+    metadata: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.run}@{self.step}"
+
+    @property
+    def ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "run": self.run,
+            "step": self.step,
+            "created": self.created,
+            "epoch": self.metadata.get("epoch"),
+            "logical_bytes": self.logical_bytes,
+            "stored_bytes": self.stored_bytes,
+            "ratio": round(self.ratio, 4) if math.isfinite(self.ratio) else None,
+            "tensors": self.tensors,
+            "metadata": self.metadata,
+        }
+
+
+class Manifest:
+    """A committed checkpoint's manifest (parsed and validated)."""
+
+    def __init__(self, data: dict[str, Any], key: str) -> None:
+        self.data = data
+        self.key = key
+        if data.get("kind") != MANIFEST_KIND:
+            raise FormatError("not a ckptstore manifest", path=key)
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise UnsupportedVersionError(
+                f"manifest format version {data['format_version']} is newer than {FORMAT_VERSION}",
+                path=key,
+                hint="upgrade ckptstore",
+            )
+        for field in ("run", "step", "tree", "tensors", "objects"):
+            if field not in data:
+                raise FormatError(f"manifest lacks {field!r}", path=key)
+
+    @property
+    def run(self) -> str:
+        return str(self.data["run"])
+
+    @property
+    def step(self) -> int:
+        return int(self.data["step"])
+
+    @property
+    def tensors(self) -> dict[str, dict[str, Any]]:
+        tensors: dict[str, dict[str, Any]] = self.data["tensors"]
+        return tensors
+
+    @property
+    def objects(self) -> dict[str, dict[str, Any]]:
+        objects: dict[str, dict[str, Any]] = self.data["objects"]
+        return objects
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = self.data.setdefault("metadata", {})
+        return meta
+
+    @property
+    def ref(self) -> str:
+        return f"{self.run}@{self.step}"
+
+    def chain(self, oid: str) -> list[str]:
+        """The object and every object it depends on, dependencies last."""
+        out, todo = [], [oid]
+        while todo:
+            o = todo.pop()
+            if o in out:
+                continue
+            out.append(o)
+            rec = self.objects.get(o)
+            if rec is None:
+                raise FormatError(f"manifest references unknown object {o}", path=self.key)
+            todo.extend(rec.get("refs", {}).values())
+        return out
+
+    def info(self) -> CheckpointInfo:
+        st = self.data.get("stats", {})
+        return CheckpointInfo(
+            self.run,
+            self.step,
+            self.data.get("created", ""),
+            int(st.get("logical_bytes", 0)),
+            int(st.get("stored_bytes", 0)),
+            len(self.tensors),
+            self.metadata,
+        )
+
+
+def with_true_depths(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Records whose ``depth`` matches their actual chain in ``table`` (copies only those that change): after a
+    rebase re-encodes a base onto a deeper one, the depths recorded in its dependents are stale."""
+    depths: dict[str, int] = {}
+
+    def depth(o: str, seen: tuple[str, ...] = ()) -> int:
+        if o in depths:
+            return depths[o]
+        if o in seen or len(seen) > MAX_CHAIN:
+            raise FormatError(f"delta chain of object {o[:20]}… loops or exceeds {MAX_CHAIN} objects")
+        ref = table[o].get("refs", {}).get("prev")
+        depths[o] = 0 if ref is None or ref not in table else depth(ref, (*seen, o)) + 1
+        return depths[o]
+
+    out = {}
+    for o, rec in table.items():
+        d = depth(o)
+        out[o] = rec if int(rec.get("depth", 0)) == d else {**rec, "depth": d}
+    return out
