@@ -63,13 +63,14 @@ DEFAULT_KEYFRAME_INTERVAL = 4  # chains of at most 4 objects: docs/benchmarks.md
 DEFAULT_LEVEL = codecs.DEFAULT_LEVEL
 
 
-def store_settings(info: Mapping[str, Any]) -> dict[str, int]:
+def store_settings(info: Mapping[str, Any]) -> dict[str, Any]:
     """The write settings a store records in ckptstore.json (format §3); a store written before they were
     recorded has none, and reads with the defaults it was written with."""
     given = info.get("settings") or {}
-    out = {
+    out: dict[str, Any] = {
         "keyframe_interval": int(given.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL)),
         "zstd_level": int(given.get("zstd_level", DEFAULT_LEVEL)),
+        "codec": str(given.get("codec", codecs.DEFAULT_BYTES_CODEC)),
     }
     if out["keyframe_interval"] < 1 or not 1 <= out["zstd_level"] <= 22:
         raise FormatError(f"{STORE_FILE} holds invalid settings {given!r}")
@@ -108,6 +109,7 @@ class Store:
         kf = self.settings["keyframe_interval"] if keyframe_interval is None else keyframe_interval
         self.keyframe_interval = max(1, int(kf))
         self.level = self.settings["zstd_level"] if level is None else int(level)
+        self.codec: str = self.settings["codec"]  # the bytes codec ending every chain this Store writes
         # Private copies of the words of the last checkpoint this Store saved: the delta bases of the next save,
         # so a training loop never reads its own checkpoints back. About one checkpoint of memory.
         self._head: dict[str, np.ndarray] = {}
@@ -368,7 +370,7 @@ class Store:
                     if prev_words is not None and reusable:
                         spare = prev_words
                     refs["prev"] = prev_words if prev_words is not None else self._decode_chain(base, base_oid)[0]
-            enc = codecs.encode(words, spec, refs, level=self.level)
+            enc = codecs.encode(words, spec, refs, level=self.level, codec=self.codec)
             rec: dict[str, Any] = {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": enc.codecs}
             if enc.roles and base_oid is not None:
                 rec["refs"] = {"prev": base_oid}
@@ -843,10 +845,12 @@ def create_store(
     exist_ok: bool = False,
     keyframe_interval: int | None = None,
     level: int | None = None,
+    codec: str | None = None,
     **options: Any,
 ) -> Store:
     """Create a new, empty store at a path or URL. ``keyframe_interval`` and ``level`` (zstd) are recorded in the
-    store as its settings, used by every later writer that does not override them."""
+    store as its settings, used by every later writer that does not override them; so is ``codec``, the name of
+    the registered bytes codec that ends every chain (default ``planes-zstd``)."""
     storage_options = options.pop("storage_options", {}) or {}
     storage = open_storage(location, **storage_options)
     if storage.exists(STORE_FILE):
@@ -860,10 +864,13 @@ def create_store(
     settings = store_settings(
         {
             "settings": {
-                k: v for k, v in (("keyframe_interval", keyframe_interval), ("zstd_level", level)) if v is not None
+                k: v
+                for k, v in (("keyframe_interval", keyframe_interval), ("zstd_level", level), ("codec", codec))
+                if v is not None
             }
         }
     )
+    codecs.bytes_codec(settings["codec"], settings["zstd_level"])  # an unknown codec fails before the store exists
     info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": _now(), "settings": settings}
     storage.write(STORE_FILE, json_bytes(info))
     return Store(storage, **options)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from ckptstore import codecs
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, from_record, register, registered
 from ckptstore.codecs.chain import _finish as finish
+from ckptstore.codecs.chain import bytes_codec
 from ckptstore.codecs.delta import OrderedDelta, to_ordered, unzigzag, zigzag
 from ckptstore.codecs.planes import CONST, RAW, ZSTD, BytePlanesZstd, estimate_bits
 from ckptstore.errors import CodecError
@@ -303,7 +304,7 @@ def test_reusable_reference_is_decoded_into(predictor: str, rng: np.random.Gener
         "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
         "rowscale": OrderedDelta("rowscale", rows=1031, scales=(1 - rng.random(1031) * 1e-2).astype("<f4")),
     }[predictor]
-    enc = finish(cur, spec, [codec], 1, prev)
+    enc = finish(cur, spec, [codec], bytes_codec("planes-zstd", 1), prev)
     assert enc.roles == ("prev",)
     kept = prev.copy()
     fresh = codecs.decode(enc.payload, enc.codecs, spec, {"prev": kept})

@@ -32,6 +32,11 @@ def register(sub: Any) -> None:
         choices=range(1, 23),
         help=f"zstd level of the byte planes (default: {DEFAULT_LEVEL}; higher is a little smaller and much slower)",
     )
+    p.add_argument(
+        "--codec",
+        metavar="NAME",
+        help="registered bytes codec that ends every codec chain (default: planes-zstd; see docs/format.md §10)",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(
@@ -104,7 +109,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.keyframe_interval is not None and args.keyframe_interval < 1:
         raise SystemExit(f"ckpt init: --keyframe-interval must be at least 1, not {args.keyframe_interval}")
     store = create_store(
-        args.store, storage_options=storage_options(args), keyframe_interval=args.keyframe_interval, level=args.level
+        args.store,
+        storage_options=storage_options(args),
+        keyframe_interval=args.keyframe_interval,
+        level=args.level,
+        codec=args.codec,
     )
     print(f"created store {store.url}")
     return 0
