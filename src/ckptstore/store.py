@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ckptstore import codecs
+from ckptstore.codecs.planner import delta_base
 from ckptstore.errors import (
     CheckpointExistsError,
     CkptStoreError,
@@ -404,38 +405,18 @@ class Store:
         return records, stored
 
     def _delta_base(self, name: str, leaf: tree.Leaf, base: Manifest, steps: list[int]) -> tuple[str, int] | None:
-        """Which stored object the new version of tensor ``name`` is coded against, and the new chain depth.
+        """:func:`ckptstore.codecs.planner.delta_base` over the run's manifests (``steps``: the run's steps up to
+        and including the base checkpoint)."""
 
-        Normally the same tensor in the previous checkpoint. When that chain is already ``keyframe_interval``
-        objects long, the base becomes the *root of its linear segment* (the first object of the run of
-        consecutive deltas that ends in the previous checkpoint): a delta over several epochs costs far less than
-        a keyframe (measured: ~30% more than a one-epoch delta vs ~75% more for a keyframe), and chains stay
-        bounded. Segments shorten as their roots deepen, so a keyframe comes every K·(K+1)/2 checkpoints.
-        """
-        bt = base.tensors.get(name)
-        if bt is None or bt["dtype"] != leaf.dtype or list(bt["shape"]) != list(leaf.shape):
-            return None
-        oid = bt["object"]
-        depth = int(base.objects[oid].get("depth", 0))
-        if depth + 1 < self.keyframe_interval:
-            return oid, depth + 1
-        # Walk back the linear segment: object j's base is the tensor's object in the checkpoint just before.
-        # ``steps``: the run's steps up to and including the base checkpoint.
-        j = 0
-        cur = oid
-        while True:
-            ref = base.objects[cur].get("refs", {}).get("prev")
-            if ref is None or j + 2 > len(steps):
-                break
+        def object_before(j: int) -> str | None:
+            if j + 2 > len(steps):
+                return None
             before = self.manifest(base.run, steps[-2 - j]).tensors.get(name)
-            if before is None or before["object"] != ref:
-                break
-            cur = ref
-            j += 1
-        root_depth = int(base.objects[cur].get("depth", 0))
-        if cur == oid or root_depth + 1 >= self.keyframe_interval:
-            return None
-        return cur, root_depth + 1
+            return None if before is None else str(before["object"])
+
+        return delta_base(
+            name, leaf.dtype, leaf.shape, base.tensors, base.objects, object_before, self.keyframe_interval
+        )
 
     @staticmethod
     def _drain(
