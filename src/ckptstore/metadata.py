@@ -604,17 +604,25 @@ def _jsonable(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- editing in place
+def edit_tags(md: dict[str, Any], *, add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
+    """Take ``remove`` off and append ``add`` (in order, each once) to a metadata dict's tags, in place; no tags
+    left means no ``tags`` key. The one place tags are edited (``ckpt tag``/``untag``, pinning)."""
+    drop = set(remove)
+    tags = [t for t in md.get("tags") or [] if t not in drop]
+    tags += [t for t in dict.fromkeys(add) if t not in tags]
+    if tags:
+        md["tags"] = tags
+    else:
+        md.pop("tags", None)
+
+
 def add_tags(store: Any, ref: str, tags: Iterable[str], *, move: bool = False) -> Any:
     """Tag a checkpoint (tensors untouched). With ``move`` the tags are first taken off the run's other
     checkpoints, so ``RUN@tag:NAME`` names this one only. Returns the new manifest."""
     tags = [check_tag(t) for t in tags]
     target = store.resolve(ref)
 
-    def add(md: dict[str, Any]) -> None:
-        have = list(md.get("tags") or [])
-        md["tags"] = have + [t for t in dict.fromkeys(tags) if t not in have]
-
-    new = store.update_metadata(target.ref, add)
+    new = store.update_metadata(target.ref, lambda md: edit_tags(md, add=tags))
     if move:
         for step in store.steps(target.run):
             if step != target.step and set(tags) & set(store.manifest(target.run, step).metadata.get("tags") or []):
@@ -624,16 +632,8 @@ def add_tags(store: Any, ref: str, tags: Iterable[str], *, move: bool = False) -
 
 def remove_tags(store: Any, ref: str, tags: Iterable[str]) -> Any:
     """Take tags off a checkpoint (absent tags are ignored). Returns the new manifest."""
-    drop = set(tags)
-
-    def remove(md: dict[str, Any]) -> None:
-        kept = [t for t in md.get("tags") or [] if t not in drop]
-        if kept:
-            md["tags"] = kept
-        else:
-            md.pop("tags", None)
-
-    return store.update_metadata(ref, remove)
+    drop = list(tags)
+    return store.update_metadata(ref, lambda md: edit_tags(md, remove=drop))
 
 
 def set_notes(store: Any, ref: str, text: str | None, *, append: bool = False) -> Any:

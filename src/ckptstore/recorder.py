@@ -28,7 +28,7 @@ import torch
 from ckptstore import metadata as md_schema
 from ckptstore.format import tree
 from ckptstore.format.manifest import CheckpointInfo
-from ckptstore.policy import thin as policy_store
+from ckptstore.policy import thin
 from ckptstore.policy.history import PATH_KEY, Entry
 from ckptstore.policy.retention import RetentionPlan, RetentionPolicy, parse_retention
 from ckptstore.policy.save import OVERALL, Decision, Now, SavePolicy, WeightChange, parse_save_policy
@@ -198,8 +198,8 @@ class Recorder:
             sample = 0 if any(p.sample == 0 for p in weight_policies) else max(p.sample for p in weight_policies)
             self.tracker = WeightTracker(model, sample=sample, modules=modules)
             self.tracker.reset()
-        self.paths = policy_store.PathTracker(self.store, run) if record_path else None
-        self.history: list[Entry] = policy_store.history(self.store, run) if run in self.store.runs() else []
+        self.paths = thin.PathTracker(self.store, run) if record_path else None
+        self.history: list[Entry] = thin.history(self.store, run) if run in self.store.runs() else []
         self._prev_step: int | None = None
         self._prev_epoch: float | None = None
         self.last_decision: Decision | None = None
@@ -307,15 +307,15 @@ class Recorder:
         """Apply the ``keep`` policies to the run now (what :meth:`step` does after each save)."""
         if not self.keep:
             return {"deleted": []}
-        the_plan, recs = policy_store.plan_thin(self.store, self.run, self.keep)
+        the_plan, recs = thin.plan_thin(self.store, self.run, self.keep)
         self.last_retention = the_plan
         if not the_plan.drop:
             return {"deleted": []}
-        return policy_store.apply_plan(self.store, self.run, the_plan, recs)
+        return thin.apply_plan(self.store, self.run, the_plan, recs)
 
     def pin(self, step: int, pinned: bool = True) -> None:
         """Pin a saved step: no retention policy will remove it."""
-        policy_store.pin(self.store, f"{self.run}@{step}", pinned)
+        thin.pin(self.store, f"{self.run}@{step}", pinned)
 
 
 #: Another name for :class:`Recorder`, for those who look for a "checkpointer".

@@ -46,6 +46,7 @@ from ckptstore.format.manifest import Manifest
 from ckptstore.format.pack import check_pack_key
 from ckptstore.format.spec import STORE_FILE
 from ckptstore.store import Store
+from ckptstore.util import human_bytes
 
 RELEASE_FORMAT = "ckptstore.release"
 RELEASE_VERSION = 1
@@ -381,14 +382,12 @@ def headline_metrics(infos: Sequence[Mapping[str, Any]], wanted: Sequence[str] |
 def plot_curves(store: Store, run: str, rows: Sequence[_Row], metrics: Sequence[str], path: Path) -> None:
     """Each metric (and the stored size) over every checkpoint of the run, released checkpoints marked."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure  # a private figure on the Agg canvas: the caller's backend stays
     except ImportError as exc:
         raise MissingDependencyError(
             "the release's metric curves need matplotlib", hint="pip install matplotlib"
         ) from exc
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     infos = store.checkpoints(run)
@@ -396,7 +395,8 @@ def plot_curves(store: Store, run: str, rows: Sequence[_Row], metrics: Sequence[
     released = {r.chosen.manifest.step for r in rows}
     cols = min(2, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.4 * nrows), squeeze=False)
+    fig = Figure(figsize=(5.5 * cols, 3.4 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, name in zip(axes.flat, panels, strict=False):
         if name == "stored size (MB)":
             pts = [(i.step, i.stored_bytes / 1e6) for i in infos]
@@ -420,21 +420,12 @@ def plot_curves(store: Store, run: str, rows: Sequence[_Row], metrics: Sequence[
     fig.suptitle(f"{run}: {len(infos)} stored checkpoints, {len(rows)} released")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _fmt_metric(v: Any) -> str:
     if isinstance(v, bool) or not isinstance(v, int | float):
         return "–"
     return f"{v:.4g}"
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n} B"  # pragma: no cover
 
 
 def _md_cell(text: Any) -> str:
@@ -486,7 +477,7 @@ def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[
                 f"{samples:,}" if isinstance(samples, int) else "–",
                 *[_fmt_metric((m.metadata.get("metrics") or {}).get(k)) for k in metrics],
                 r.chosen.reason,
-                _human(size),
+                human_bytes(size),
                 f"`{weights.sha256}`",
             ]
             lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
@@ -521,7 +512,8 @@ def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[
             "## The whole trajectory",
             "",
             f"`{store['path']}/` is the run's compact ckptstore store: all {len(store['steps'])} kept checkpoints, "
-            f"{_human(store['logical_bytes'])} of tensors in {_human(store['bytes'])}, each readable bit-exactly. "
+            f"{human_bytes(store['logical_bytes'])} of tensors in {human_bytes(store['bytes'])}, "
+            "each readable bit-exactly. "
             "Open it read-only:",
             "",
             "```python",

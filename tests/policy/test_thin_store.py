@@ -15,8 +15,7 @@ import pytest
 
 import ckptstore
 from ckptstore.cli.main import main as ckpt_main
-from ckptstore.policy import parse_retention
-from ckptstore.policy import thin as policy_store
+from ckptstore.policy import parse_retention, thin
 
 RUN = "toy"
 STEPS = list(range(0, 130, 10))  # 13 checkpoints
@@ -55,7 +54,7 @@ def store(tmp_path: Path) -> tuple[ckptstore.Store, dict[int, dict[str, Any]]]:
 
 def test_paths_are_the_l2_distances_between_consecutive_weights(store: Any) -> None:
     st, states = store
-    recs = policy_store.compute_paths(st, RUN)
+    recs = thin.compute_paths(st, RUN)
     total = 0.0
     for prev, cur in itertools.pairwise(STEPS):
         a, b = states[prev]["model"], states[cur]["model"]
@@ -72,13 +71,13 @@ def test_thin_keeps_survivors_bit_exact_and_frees_bytes(
     store: Any, assert_same_state: Callable[[object, object], None]
 ) -> None:
     st, states = store
-    policy_store.pin(st, f"{RUN}@30")
-    the_plan, recs = policy_store.plan_thin(st, RUN, "select:5,best:val_loss")
+    thin.pin(st, f"{RUN}@30")
+    the_plan, recs = thin.plan_thin(st, RUN, "select:5,best:val_loss")
     keep = sorted(the_plan.keep)
     assert 30 in keep and the_plan.keep[30] == ["pinned"]
     assert keep[0] == 0 and keep[-1] == 120
     before = st.stats(RUN)["pack_bytes"]
-    res = policy_store.apply_plan(st, RUN, the_plan, recs)
+    res = thin.apply_plan(st, RUN, the_plan, recs)
     after = st.stats(RUN)["pack_bytes"]
     assert res["freed_bytes"] == before - after > 0
     assert sorted(res["deleted"]) == sorted(f"{RUN}@{s}" for s in the_plan.drop)
@@ -88,7 +87,7 @@ def test_thin_keeps_survivors_bit_exact_and_frees_bytes(
         assert_same_state(st.load(f"{RUN}@{s}"), states[s])
     # The kept checkpoints now carry their weight path, so a second plan gives the same answer: nothing to do.
     assert all(st.manifest(RUN, s).metadata["trajectory"]["path_length"] == recs[s]["path_length"] for s in keep)
-    again, _ = policy_store.plan_thin(st, RUN, "select:5,best:val_loss")
+    again, _ = thin.plan_thin(st, RUN, "select:5,best:val_loss")
     assert not again.drop and sorted(again.keep) == keep
 
 
@@ -129,5 +128,5 @@ def test_plan_from_metadata_only_needs_no_weights(store: Any, monkeypatch: pytes
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(st, "load_leaves", boom)
-    the_plan, recs = policy_store.plan_thin(st, RUN, parse_retention("last:3,best:val_loss,every:50"))
+    the_plan, recs = thin.plan_thin(st, RUN, parse_retention("last:3,best:val_loss,every:50"))
     assert recs == {} and sorted(the_plan.keep) == [0, 50, 100, 110, 120]

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ckptstore.cli.common import add_store_arg, get_store, human, print_json, progress_bar
+from ckptstore.cli.common import add_store_arg, get_store, print_json, progress_bar
 from ckptstore.format.manifest import CheckpointInfo
+from ckptstore.util import human_bytes as human
 
 
 def register(sub: Any) -> None:

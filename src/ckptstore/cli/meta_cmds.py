@@ -12,7 +12,8 @@ from typing import Any
 
 from ckptstore import metadata as md
 from ckptstore import query
-from ckptstore.cli.common import add_store_arg, get_store, human, print_json, print_table
+from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table
+from ckptstore.util import human_bytes as human
 
 WHERE_HELP = (
     'keep checkpoints matching an expression, e.g. "metrics.zeroshot_top1 > 0.5 and epoch >= 3"; operators '

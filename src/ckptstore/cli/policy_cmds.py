@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Any
 
-from ckptstore.cli.common import add_store_arg, get_store, human, print_json, print_table, progress_bar
+from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
+from ckptstore.util import human_bytes as human
 
 
 def register(sub: Any) -> None:
@@ -79,11 +80,11 @@ def _label(epoch: Any, step: Any) -> str:
 
 
 def cmd_thin(args: argparse.Namespace) -> int:
-    from ckptstore.policy import thin as policy_store
+    from ckptstore.policy import thin
 
     store = get_store(args)
     with progress_bar("measuring the weight path") as prog:
-        the_plan, recs = policy_store.plan_thin(store, args.run, args.keep, prefix=args.weights, progress=prog)
+        the_plan, recs = thin.plan_thin(store, args.run, args.keep, prefix=args.weights, progress=prog)
     report: dict[str, Any] = {"run": args.run, "dry_run": bool(args.dry_run), **the_plan.as_dict()}
     if not args.json:
         rows = []
@@ -102,7 +103,7 @@ def cmd_thin(args: argparse.Namespace) -> int:
     if not args.dry_run:
         before = store.stats(args.run)["pack_bytes"]
         with progress_bar("re-encoding dependents") as prog:
-            res = policy_store.apply_plan(store, args.run, the_plan, recs, progress=prog)
+            res = thin.apply_plan(store, args.run, the_plan, recs, progress=prog)
         after = store.stats(args.run)["pack_bytes"]
         report.update({"deleted": res["deleted"], "rewritten": res["rewritten"], "freed_bytes": res["freed_bytes"],
                        "run_bytes_before": before, "run_bytes_after": after,
@@ -121,12 +122,12 @@ def cmd_thin(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------------- select
 def cmd_select(args: argparse.Namespace) -> int:
-    from ckptstore.policy import thin as policy_store
+    from ckptstore.policy import thin
     from ckptstore.policy.select import select
 
     store = get_store(args)
     with progress_bar("measuring the weight path") as prog:
-        entries = policy_store.history(store, args.run, paths=not args.no_weights, prefix=args.weights,
+        entries = thin.history(store, args.run, paths=not args.no_weights, prefix=args.weights,
                                        progress=prog)  # fmt: skip
     choices = select(entries, args.n, metrics=args.metric)
     by_step = {e.step: e for e in entries}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ckptstore.cli.common import add_store_arg, get_store, human, print_json, progress_bar
+from ckptstore.cli.common import add_store_arg, get_store, print_json, progress_bar
+from ckptstore.util import human_bytes as human
 
 
 def register(sub: Any) -> None:

@@ -6,8 +6,9 @@ import argparse
 from typing import Any
 
 from ckptstore.cli import meta_cmds
-from ckptstore.cli.common import add_store_arg, get_store, human, print_json, print_table, progress_bar
+from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
 from ckptstore.store import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_LEVEL, create_store
+from ckptstore.util import human_bytes as human
 
 
 def register(sub: Any) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ckptstore.errors import CkptStoreError, MissingDependencyError
+from ckptstore.util import pid_alive
 
 __all__ = [
     "CONTEXT_LENGTH",
@@ -419,16 +420,6 @@ def _version(dist: str) -> str:
         return "none"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def ensure_trajectory(
     cache_root: Path | None = None,
     *,
@@ -471,7 +462,7 @@ def ensure_trajectory(
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".tmp-{key}-*"):  # leftovers of builds whose process is gone
         with contextlib.suppress(ValueError, IndexError):
-            if not _pid_alive(int(stale.name[len(f".tmp-{key}-") :].split("-")[0])):
+            if not pid_alive(int(stale.name[len(f".tmp-{key}-") :].split("-")[0])):
                 shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=root))
     try:

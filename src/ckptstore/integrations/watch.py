@@ -21,7 +21,6 @@ go into each checkpoint's metadata (``openclip.checkpoint_metadata``), with the 
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -39,10 +38,11 @@ from ckptstore.integrations.openclip import (
     read_checkpoint,
     step_of,
 )
-from ckptstore.policy import thin as policy_store
+from ckptstore.policy import thin
 from ckptstore.policy.history import PATH_KEY
 from ckptstore.policy.retention import RetentionPolicy, parse_retention
 from ckptstore.store import Store
+from ckptstore.util import pid_alive
 
 __all__ = ["WatchEvent", "Watcher", "pid_alive"]
 
@@ -71,21 +71,6 @@ class _Seen:
     sig: tuple[int, int]
     since: float
     scans: int = 1
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` is still running (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class Watcher:
@@ -117,7 +102,7 @@ class Watcher:
         self._seen: dict[str, _Seen] = {}
         self._failed: dict[str, tuple[int, int]] = {}
         self._done: dict[str, tuple[int, int]] = {}
-        self._paths: dict[str, policy_store.PathTracker] = {}
+        self._paths: dict[str, thin.PathTracker] = {}
         self.activity = False
 
     # ---------------------------------------------------------------------------------------------- scanning
@@ -224,7 +209,7 @@ class Watcher:
             meta = self._metadata(ckpt, f)
             tracker = weights = record = None
             if self.record_path:
-                tracker = self._paths.setdefault(run, policy_store.PathTracker(self.store, run))
+                tracker = self._paths.setdefault(run, thin.PathTracker(self.store, run))
                 _skeleton, leaves = tree.flatten(ckpt)
                 record, weights = tracker.measure(step, leaves)
                 meta[PATH_KEY] = record
@@ -254,10 +239,10 @@ class Watcher:
         return [self._emit(WatchEvent("pruned", str(f), f"removed (stored as {ref})", ref))]
 
     def _retain(self, run: str, f: Path) -> list[WatchEvent]:
-        the_plan, recs = policy_store.plan_thin(self.store, run, self.keep)
+        the_plan, recs = thin.plan_thin(self.store, run, self.keep)
         if not the_plan.drop:
             return []
-        res = policy_store.apply_plan(self.store, run, the_plan, recs)
+        res = thin.apply_plan(self.store, run, the_plan, recs)
         msg = f"retention removed {', '.join(res['deleted'])} (freed {_mb(res['freed_bytes'])})"
         return [self._emit(WatchEvent("thinned", str(f), msg, info={"deleted": res["deleted"]}))]
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.tree import Leaf
+from ckptstore.metadata import edit_tags
 from ckptstore.policy.history import PATH_KEY, PIN_TAG, Entry, entries_from_infos
 from ckptstore.policy.retention import RetentionPlan, RetentionPolicy, parse_retention, plan
 from ckptstore.store import Store
@@ -238,13 +239,8 @@ def pin(store: Store, ref: str, pinned: bool = True) -> Manifest:
     """Pin (or unpin) a checkpoint: the ``pinned`` tag, which every retention plan respects."""
 
     def edit(md: dict[str, Any]) -> None:
-        tags = [t for t in (md.get("tags") or []) if t != PIN_TAG]
-        if pinned:
-            tags.append(PIN_TAG)
-        if tags:
-            md["tags"] = tags
-        else:
-            md.pop("tags", None)
+        edit_tags(md, remove=[PIN_TAG])
+        edit_tags(md, add=[PIN_TAG] if pinned else [])  # (re)pinned: the pin tag goes last
         if not pinned:
             md.pop("pinned", None)
 
