@@ -28,9 +28,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn, TypeGuard
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeGuard
 
 from ckptstore.errors import InvalidMetadataError
+
+if TYPE_CHECKING:
+    from ckptstore.format.manifest import Manifest
 
 __all__ = [
     "MAX_METADATA_BYTES",
@@ -604,6 +607,16 @@ def _jsonable(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- editing in place
+class EditableStore(Protocol):
+    """The part of :class:`ckptstore.store.Store` the editing helpers use (a protocol: ``store.py`` imports this
+    module, so this module does not import it)."""
+
+    def resolve(self, ref: str) -> Manifest: ...
+    def steps(self, run: str) -> list[int]: ...
+    def manifest(self, run: str, step: int) -> Manifest: ...
+    def update_metadata(self, ref: str, update: Callable[[dict[str, Any]], None]) -> Manifest: ...
+
+
 def edit_tags(md: dict[str, Any], *, add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
     """Take ``remove`` off and append ``add`` (in order, each once) to a metadata dict's tags, in place; no tags
     left means no ``tags`` key. The one place tags are edited (``ckpt tag``/``untag``, pinning)."""
@@ -616,7 +629,7 @@ def edit_tags(md: dict[str, Any], *, add: Iterable[str] = (), remove: Iterable[s
         md.pop("tags", None)
 
 
-def add_tags(store: Any, ref: str, tags: Iterable[str], *, move: bool = False) -> Any:
+def add_tags(store: EditableStore, ref: str, tags: Iterable[str], *, move: bool = False) -> Manifest:
     """Tag a checkpoint (tensors untouched). With ``move`` the tags are first taken off the run's other
     checkpoints, so ``RUN@tag:NAME`` names this one only. Returns the new manifest."""
     tags = [check_tag(t) for t in tags]
@@ -630,13 +643,13 @@ def add_tags(store: Any, ref: str, tags: Iterable[str], *, move: bool = False) -
     return new
 
 
-def remove_tags(store: Any, ref: str, tags: Iterable[str]) -> Any:
+def remove_tags(store: EditableStore, ref: str, tags: Iterable[str]) -> Manifest:
     """Take tags off a checkpoint (absent tags are ignored). Returns the new manifest."""
     drop = list(tags)
     return store.update_metadata(ref, lambda md: edit_tags(md, remove=drop))
 
 
-def set_notes(store: Any, ref: str, text: str | None, *, append: bool = False) -> Any:
+def set_notes(store: EditableStore, ref: str, text: str | None, *, append: bool = False) -> Manifest:
     """Replace (or with ``append`` add a line to) a checkpoint's notes; None or "" clears them."""
     if text is not None and not isinstance(text, str):
         _fail("notes", f"expected a string, got {_kind(text)}")

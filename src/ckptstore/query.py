@@ -20,10 +20,13 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ckptstore.errors import InvalidQueryError, MissingDependencyError
 from ckptstore.metadata import decode
+
+if TYPE_CHECKING:
+    from ckptstore.store import Store
 
 __all__ = [
     "Query",
@@ -565,7 +568,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the store
-def checkpoint_rows(store: Any, run: str | None = None) -> list[dict[str, Any]]:
+def checkpoint_rows(store: Store, run: str | None = None) -> list[dict[str, Any]]:
     """One plain row per checkpoint (every run, or one), in run and step order, metadata decoded."""
     rows = []
     for info in store.checkpoints(run):
@@ -576,7 +579,7 @@ def checkpoint_rows(store: Any, run: str | None = None) -> list[dict[str, Any]]:
 
 
 def select(
-    store: Any,
+    store: Store,
     run: str | None = None,
     *,
     where: str | Query | None = None,
@@ -601,7 +604,7 @@ def select(
 
 
 def dataframe(
-    store: Any,
+    store: Store,
     run: str | None = None,
     *,
     where: str | Query | None = None,
@@ -626,7 +629,7 @@ def dataframe(
     return pd.DataFrame(flat)
 
 
-def show(store: Any, ref: str) -> dict[str, Any]:
+def show(store: Store, ref: str) -> dict[str, Any]:
     """One checkpoint as plain data: its row (metadata decoded) plus the tensor count and names."""
     m = store.resolve(ref)
     row = next(r for r in checkpoint_rows(store, m.run) if r["step"] == m.step)
@@ -639,7 +642,7 @@ def metric_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({k for r in rows if isinstance(m := get_path(r, ("metrics",)), Mapping) for k in m})
 
 
-def metrics_table(store: Any, run: str, *, where: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+def metrics_table(store: Store, run: str, *, where: str | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """The per-checkpoint metric table of a run: columns ``ref, step, epoch`` (+ ``metadata.step`` when the
     training step differs from the store's, ``samples_seen`` and ``loss.last`` when recorded) + one per metric, and
     one row (``{column: value}``) per checkpoint in step order."""
