@@ -432,24 +432,9 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[str], *, has_curves: bool) -> str:
+def _card_checkpoints(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[str]) -> list[str]:
+    lines: list[str] = []
     run = info["run"]
-    model = info.get("model") or "OpenCLIP"
-    lines = [
-        "---",
-        "library_name: open_clip",
-        f"license: {info.get('license') or 'other'}",
-        "pipeline_tag: zero-shot-image-classification",
-        "tags:",
-        "- clip",
-        "- open_clip",
-        "- ckptstore",
-        "- intermediate-checkpoints",
-        "---",
-        "",
-        f"# {run}: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''} of {model}",
-        "",
-    ]
     total = info.get("stored_checkpoints")
     if rows:
         lines += [
@@ -482,8 +467,11 @@ def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[
             ]
             lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
         lines.append("")
-    if has_curves:
-        lines += [f"![Metric curves of {run}: every stored checkpoint, the released ones in red]({CURVES_FILE})", ""]
+    return lines
+
+
+def _card_loading(info: Mapping[str, Any], rows: Sequence[_Row]) -> list[str]:
+    lines: list[str] = []
     if rows:
         first = rows[-1].folder
         lines += [
@@ -506,6 +494,12 @@ def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[
                 "run's other arguments.",
             ]
         lines.append("")
+    return lines
+
+
+def _card_store(info: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    run = info["run"]
     store = info.get("store")
     if store:
         lines += [
@@ -529,6 +523,11 @@ def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[
             "`pip install ckptstore` is all it needs.",
             "",
         ]
+    return lines
+
+
+def _card_training(info: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
     hp = info.get("hparams") or {}
     keys = ("model", "epochs", "batch_size", "lr", "wd", "warmup", "precision", "seed", "world_size")
     shown = [(k, hp[k]) for k in keys if k in hp]
@@ -536,6 +535,33 @@ def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[
         lines += ["## Training", "", "| Setting | Value |", "|---|---|"]
         lines += [f"| {k} | {_md_cell(v)} |" for k, v in shown]
         lines.append("")
+    return lines
+
+
+def model_card(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Sequence[str], *, has_curves: bool) -> str:
+    run = info["run"]
+    model = info.get("model") or "OpenCLIP"
+    lines = [
+        "---",
+        "library_name: open_clip",
+        f"license: {info.get('license') or 'other'}",
+        "pipeline_tag: zero-shot-image-classification",
+        "tags:",
+        "- clip",
+        "- open_clip",
+        "- ckptstore",
+        "- intermediate-checkpoints",
+        "---",
+        "",
+        f"# {run}: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''} of {model}",
+        "",
+    ]
+    lines += _card_checkpoints(info, rows, metrics)
+    if has_curves:
+        lines += [f"![Metric curves of {run}: every stored checkpoint, the released ones in red]({CURVES_FILE})", ""]
+    lines += _card_loading(info, rows)
+    lines += _card_store(info)
+    lines += _card_training(info)
     lines += [
         "## Files",
         "",
