@@ -57,6 +57,41 @@ def _default_metrics(entries: Sequence[Entry]) -> list[str]:
     return held_out or losses or names
 
 
+def _keep_all(es: Sequence[Entry], u: Sequence[float], n: int) -> list[Choice]:
+    """Every entry, when there are no more than ``n`` (at least first and last)."""
+    m = len(es)
+    out = []
+    for i, e in enumerate(es):
+        if i == 0:
+            kind, why = "first", "first checkpoint"
+        elif i == m - 1:
+            kind, why = "last", "last checkpoint"
+        else:
+            kind, why = "all", f"every checkpoint is kept ({m} ≤ {max(2, n)})"
+        out.append(Choice(e.step, kind, why, phase_of(u[i])))
+    return out
+
+
+def _path_fractions(es: Sequence[Entry]) -> list[float] | None:
+    """Each entry's position along the weight path, 0 … 1; ``None`` unless every entry has a path length."""
+    paths = [e.path for e in es]
+    if all(p is not None for p in paths):
+        p0, p1 = float(paths[0]), float(paths[-1])  # type: ignore[arg-type]
+        if p1 > p0:
+            return [(float(p) - p0) / (p1 - p0) for p in paths]  # type: ignore[arg-type]
+    return None
+
+
+def _curve_ranges(es: Sequence[Entry], names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """name -> (min, range) over the history, for the metrics with at least 3 values that change."""
+    curves: dict[str, tuple[float, float]] = {}
+    for name in names:
+        vals = [x for e in es if (x := e.metric(name)) is not None]
+        if len(vals) >= 3 and max(vals) > min(vals):
+            curves[name] = (min(vals), max(vals) - min(vals))
+    return curves
+
+
 def select(
     entries: Sequence[Entry],
     n: int,
@@ -78,33 +113,13 @@ def select(
     span = (s1 - s0) or 1
     u = [(e.step - s0) / span for e in es]
     if m <= max(2, n):
-        out = []
-        for i, e in enumerate(es):
-            if i == 0:
-                kind, why = "first", "first checkpoint"
-            elif i == m - 1:
-                kind, why = "last", "last checkpoint"
-            else:
-                kind, why = "all", f"every checkpoint is kept ({m} ≤ {max(2, n)})"
-            out.append(Choice(e.step, kind, why, phase_of(u[i])))
-        return out
-
-    paths = [e.path for e in es]
-    v: list[float] | None = None
-    if all(p is not None for p in paths):
-        p0, p1 = float(paths[0]), float(paths[-1])  # type: ignore[arg-type]
-        if p1 > p0:
-            v = [(float(p) - p0) / (p1 - p0) for p in paths]  # type: ignore[arg-type]
+        return _keep_all(es, u, n)
+    v = _path_fractions(es)
 
     def dist(i: int, j: int) -> float:
         return math.hypot(u[i] - u[j], v[i] - v[j]) if v is not None else abs(u[i] - u[j])
 
-    names = list(metrics) if metrics is not None else _default_metrics(es)
-    curves: dict[str, tuple[float, float]] = {}  # name -> (min, range) over the history
-    for name in names:
-        vals = [x for e in es if (x := e.metric(name)) is not None]
-        if len(vals) >= 3 and max(vals) > min(vals):
-            curves[name] = (min(vals), max(vals) - min(vals))
+    curves = _curve_ranges(es, list(metrics) if metrics is not None else _default_metrics(es))
 
     chosen = [0, m - 1]
     picks: dict[int, Choice] = {
