@@ -247,5 +247,5 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert rc == 2 and err.count("\n") == 1 and err.startswith("ckpt analyze: error:")
     pt = tmp_path / "x.pt"
     pt.write_bytes(b"")
-    rc, _, err = _ckpt(["analyze", "transfer", str(pt), "--dataset", str(tmp_path / "none.csv")], capsys)
+    rc, _, err = _ckpt(["analyze", "transfer", str(pt), "--probe", str(tmp_path / "none.csv")], capsys)
     assert rc == 2 and err.count("\n") == 1

@@ -515,7 +515,7 @@ def test_cli_on_a_non_clip_run(tmp_path: Path, capsys: pytest.CaptureFixture[str
             metadata={"step": step * 10, "loss": {"last": 1.0 / (step + 1)}, "metrics": {"acc": 0.2 * step}},
         )
     out = tmp_path / "r.html"
-    assert ckpt("report", "mlp", "-s", str(tmp_path / "s"), "-o", str(out), "--no-spectral") == 0
+    assert ckpt("report", "mlp", "-s", str(tmp_path / "s"), "-O", str(out), "--no-spectral") == 0
     printed = capsys.readouterr().out
     assert str(out) in printed
     page = out.read_text()
@@ -540,7 +540,7 @@ def test_cli_on_the_demo_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     store = str(tmp_path / "store")
     assert ckpt_main(["ingest", "-s", store, "--init", str(ckpts), "--run", "demo"]) == 0
     out = tmp_path / "report.html"
-    assert ckpt("report", "demo", "-s", store, "-o", str(out)) == 0
+    assert ckpt("report", "demo", "-s", store, "-O", str(out)) == 0
     assert "demo" in capsys.readouterr().out
     page = out.read_text()
     p = check_page(page)

@@ -9,7 +9,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_file,
+    get_store,
+    print_json,
+    print_table,
+    progress_bar,
+)
 
 if TYPE_CHECKING:
     from ckptstore.analysis.trajectory import Trajectory
@@ -55,8 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run", nargs="+", metavar="RUN", help="a run of the store, a folder of epoch_N.pt files, or .pt files"
     )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--out", metavar="FILE.json", help="also write the JSON result to FILE.json")
+    add_json_arg(p)
+    add_out_arg(p, "also write the JSON result to FILE.json (checked before the work)", metavar="FILE.json")
 
 
 def open_run(args: argparse.Namespace) -> Trajectory:
@@ -64,6 +73,9 @@ def open_run(args: argparse.Namespace) -> Trajectory:
     from ckptstore.analysis.trajectory import StoreTrajectory, TrajectoryError, open_trajectory
 
     runs: list[str] = args.run
+    for out in (getattr(args, "out", None), getattr(args, "plot", None)):
+        if out:
+            check_output_file(out)
     if all(Path(r).exists() for r in runs):
         return open_trajectory(runs[0] if len(runs) == 1 else runs)
     if len(runs) == 1:

@@ -8,7 +8,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_file,
+    get_store,
+    print_json,
+    progress_bar,
+    stage,
+)
 from ckptstore.errors import CkptStoreError
 
 if TYPE_CHECKING:
@@ -28,13 +37,12 @@ def register(sub: Any) -> None:
         "CKA heat maps, zero-shot / retrieval / transfer curves and stability flags. Representations and transfer "
         "need an OpenCLIP run whose model can be built; otherwise the page says why they are missing.",
     )
-    add_store_arg(p, short_option=False)  # -o is the output file here; --storage-option keeps its long form
+    add_store_arg(p)
     p.add_argument("run", help="the run to report on (or a folder of epoch_N.pt files)")
-    p.add_argument(
-        "--output",
-        "-o",
-        metavar="FILE",
-        help=f"the HTML page to write (default: {DEFAULT_OUTPUT}; with --json, only when given)",
+    add_out_arg(
+        p,
+        f"the HTML page to write (default: {DEFAULT_OUTPUT}; with --json, only when given); checked before the work",
+        metavar="FILE.html",
     )
     p.add_argument(
         "--probe",
@@ -52,7 +60,7 @@ def register(sub: Any) -> None:
         help="open_clip model config JSON, if the stored metadata's model name is not in open_clip's registry",
     )
     p.add_argument("--title", help="page title (default: 'Training report: RUN')")
-    p.add_argument("--json", action="store_true", help="print every analysis as one JSON object")
+    add_json_arg(p, "every analysis as one object")
     p.set_defaults(func=cmd_report)
 
 
@@ -94,7 +102,7 @@ def run_analyses(args: argparse.Namespace, traj: Trajectory) -> tuple[dict[str, 
     from ckptstore.analysis.weights import analyze_weights
 
     skipped: dict[str, str] = {}
-    with progress_bar("weights") as prog:
+    with stage("weight dynamics", "ckpt report"), progress_bar("weights") as prog:
         weights = analyze_weights(traj, spectral=not args.no_spectral, progress=prog)
 
     cfg: dict[str, Any] | None = None
@@ -119,7 +127,7 @@ def run_analyses(args: argparse.Namespace, traj: Trajectory) -> tuple[dict[str, 
     if probe is not None and "representations" not in skipped:
         from ckptstore.analysis.representations import analyze_representations
 
-        with progress_bar("representations") as prog:
+        with stage("representations", "ckpt report"), progress_bar("representations") as prog:
             representations = analyze_representations(traj, probe, model_config=cfg, progress=prog)
 
     transfer = None
@@ -127,7 +135,7 @@ def run_analyses(args: argparse.Namespace, traj: Trajectory) -> tuple[dict[str, 
         from ckptstore.analysis.transfer import TransferError, analyze_transfer
 
         try:
-            with progress_bar("transfer") as prog:
+            with stage("transfer", "ckpt report"), progress_bar("transfer") as prog:
                 transfer = analyze_transfer(traj, probe, model_config=cfg, progress=prog)
         except TransferError as exc:  # e.g. a probe CSV without labels: the page says so, the rest still helps
             skipped["transfer"] = str(exc)
@@ -138,7 +146,8 @@ def run_analyses(args: argparse.Namespace, traj: Trajectory) -> tuple[dict[str, 
     if transfer is not None:
         results["transfer"] = transfer.to_dict()
     # Stability reads the weight series (not recomputed) and the embeddings' effective dimension.
-    stability = analyze_stability(traj, weights=weights, representations=results.get("representations"))
+    with stage("stability", "ckpt report"):
+        stability = analyze_stability(traj, weights=weights, representations=results.get("representations"))
     results["stability"] = stability.to_dict()
     return results, skipped
 
@@ -167,6 +176,9 @@ def summary_line(blob: Mapping[str, Any]) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     from ckptstore.analysis.report import report_json
 
+    out = args.out if args.out or args.json else DEFAULT_OUTPUT
+    if out:
+        check_output_file(out, "report page")
     traj = open_run(args)
     results, skipped = run_analyses(args, traj)
     for section, why in skipped.items():
@@ -174,11 +186,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"ckpt report: no {section}: {why}", file=sys.stderr)
     kwargs: dict[str, Any] = {**results, "title": args.title, "skipped": skipped}
     blob = report_json(traj, **kwargs)
-    out = args.output if args.output or args.json else DEFAULT_OUTPUT
     if out:
         from ckptstore.analysis.report import write_report
 
-        path = write_report(traj, out, **kwargs)
+        with stage("figures and page", "ckpt report"):
+            path = write_report(traj, out, **kwargs)
         if args.json:
             print(f"ckpt report: wrote {path}", file=sys.stderr)
         else:

@@ -6,13 +6,24 @@ import argparse
 from typing import Any
 
 from ckptstore.cli import meta_cmds
-from ckptstore.cli.common import add_store_arg, get_store, human, print_json, print_table, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_store_arg,
+    get_store,
+    human,
+    print_json,
+    print_table,
+    progress_bar,
+    require_run,
+)
 from ckptstore.store import create_store
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("init", help="create an empty store", description="Create an empty store at --store.")
+    p = sub.add_parser("init", help="create an empty store", description="Create an empty store at PATH (or --store).")
     add_store_arg(p)
+    p.add_argument("path", nargs="?", metavar="PATH", help="where to create the store (the same as --store)")
+    add_json_arg(p, "the new store's URL")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(
@@ -22,7 +33,7 @@ def register(sub: Any) -> None:
     )
     add_store_arg(p)
     p.add_argument("run", nargs="?", help="only this run")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p, "the rows")
     meta_cmds.add_query_args(p)
     p.set_defaults(func=cmd_ls)
 
@@ -30,7 +41,7 @@ def register(sub: Any) -> None:
     add_store_arg(p)
     p.add_argument("ref", help="checkpoint reference, e.g. myrun@latest")
     p.add_argument("--tensors", action="store_true", help="list every tensor with its codec and stored size")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p, "the checkpoint (with every tensor)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser(
@@ -41,7 +52,7 @@ def register(sub: Any) -> None:
     )
     add_store_arg(p)
     p.add_argument("refs", nargs="+", help="checkpoint references")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "what was deleted and freed")
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser(
@@ -51,7 +62,7 @@ def register(sub: Any) -> None:
         "interrupted saves) and compact mostly-dead packs.",
     )
     add_store_arg(p)
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "what was removed and freed")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser(
@@ -61,20 +72,23 @@ def register(sub: Any) -> None:
     )
     add_store_arg(p)
     p.add_argument("run", nargs="?", help="only this run")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the checks and problems")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("du", help="storage use per run", description="Logical vs stored bytes per run.")
     add_store_arg(p)
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "one row per run")
     p.set_defaults(func=cmd_du)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     from ckptstore.cli.common import storage_options
 
-    store = create_store(args.store, storage_options=storage_options(args))
-    print(f"created store {store.url}")
+    store = create_store(args.path or args.store, storage_options=storage_options(args))
+    if args.json:
+        print_json({"store": store.url, "created": True})
+    else:
+        print(f"created store {store.url}")
     return 0
 
 
@@ -86,6 +100,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if meta_cmds.wants_query(args):
         return meta_cmds.cmd_ls_query(args)
     store = get_store(args)
+    require_run(store, args.run)
     infos = store.checkpoints(args.run)
     if args.json:
         print_json([i.as_dict() for i in infos])
@@ -197,6 +212,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store = get_store(args)
+    require_run(store, args.run)
     with progress_bar("verifying") as prog:
         res = store.verify(args.run, progress=prog)
     if args.json:

@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export demo@latest -> {out}: state_dict bit-identical to {files[-1].name}: {same}")
     if a.report:
         page = a.out / "report.html"
-        print(f"\n== analysing the stored run: ckpt report demo -o {page} ...", flush=True)
-        ckpt(["report", "--store", str(store_path), "demo", "-o", str(page)])
+        print(f"\n== analysing the stored run: ckpt report demo -O {page} ...", flush=True)
+        ckpt(["report", "--store", str(store_path), "demo", "-O", str(page)])
     print(f"\ndone in {time.perf_counter() - t0:.0f}s. Try: ckpt --help; ckpt show demo@latest --store {store_path}")
     return 0 if res["ok"] and same else 1
 
