@@ -143,4 +143,3 @@ class RemoteStorageError(CkptStoreError):
 class OutputPathError(CkptStoreError, OSError):
     """An output file or folder that cannot be written (a folder where a file is wanted, a missing parent, no
     permission); raised before any work is done."""
-

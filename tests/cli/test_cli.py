@@ -80,7 +80,10 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit) as ei:
         main([])
     assert ei.value.code == 2
-    assert capsys.readouterr().err.strip() == "ckpt: error: the following arguments are required: COMMAND (see `ckpt --help`)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "ckpt: error: the following arguments are required: COMMAND (see `ckpt --help`)"
+    )
 
 
 def test_parser_builds() -> None:

@@ -107,6 +107,8 @@ def json_safe(value: Any) -> Any:
 
 def cmd_ls_query(args: argparse.Namespace) -> int:
     """``ckpt ls`` with ``--where/--sort/--columns/--limit``."""
+    from ckptstore.cli import store_cmds
+
     for name in ("where", "sort", "columns"):  # check the expressions before opening the store
         text = getattr(args, name, None)
         if text is not None:
@@ -127,7 +129,7 @@ def cmd_ls_query(args: argparse.Namespace) -> int:
             (
                 r["ref"],
                 query.format_value(r["epoch"]),
-                r["step"],
+                store_cmds.training_step(r["metadata"], r["step"]),
                 human(r["logical_bytes"]),
                 human(r["stored_bytes"]),
                 f"{r['ratio']:.2f}x" if r["ratio"] else "-",

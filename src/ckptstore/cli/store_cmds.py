@@ -92,6 +92,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_step(metadata: Any, key: int) -> int:
+    """The "step" a table shows: the training step. An open_clip checkpoint without ``global_step`` is keyed by
+    its epoch in the store (its ref says so); its metadata still holds the optimizer's step count."""
+    step = metadata.get("step") if isinstance(metadata, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else key
+
+
 def _ratio(logical: int, stored: int) -> str:
     return f"{logical / stored:.2f}x" if stored else "-"
 
@@ -109,7 +116,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         (
             i.ref,
             i.metadata.get("epoch", "-"),
-            i.step,
+            training_step(i.metadata, i.step),
             human(i.logical_bytes),
             human(i.stored_bytes),
             _ratio(i.logical_bytes, i.stored_bytes),
