@@ -39,11 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from ckptstore.integrations import openclip
 
     t0 = time.perf_counter()
-    print(
-        f"== training a {a.size} OpenCLIP model for {a.epochs} epochs with open_clip_train (CPU; cached) ...",
-        flush=True,
-    )
-    ckpt_dir = ensure_trajectory(epochs=a.epochs, size=a.size)
+    print(f"== training a {a.size} OpenCLIP model for {a.epochs} epochs with open_clip_train (CPU) ...", flush=True)
+    ckpt_dir = ensure_trajectory(epochs=a.epochs, size=a.size, progress=lambda line: print(f"   {line}", flush=True))
     files = openclip.epoch_files(ckpt_dir)
     print(f"   {len(files)} checkpoints in {ckpt_dir} ({time.perf_counter() - t0:.0f}s)")
 
@@ -87,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         page = a.out / "report.html"
         print(f"\n== analysing the stored run: ckpt report demo -O {page} ...", flush=True)
         ckpt(["report", "--store", str(store_path), "demo", "-O", str(page)])
-    print(f"\ndone in {time.perf_counter() - t0:.0f}s. Try: ckpt --help; ckpt show demo@latest --store {store_path}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f}s.")
+    print(f"Try: scripts/ckpt --help; scripts/ckpt show demo@latest --store {store_path}")
+    print(f'(or put ckpt on PATH: source scripts/activate, or export PATH="{Path(sys.prefix) / "bin"}:$PATH")')
     return 0 if res["ok"] and same else 1
 
 
