@@ -247,3 +247,20 @@ def test_safetensors_export_follows_the_umask(store: Path, tmp_path: Path, capsy
             assert out.stat().st_mode & 0o777 == 0o644, (fmt, oct(out.stat().st_mode))
     finally:
         os.umask(old)
+
+
+def test_docs_cli_lists_every_option_with_one_meaning() -> None:
+    """docs/cli.md's table names every option of every command, and no spelling means two things."""
+    from ckptstore.cli.main import _leaf_parsers, build_parser
+
+    doc = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    table = doc[doc.index("## Options") :]
+    dests: dict[str, set[str]] = {}
+    for leaf in _leaf_parsers(build_parser()):
+        for action in leaf._actions:
+            for opt in action.option_strings:
+                if opt not in ("-h", "--help"):
+                    assert f"`{opt}" in table or f" {opt} " in table or f"{opt}`" in table, (leaf.prog, opt)
+                    dests.setdefault(opt, set()).add(action.dest)
+    assert {opt: d for opt, d in dests.items() if len(d) > 1} == {}
+    assert dests["-o"] == {"storage_option"} and dests["-O"] == {"out"}
