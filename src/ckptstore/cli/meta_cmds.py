@@ -223,8 +223,17 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def metadata_lines(meta: Mapping[str, Any]) -> list[str]:
-    """A checkpoint's metadata for ``ckpt show``: known fields first, readably; then any extra keys."""
+def _wrapped(key: str, text: str, width: int) -> list[str]:
+    """``  key: text`` wrapped at ``width`` (continuation lines indented), never cut."""
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent=f"  {key}: ", subsequent_indent=" " * (len(key) + 4),
+                         break_long_words=False, break_on_hyphens=False) or [f"  {key}: "]  # fmt: skip
+
+
+def metadata_lines(meta: Mapping[str, Any], width: int = 100) -> list[str]:
+    """A checkpoint's metadata for ``ckpt show``: known fields first, readably; then any extra keys. Long values
+    are wrapped at ``width``, never cut."""
     m = md.decode(meta)
     fv = query.format_value
     out: list[str] = []
@@ -260,12 +269,12 @@ def metadata_lines(meta: Mapping[str, Any]) -> list[str]:
             world = f"; world size {v['world_size']}" if v.get("world_size") is not None else ""
             out.append(f"  hardware: {what}{world}")
         elif key == "command" and isinstance(v, list):
-            out.append(f"  command: {_first_line(' '.join(map(str, v)), 160)}")
+            out.extend(_wrapped("command", " ".join(map(str, v)), width))
         elif key in ("hparams", "source", "versions", "counters") and isinstance(v, Mapping):
             text = ", ".join(f"{k}={fv(x)}" for k, x in v.items())
-            out.append(f"  {key}: {_first_line(text, 160)}")
+            out.extend(_wrapped(key, text, width))
         elif isinstance(v, Mapping | list) and len(str(v)) > 160:
-            out.append(f"  {key}: {_first_line(fv(v), 160)}")
+            out.extend(_wrapped(key, fv(v), width))
         else:
             out.append(f"  {key}: {fv(v)}")
     return out

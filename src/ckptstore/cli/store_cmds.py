@@ -7,6 +7,7 @@ from typing import Any
 
 from ckptstore.cli import meta_cmds
 from ckptstore.cli.common import (
+    _out_width,
     add_json_arg,
     add_store_arg,
     get_store,
@@ -174,7 +175,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
         f"({_ratio(info.logical_bytes, own.stored_bytes)})"
     )
-    for line in meta_cmds.metadata_lines(m.metadata):
+    for line in meta_cmds.metadata_lines(m.metadata, width=_out_width() or 100):
         print(line)
     if args.tensors:
         print_table(
