@@ -535,7 +535,16 @@ def analyze_weights(
 
 
 def top_modules(dyn: WeightDynamics | Mapping[str, Any], n: int = 10) -> list[tuple[str, float]]:
-    """The ``n`` modules farthest from the first checkpoint at the last one, farthest first."""
+    """The ``n`` modules that moved most from the first checkpoint at the last one *relative to their first norm*
+    (‖W_T − W₀‖ / ‖W₀‖), largest first, with that ratio; modules whose first norm is 0 come last. The same ranking
+    as the report's module table, so the CLI and the page name the same modules."""
     mods = dyn.to_dict()["modules"] if isinstance(dyn, WeightDynamics) else dyn["modules"]
-    rows = [(m, s["dist_init"][-1]) for m, s in mods.items() if s["dist_init"] and s["dist_init"][-1] is not None]
-    return sorted(rows, key=lambda r: -r[1])[:n]
+    rows = []
+    for m, s in mods.items():
+        dist, norm = s["dist_init"], s["norm"]
+        if not dist or dist[-1] is None:
+            continue
+        first = norm[0] if norm else None
+        rel = dist[-1] / first if isinstance(first, int | float) and math.isfinite(first) and first > 0 else math.nan
+        rows.append((m, rel))
+    return sorted(rows, key=lambda r: -r[1] if math.isfinite(r[1]) else math.inf)[:n]

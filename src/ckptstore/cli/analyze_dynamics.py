@@ -113,16 +113,18 @@ def cmd_weights(args: argparse.Namespace) -> int:
     first, last = traj.points[0].label, traj.points[-1].label
     mods = blob["modules"]
     rows = []
-    for name, dist in top_modules(blob, args.top):
+    for name, rel in top_modules(blob, args.top):
         m = mods[name]
+        dist = m["dist_init"][-1]
         path = sum(v for v in m["dist_prev"][1:] if v is not None)
-        rows.append([name, f"{m['numel']:,}", _f(m["norm"][-1]), _f(dist), _f(dist / m["norm"][0] if m["norm"][0]
-                     else None), _f(path), _f(m["cos_init"][-1])])  # fmt: skip
+        rows.append([name, f"{m['numel']:,}", _f(m["norm"][0]), _f(m["norm"][-1]), _f(dist), _f(rel), _f(path),
+                     _f(m["cos_init"][-1])])  # fmt: skip
     print_table(
-        f"modules farthest from {first} at {last} ({len(mods)} modules, {len(traj)} checkpoints)",
-        ["module", "params", "norm", "dist from first", "relative", "path", "cos to first"],
+        f"modules that moved most from {first} to {last}, relative to their norm at {first} "
+        f"({len(mods)} modules, {len(traj)} checkpoints)",
+        ["module", "params", "‖W₀‖", "‖W_T‖", "‖W_T−W₀‖", "relative", "path", "cos(W_T,W₀)"],
         rows,
-        justify=["left", *["right"] * 6],
+        justify=["left", *["right"] * 7],
     )
     model = blob["model"]
     print(
