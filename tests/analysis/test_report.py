@@ -548,3 +548,21 @@ def test_cli_on_the_demo_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for fig in ("fig-curves", "fig-module-distance", "fig-pca", "fig-cka", "fig-zero-shot", "fig-transfer"):
         assert fig in ids, fig
     assert "Not in this report" not in page
+
+
+def test_labels_say_what_the_numbers_are(full_page: str) -> None:
+    """Issue 17: the module table shows the final norm too; the loss card says it is an epoch mean; probe-set
+    retrieval is told apart from the training log's recall; no "best" star on a flat curve."""
+    from matplotlib.figure import Figure
+
+    from ckptstore.analysis import report as rp
+
+    assert "<th>‖W<sub>0</sub>‖</th><th>‖W<sub>T</sub>‖</th>" in full_page
+    assert "final training loss" not in full_page and "training loss (mean of the last epoch)" in full_page
+    assert rp._metric_family("image_to_text_R@10") == "image_to_text recall@k (training log)"
+    assert "not the training log's validation recall" in full_page
+    axis = rp._Axis.of([{"label": f"r@{i}", "step": i, "epoch": i} for i in range(4)])
+    for y, stars in ((np.full(4, 0.25), 0), (np.array([0.1, 0.3, 0.2, 0.2]), 1)):
+        ax = Figure().subplots()
+        rp._mark_best(ax, axis, y, int(np.nanargmax(y)))
+        assert sum(line.get_label().startswith("best") for line in ax.get_lines()) == stars

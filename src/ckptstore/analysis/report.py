@@ -379,8 +379,11 @@ def _line(ax: Axes, axis: _Axis, y: np.ndarray, label: str | None = None, **kw: 
 
 
 def _mark_best(ax: Axes, axis: _Axis, y: np.ndarray, index: int | None, color: str = "tab:red") -> None:
-    """A star on the best checkpoint of a curve, with its value."""
+    """A star on the best checkpoint of a curve, with its value; none on a flat curve (no checkpoint is best)."""
     if index is None or not (0 <= index < y.size) or not math.isfinite(y[index]):
+        return
+    finite = y[np.isfinite(y)]
+    if finite.size < 2 or float(finite.max() - finite.min()) <= 1e-12 * max(1.0, abs(float(finite.max()))):
         return
     ax.plot(
         [axis.x[index]],
@@ -413,8 +416,8 @@ def _metric_family(name: str) -> str:
     if "loss" in low:
         return "losses (eval)"
     m = re.search(r"^(.*?)[_/ -]?r@\d+$", name, flags=re.IGNORECASE)
-    if m:
-        return f"{m.group(1) or 'retrieval'} recall@k"
+    if m:  # the trainer's own eval (its validation data), not the report's probe set: say so
+        return f"{m.group(1) or 'retrieval'} recall@k (training log)"
     if low.endswith("rank"):
         return "ranks"
     return name
@@ -497,8 +500,8 @@ def _curves_figure(run: _Run, curves: Mapping[str, Any]) -> tuple[_Figure | None
             from matplotlib.ticker import FuncFormatter
 
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.1e}" if v else "0"))
-        if len(series) > 1:
-            ax.legend(loc="best")
+        if len(series) > 1:  # beside the axes, so it never covers a curve (R@10 sits where "best" would put it)
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
         if k < cols:
             axis.epoch_ticks(ax)
     names = ", ".join(_esc(t) for t, _ in panels)
@@ -724,6 +727,7 @@ def _module_table(w: Mapping[str, Any], axis: _Axis, limit: int = 20) -> str:
                 name,
                 m.get("numel"),
                 norm[0] if n else np.nan,
+                norm[-1] if n else np.nan,
                 dist[-1] if n else np.nan,
                 cos[-1] if n else np.nan,
                 upd[k] if k is not None else np.nan,
@@ -733,9 +737,10 @@ def _module_table(w: Mapping[str, Any], axis: _Axis, limit: int = 20) -> str:
     rows.sort(key=lambda r: -r[0] if math.isfinite(r[0]) else math.inf)
     body = "".join(
         f"<tr><td><code>{_esc(name)}</code></td><td class=num>{_fmt_int(numel)}</td><td class=num>{_fmt(n0)}</td>"
-        f"<td class=num>{_fmt(d)}</td><td class=num>{_fmt(rel, 3)}</td><td class=num>{_fmt(cos, 3)}</td>"
+        f"<td class=num>{_fmt(nt)}</td><td class=num>{_fmt(d)}</td><td class=num>{_fmt(rel, 3)}</td>"
+        f"<td class=num>{_fmt(cos, 3)}</td>"
         f"<td class=num>{_fmt(u, 3)}{_at(axis, k)}</td></tr>"
-        for rel, name, numel, n0, d, cos, u, k in rows[:limit]
+        for rel, name, numel, n0, nt, d, cos, u, k in rows[:limit]
     )
     more = (
         (
@@ -747,7 +752,8 @@ def _module_table(w: Mapping[str, Any], axis: _Axis, limit: int = 20) -> str:
     )
     return (
         "<table class=data><thead><tr><th>module</th><th>parameters</th><th>‖W<sub>0</sub>‖</th>"
-        "<th>‖W<sub>T</sub> − W<sub>0</sub>‖</th><th>relative</th><th>cos(W<sub>T</sub>, W<sub>0</sub>)</th>"
+        "<th>‖W<sub>T</sub>‖</th><th>‖W<sub>T</sub> − W<sub>0</sub>‖</th><th>relative</th>"
+        "<th>cos(W<sub>T</sub>, W<sub>0</sub>)</th>"
         "<th>largest relative update</th></tr></thead>"
         f"<tbody>{body}</tbody></table>{more}"
     )
@@ -895,8 +901,8 @@ def _downstream_figure(r: Mapping[str, Any], axis: _Axis) -> tuple[_Figure | Non
     ret = r.get("retrieval")
     if isinstance(ret, Mapping):
         for direction, title in (
-            ("image_to_text", "image → text retrieval"),
-            ("text_to_image", "text → image retrieval"),
+            ("image_to_text", "image → text retrieval (probe set)"),
+            ("text_to_image", "text → image retrieval (probe set)"),
         ):
             d = ret.get(direction)
             if isinstance(d, Mapping):
@@ -922,9 +928,10 @@ def _downstream_figure(r: Mapping[str, Any], axis: _Axis) -> tuple[_Figure | Non
         _mark_best(ax, axis, series[0][1], best)
         ax.set_title(title, loc="left")
         ax.set_xlabel(axis.label)
-        ax.legend(loc="best")
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     cap = (
-        "The probe's downstream scores at each checkpoint; the star marks the best checkpoint of the first curve "
+        "The probe set's downstream scores at each checkpoint (the report's own probe, not the training log's "
+        "validation recall shown with the metric curves); the star marks the best checkpoint of the first curve "
         "(top-1, R@1). Effective dimension is the participation ratio of the embeddings' covariance spectrum."
     )
     alt = "Zero-shot accuracy, retrieval recall and effective dimension over the checkpoints"
@@ -1360,7 +1367,11 @@ def _wrap(inp: _Inputs, version: str, parts: list[str], facts: list[tuple[str, s
     run = inp.run
     first, last = run.points[0], run.points[-1]
     loss = curves.get("loss") or {}
-    final_loss = next((v for v in (loss.get("avg", [None])[-1], loss.get("last", [None])[-1]) if v is not None), None)
+    final_loss, loss_label = next(
+        ((v, lbl) for v, lbl in ((loss.get("avg", [None])[-1], "training loss (mean of the last epoch)"),
+                                 (loss.get("last", [None])[-1], "last logged training loss")) if v is not None),
+        (None, ""),
+    )  # fmt: skip
     epochs = [p["epoch"] for p in run.points if isinstance(p.get("epoch"), int | float)]
     steps = [p["step"] for p in run.points if isinstance(p.get("step"), int)]
     cards = [
@@ -1377,7 +1388,7 @@ def _wrap(inp: _Inputs, version: str, parts: list[str], facts: list[tuple[str, s
     if epochs:
         cards.append(("epochs", f"{min(epochs):g} → {max(epochs):g}"))
     if final_loss is not None:
-        cards.append(("final training loss", _fmt(final_loss)))
+        cards.append((loss_label, _fmt(final_loss)))
     cards += facts
     analysed = "".join(
         f'<span class="pill {"yes" if inp.sections[k] is not None else "no"}">{k}</span>' for k in SECTIONS
