@@ -40,8 +40,13 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
   stage 4/4 "installing this clone (editable)"
 fi
-# The project itself: editable and without dependencies, so the shared venv always points at this clone.
-quiet_pip "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" \
-  || quiet_pip "$venv/bin/python" -m pip install -q --no-deps -e "$root"
+# The project itself: editable and without dependencies, so the shared venv always points at this clone. Skipped
+# (it takes seconds) when the venv already points here and the packaging files have not changed since.
+editable="$root $(cat "$root/pyproject.toml" "$root/setup.py" | sha256sum | cut -c1-16)"
+if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ]; then
+  quiet_pip "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" \
+    || quiet_pip "$venv/bin/python" -m pip install -q --no-deps -e "$root"
+  echo "$editable" > "$venv/.editable"
+fi
 [ "$start" = "$SECONDS" ] || echo "env: ready: $venv ($((SECONDS - start)) s)" >&2
 echo "$venv"
