@@ -77,6 +77,9 @@ def test_the_walk(checkpoints: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     out, _ = run(capsys, "metrics", "demo", "--store", store)
     fits(out)
     assert "metrics.image_to_text_R@10" in out
+    # the training step, not the epoch the store keys these checkpoints by
+    assert any(line.split() == ["step", str(steps[0])] for line in out.splitlines()), out
+    assert "metadata.step" not in out
     out, _ = run(capsys, "metrics", "demo", "--store", store, "-O", "m.csv")
     assert Path("m.csv").read_text().count("\n") == 3
     assert run(capsys, "metrics", "demo", "--store", store, "--csv")[0] == Path("m.csv").read_text()

@@ -197,11 +197,14 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.json:
         print_json(json_safe({"columns": cols, "rows": rows}))
     elif not (args.csv or args.out):
+        shown = cols
+        if "metadata.step" in cols:  # one meaning of "step": the training step (the ref keeps the store's key)
+            shown = [c for c in cols if c != "step"]
         print_table(
             f"{args.run}: {len(rows)} checkpoint{'' if len(rows) == 1 else 's'}",
-            cols,
-            [[query.format_value(r[c]) for c in cols] for r in rows],
-            ["left"] + ["right"] * (len(cols) - 1),
+            ["step" if c == "metadata.step" else c for c in shown],
+            [[query.format_value(r[c]) for c in shown] for r in rows],
+            ["left"] + ["right"] * (len(shown) - 1),
         )
     return 0
 
