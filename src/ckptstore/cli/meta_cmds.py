@@ -234,7 +234,7 @@ def _wrapped(key: str, text: str, width: int) -> list[str]:
                          break_long_words=False, break_on_hyphens=False) or [f"  {key}: "]  # fmt: skip
 
 
-def metadata_lines(meta: Mapping[str, Any], width: int = 100) -> list[str]:
+def metadata_lines(meta: Mapping[str, Any], line_width: int = 100) -> list[str]:
     """A checkpoint's metadata for ``ckpt show``: known fields first, readably; then any extra keys. Long values
     are wrapped at ``width``, never cut."""
     m = md.decode(meta)
@@ -272,12 +272,12 @@ def metadata_lines(meta: Mapping[str, Any], width: int = 100) -> list[str]:
             world = f"; world size {v['world_size']}" if v.get("world_size") is not None else ""
             out.append(f"  hardware: {what}{world}")
         elif key == "command" and isinstance(v, list):
-            out.extend(_wrapped("command", " ".join(map(str, v)), width))
+            out.extend(_wrapped("command", " ".join(map(str, v)), line_width))
         elif key in ("hparams", "source", "versions", "counters") and isinstance(v, Mapping):
             text = ", ".join(f"{k}={fv(x)}" for k, x in v.items())
-            out.extend(_wrapped(key, text, width))
+            out.extend(_wrapped(key, text, line_width))
         elif isinstance(v, Mapping | list) and len(str(v)) > 160:
-            out.extend(_wrapped(key, fv(v), width))
+            out.extend(_wrapped(key, fv(v), line_width))
         else:
             out.append(f"  {key}: {fv(v)}")
     return out

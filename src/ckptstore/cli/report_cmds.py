@@ -108,7 +108,8 @@ def run_analyses(args: argparse.Namespace, traj: Trajectory) -> tuple[dict[str, 
     cfg: dict[str, Any] | None = None
     if not (args.no_representations and args.no_transfer):
         try:
-            cfg = clip_model_config(traj, args.model_config)
+            with stage("the model's config (imports open_clip)", "ckpt report"):
+                cfg = clip_model_config(traj, args.model_config)
         except CkptStoreError as exc:
             for section in ("representations", "transfer"):
                 skipped[section] = str(exc)
@@ -121,7 +122,8 @@ def run_analyses(args: argparse.Namespace, traj: Trajectory) -> tuple[dict[str, 
     if "representations" not in skipped or "transfer" not in skipped:
         from ckptstore.analysis.probes import load_probe
 
-        probe = load_probe(args.probe)
+        with stage(f"the probe set ({args.probe})", "ckpt report"):
+            probe = load_probe(args.probe)
 
     representations = None
     if probe is not None and "representations" not in skipped:

@@ -175,7 +175,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
         f"({_ratio(info.logical_bytes, own.stored_bytes)})"
     )
-    for line in meta_cmds.metadata_lines(m.metadata, width=_out_width() or 100):
+    for line in meta_cmds.metadata_lines(m.metadata, line_width=_out_width() or 100):
         print(line)
     if args.tensors:
         print_table(
