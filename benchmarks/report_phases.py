@@ -45,7 +45,7 @@ def main() -> int:
 
     mark("import open_clip (torchvision, transformers)")
     import matplotlib.pyplot  # noqa: F401
-    import sklearn.datasets  # noqa: F401
+    import sklearn.datasets
     import sklearn.linear_model  # noqa: F401
 
     mark("import scikit-learn, matplotlib")
