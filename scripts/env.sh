@@ -36,7 +36,13 @@ if [ ! -f "$venv/.complete" ]; then
   quiet_pip "$venv/bin/python" -m pip install -q --upgrade pip
   # constraints.txt pins torch and everything else, so no other torch is ever pulled in.
   stage 3/4 "installing the pinned packages (torch, open_clip, ...; the long step)"
+  # pip says nothing while it unpacks torch and the CUDA wheels (a minute or more): a line every 15 s meanwhile.
+  ( while sleep 15; do echo "env:   ... still installing ($((SECONDS - start)) s so far)" >&2; done ) &
+  ticker=$!
+  trap 'kill "$ticker" 2>/dev/null || true' EXIT
   pip_lines "$venv/bin/python" -m pip install -c "$root/constraints.txt" -r "$root/requirements-dev.txt"
+  kill "$ticker" 2>/dev/null || true
+  trap - EXIT
   touch "$venv/.complete"
   stage 4/4 "installing this clone (editable)"
 fi
