@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Set up the venv, then lint, type-check and run the whole test suite (what CI runs).
+# Set up the venv (and Chromium, for the report's browser tests), then lint, type-check and run the whole test
+# suite. This is exactly what CI runs (.ci/run).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+# tests/analysis/test_report_browser.py renders the HTML report in headless Chromium (Debian package).
+if ! command -v chromium >/dev/null; then
+  echo "test: installing chromium (apt-get) for the report's browser tests ..." >&2
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 venv="$("$root/scripts/env.sh")"
 cd "$root"
 export PATH="$venv/bin:$PATH"

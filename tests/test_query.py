@@ -393,7 +393,7 @@ def test_metrics_table_and_csv(store_path: Path, tmp_path: Path) -> None:
         assert name in out
     assert "5 checkpoints" in out
     target = tmp_path / "m.csv"
-    rc, out, _ = ckpt("metrics", RUN, "--store", str(store_path), "--csv", str(target))
+    rc, out, _ = ckpt("metrics", RUN, "--store", str(store_path), "-O", str(target))
     assert rc == 0 and "wrote 5 rows" in out
     with target.open() as f:
         rows = list(csv.DictReader(f))
@@ -403,7 +403,7 @@ def test_metrics_table_and_csv(store_path: Path, tmp_path: Path) -> None:
     assert [float(r["metrics.val_loss"]) for r in rows] == [v[1] for v in ROWS.values()]
     assert rows[0]["metrics.val/acc"] == "" and rows[1]["metrics.val/acc"] == "0.5"
     assert rows[-1]["loss.last"] == "nan"
-    rc, out, _ = ckpt("metrics", RUN, "--store", str(store_path), "--csv", "-", "--where", "epoch >= 4")
+    rc, out, _ = ckpt("metrics", RUN, "--store", str(store_path), "--csv", "--where", "epoch >= 4")
     assert rc == 0 and out.splitlines()[0].startswith("ref,step,epoch") and len(out.splitlines()) == 3
     rc, out, _ = ckpt("metrics", RUN, "--store", str(store_path), "--json")
     got = json.loads(out)

@@ -35,7 +35,7 @@ from ckptstore.torch import same_bits  # noqa: E402
 pytestmark = pytest.mark.slow
 
 RUN = "tiny-csv-e2-s0"
-FOLDERS = ["epoch-01-step-1", "epoch-02-step-2"]
+FOLDERS = ["epoch-01-step-4", "epoch-02-step-8"]
 
 
 def ckpt(*argv: str) -> tuple[int, str]:
@@ -150,7 +150,7 @@ def test_model_card_renders_with_table_and_image(released: tuple[Path, dict[str,
     assert '<img src="metrics.png"' in html
     png = (out / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "local-dir:./epoch-02-step-2" in html
+    assert "local-dir:./epoch-02-step-8" in html
     assert 'storage_options={"read_only": True}' in html.replace("&quot;", '"')
 
 
@@ -192,9 +192,9 @@ def test_refs_with_training_state(store: Path, trained: Path, tmp_path: Path) ->
                     "--json")  # fmt: skip
     assert rc == 0, text
     info = json.loads(text)
-    assert [c["folder"] for c in info["checkpoints"]] == ["epoch-01-step-1"]
+    assert [c["folder"] for c in info["checkpoints"]] == ["epoch-01-step-4"]
     assert info["checkpoints"][0]["reason"] == "requested (epoch=1)"
-    folder = out / "epoch-01-step-1"
+    folder = out / "epoch-01-step-4"
     pt = load_pt(folder / "epoch_1.pt")
     original = load_pt(trained / "epoch_1.pt")
     assert list(pt) == list(original)
@@ -211,7 +211,7 @@ def test_refs_with_training_state(store: Path, trained: Path, tmp_path: Path) ->
     rc, _ = ckpt("release", RUN, "--store", str(store), "--refs", "2", "--out", str(out))
     assert rc == 2
     rc, _ = ckpt("release", RUN, "--store", str(store), "--refs", "2", "--out", str(out), "--force")
-    assert rc == 0 and sorted(p.name for p in out.iterdir() if p.is_dir()) == ["epoch-02-step-2"]
+    assert rc == 0 and sorted(p.name for p in out.iterdir() if p.is_dir()) == ["epoch-02-step-8"]
     assert not list(tmp_path.glob(".rel.partial-*"))
 
 

@@ -138,3 +138,8 @@ class RemoteStorageError(CkptStoreError):
     Deliberately not an ``OSError``: store code reads a missing key (``FileNotFoundError``/``OSError``) as "no such
     checkpoint", and an outage or a credentials problem must not be mistaken for that.
     """
+
+
+class OutputPathError(CkptStoreError, OSError):
+    """An output file or folder that cannot be written (a folder where a file is wanted, a missing parent, no
+    permission); raised before any work is done."""

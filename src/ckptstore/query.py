@@ -595,12 +595,31 @@ def select(
     cols = parse_columns(columns)
     parse_sort(sort)
     rows = checkpoint_rows(store, run)
+    _check_known(rows, [c[:-2] if c.endswith(".*") else c for c in cols], "column")
+    _check_known(rows, [".".join(map(str, path)) for path, _ in parse_sort(sort)], "sort key")
     if query is not None:
         rows = [r for r in rows if query(r)]
     rows = sort_rows(rows, sort)
     if limit is not None:
         rows = rows[: max(0, limit)]
     return project(rows, expand_columns(cols, rows)) if cols else rows
+
+
+def _check_known(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], what: str) -> None:
+    """A column or sort key that no checkpoint has is a typo, not an empty column: say so (with the fields
+    there are)."""
+    if not rows:
+        return
+    for field in fields:
+        path = parse_path(field)
+        if str(path[0]) in rows[0] and len(path) == 1:
+            continue
+        if any(get_path(r, path) is not None for r in rows):
+            continue
+        known = sorted({k for r in rows for k in r if k != "metadata"} | {
+            k for r in rows for k in (r.get("metadata") or {}) if k not in ("schema",)})  # fmt: skip
+        raise InvalidQueryError(f"unknown {what} {field!r}: no checkpoint has it", expression=field,
+                                hint="fields: " + ", ".join(known))  # fmt: skip
 
 
 def dataframe(

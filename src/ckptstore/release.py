@@ -246,11 +246,15 @@ def preprocess_config(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def folder_name(m: Manifest) -> str:
-    """``epoch-05-step-4000``; ``step-4000`` when the checkpoint records no epoch."""
+    """``epoch-05-step-4000``; ``step-4000`` when the checkpoint records no epoch. The step is the training step
+    (the metadata's, where the store keys an open_clip checkpoint by its epoch), never the epoch again."""
     epoch = m.metadata.get("epoch")
+    step = m.metadata.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        step = m.step
     if isinstance(epoch, int) and not isinstance(epoch, bool):
-        return f"epoch-{epoch:02d}-step-{m.step}"
-    return f"step-{m.step}"
+        return f"epoch-{epoch:02d}-step-{step}"
+    return f"step-{step}"
 
 
 def _sha256(path: Path) -> str:

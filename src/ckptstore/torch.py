@@ -235,6 +235,20 @@ def restore(
     return restore_training_state(state, model, optimizer, scheduler, scaler, rng=rng)
 
 
+def _sentences(text: str, limit: int = 300) -> str:
+    """A foreign message on one line, cut only between sentences (torch's weights_only refusal runs to 40 lines;
+    its first sentences say what is wrong)."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    out = ""
+    for sentence in re.split(r"(?<=[.!?])\s+", flat):
+        if out and len(out) + len(sentence) > limit:
+            break
+        out = f"{out} {sentence}".strip()
+    return out
+
+
 def load_pt(path: str, *, mmap: bool = False) -> Any:
     """Read a foreign ``.pt`` file safely: ``weights_only=True``, and a clear error when torch refuses it.
 
@@ -252,15 +266,15 @@ def load_pt(path: str, *, mmap: bool = False) -> Any:
         raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
         text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]", "", str(exc)).strip()
-        msg = text.splitlines()[0] if text else type(exc).__name__
+        msg = _sentences(text) if text else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in repr(type(exc)):
             raise ForeignCheckpointError(
-                f"refused to load: the file contains objects other than tensors and plain data ({msg[:200]})",
+                f"refused to load: the file contains objects other than tensors and plain data ({msg})",
                 path=path,
                 hint="ckptstore only reads .pt files that torch.load(weights_only=True) accepts",
             ) from None
         raise ForeignCheckpointError(
-            f"not a readable PyTorch checkpoint ({type(exc).__name__}: {msg[:200]})",
+            f"not a readable PyTorch checkpoint ({type(exc).__name__}: {msg})",
             path=path,
             hint="the file may be truncated or not a .pt file",
         ) from None

@@ -91,10 +91,10 @@ def test_weights_json_and_out(ckpt: CkptRunner, store: Path, tmp_path: Path) -> 
 def test_weights_human_output(ckpt: CkptRunner, store: Path) -> None:
     rc, out, _ = ckpt("analyze", "weights", "clean", "-s", store)
     assert rc == 0
-    assert "enc.attn" in out and "head" in out and "dist from first" in out
+    assert "enc.attn" in out and "head" in out and "‖W_T−W₀‖" in out and "relative" in out
     assert "path length" in out and "straightness" in out and "PCA of the trajectory (exact)" in out
     rc, out, _ = ckpt("analyze", "weights", "clean", "-s", store, "--top", "1")
-    assert out.count("enc.attn") + out.count(" head ") == 1
+    assert sum(line.startswith(("enc.attn", "head ")) for line in out.splitlines()) == 1
 
 
 def test_weights_options(ckpt: CkptRunner, store: Path) -> None:

@@ -244,8 +244,8 @@ def test_cli_transfer(ckpt_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
     rc, _, err = _ckpt(["analyze", "representations", "-s", str(tmp_path / "nostore"), "somerun"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("ckpt analyze: error:")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("ckpt analyze representations: error:")
     pt = tmp_path / "x.pt"
     pt.write_bytes(b"")
-    rc, _, err = _ckpt(["analyze", "transfer", str(pt), "--dataset", str(tmp_path / "none.csv")], capsys)
+    rc, _, err = _ckpt(["analyze", "transfer", str(pt), "--probe", str(tmp_path / "none.csv")], capsys)
     assert rc == 2 and err.count("\n") == 1

@@ -515,7 +515,7 @@ def test_cli_on_a_non_clip_run(tmp_path: Path, capsys: pytest.CaptureFixture[str
             metadata={"step": step * 10, "loss": {"last": 1.0 / (step + 1)}, "metrics": {"acc": 0.2 * step}},
         )
     out = tmp_path / "r.html"
-    assert ckpt("report", "mlp", "-s", str(tmp_path / "s"), "-o", str(out), "--no-spectral") == 0
+    assert ckpt("report", "mlp", "-s", str(tmp_path / "s"), "-O", str(out), "--no-spectral") == 0
     printed = capsys.readouterr().out
     assert str(out) in printed
     page = out.read_text()
@@ -540,7 +540,7 @@ def test_cli_on_the_demo_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     store = str(tmp_path / "store")
     assert ckpt_main(["ingest", "-s", store, "--init", str(ckpts), "--run", "demo"]) == 0
     out = tmp_path / "report.html"
-    assert ckpt("report", "demo", "-s", store, "-o", str(out)) == 0
+    assert ckpt("report", "demo", "-s", store, "-O", str(out)) == 0
     assert "demo" in capsys.readouterr().out
     page = out.read_text()
     p = check_page(page)
@@ -548,3 +548,22 @@ def test_cli_on_the_demo_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for fig in ("fig-curves", "fig-module-distance", "fig-pca", "fig-cka", "fig-zero-shot", "fig-transfer"):
         assert fig in ids, fig
     assert "Not in this report" not in page
+
+
+def test_labels_say_what_the_numbers_are(full_page: str) -> None:
+    """Issue 17: the module table shows the final norm too; the loss card says it is an epoch mean; probe-set
+    retrieval is told apart from the training log's recall; no "best" star on a flat curve."""
+    from matplotlib.figure import Figure
+
+    from ckptstore.analysis.report import data as rp
+    from ckptstore.analysis.report.figures import _mark_best
+
+    assert "<th>‖W<sub>0</sub>‖</th><th>‖W<sub>T</sub>‖</th>" in full_page
+    assert "final training loss" not in full_page and "training loss (mean of the last epoch)" in full_page
+    assert rp._metric_family("image_to_text_R@10") == "image_to_text recall@k (training log)"
+    assert "not the training log's validation recall" in full_page
+    axis = rp._Axis.of([{"label": f"r@{i}", "step": i, "epoch": i} for i in range(4)])
+    for y, stars in ((np.full(4, 0.25), 0), (np.array([0.1, 0.3, 0.2, 0.2]), 1)):
+        ax = Figure().subplots()
+        _mark_best(ax, axis, y, int(np.nanargmax(y)))
+        assert sum(line.get_label().startswith("best") for line in ax.get_lines()) == stars

@@ -488,7 +488,7 @@ def test_demo_report_renders_in_chromium(chromium: str, tmp_path: Path) -> None:
     store = str(tmp_path / "store")
     assert ckpt_main(["ingest", "-s", store, "--init", str(ckpts), "--run", "demo"]) == 0
     out = tmp_path / "report.html"
-    assert ckpt_main(["report", "demo", "-s", store, "-o", str(out)]) == 0
+    assert ckpt_main(["report", "demo", "-s", store, "-O", str(out)]) == 0
     page = out.read_text(encoding="utf-8")
     r = render(chromium, out)
     assert_rendered_ok(r, _n_images(page))

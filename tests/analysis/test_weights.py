@@ -121,7 +121,9 @@ def test_grouping() -> None:
     assert set(dyn.modules) == {"a.b", "top"}
     dyn = analyze_weights(MemoryTrajectory(states), group=lambda n: n[0])
     assert set(dyn.modules) == {"a", "t"}
-    assert [m for m, _ in top_modules(dyn)] == ["a", "t"]
+    assert [m for m, _ in top_modules(dyn)] == ["a", "t"]  # "t" never moves
+    moved = [{"big": np.full(4, 100.0) + k, "small": np.full(4, 1.0) + 0.5 * k} for k in range(2)]
+    assert [m for m, _ in top_modules(analyze_weights(MemoryTrajectory(moved)))] == ["small", "big"]
     with pytest.raises(TrajectoryError):
         analyze_weights(MemoryTrajectory(states), group_depth=0)
     with pytest.raises(TrajectoryError, match="no weight tensor"):

@@ -116,7 +116,7 @@ def exported(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int,
     out = {}
     for e in range(1, EPOCHS + 1):
         target = out_dir / f"epoch_{e}.pt"
-        rc, text = ckpt("export", f"{RUN}@epoch={e}", "--store", str(store), "--format", "openclip",
+        rc, text = ckpt("export", f"{RUN}@epoch={e}", "--store", str(store), "--format", "pt",
                         "-O", str(target))  # fmt: skip
         assert rc == 0, text
         assert target.is_file()

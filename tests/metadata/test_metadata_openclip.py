@@ -119,7 +119,7 @@ def test_ingested_metadata_is_queryable(store: Path, run_dir: Path) -> None:
     assert json.loads(out) == [{"ref": f"{RUN}@2", "epoch": 2, "step": 2, "metadata.step": 8, "samples_seen": 512,
                                 "metrics.clip_val_loss": losses[2]}]  # fmt: skip
 
-    rc, out = ckpt("metrics", RUN, "--store", str(store), "--csv", "-")
+    rc, out = ckpt("metrics", RUN, "--store", str(store), "--csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["metadata.step"]) for r in rows] == [4, 8]
     assert [float(r["metrics.clip_val_loss"]) for r in rows] == [losses[1], losses[2]]

@@ -24,6 +24,7 @@ has at most ``sketch_dim`` parameters the flattened weights themselves are used,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -349,6 +350,19 @@ def _matrix(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
+def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """numpy's BLAS on one thread for the duration (threadpoolctl, when installed).
+
+    The matrices here are small (a Gram block, an eigen-decomposition of at most ``spectral_max_dim``²) and the store
+    decodes the next tensors on other threads meanwhile: a multi-threaded OpenBLAS then spins against those threads
+    and, on 2 cores, made the spectra 4-7x slower (docs/benchmarks.md, "ckpt report"). The results are the same."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def _singular_values(a: np.ndarray) -> np.ndarray:
     """σ of a matrix from the eigenvalues of its Gram matrix on the smaller side.
 
@@ -493,31 +507,32 @@ def analyze_weights(
     tensors: dict[str, TensorDynamics] = {}
     module_sums: dict[str, _Sums] = {}
     model_sums = _Sums.zeros(t)
-    for done, info in enumerate(infos):
-        if sketch is not None:
-            sketch.start(info.name, info.numel)
-        is_matrix = len(info.shape) >= 2 and info.numel > 0
-        small_side = min(info.shape[0], info.numel // max(1, info.shape[0])) if is_matrix else 0
-        wants = spectral(info.name) if callable(spectral) else spectral
-        do_spectral = wants and is_matrix and small_side <= spectral_max_dim
-        sums, value, spectra = _tensor_pass(traj, info.name, t, sketch, do_spectral)
-        spec: Spectral | None = None
-        if do_spectral:
-            arr = np.array(spectra, dtype=np.float64).reshape(t, 3)
-            spec = Spectral(arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy())
-        elif wants and is_matrix:
-            nan = np.full(t, np.nan)
-            spec = Spectral(nan, nan.copy(), nan.copy(), f"smaller side {small_side} > spectral_max_dim "
-                            f"{spectral_max_dim}")  # fmt: skip
-        module = to_module(info.name)
-        tensors[info.name] = sums.series(
-            TensorDynamics, name=info.name, module=module, dtype=info.dtype, shape=info.shape, spectral=spec,
-            value=value,
-        )  # fmt: skip
-        module_sums.setdefault(module, _Sums.zeros(t)).add(sums)
-        model_sums.add(sums)
-        if progress is not None:
-            progress(done + 1, len(infos))
+    with one_blas_thread():  # the same numbers, without OpenBLAS spinning against the decoder threads
+        for done, info in enumerate(infos):
+            if sketch is not None:
+                sketch.start(info.name, info.numel)
+            is_matrix = len(info.shape) >= 2 and info.numel > 0
+            small_side = min(info.shape[0], info.numel // max(1, info.shape[0])) if is_matrix else 0
+            wants = spectral(info.name) if callable(spectral) else spectral
+            do_spectral = wants and is_matrix and small_side <= spectral_max_dim
+            sums, value, spectra = _tensor_pass(traj, info.name, t, sketch, do_spectral)
+            spec: Spectral | None = None
+            if do_spectral:
+                arr = np.array(spectra, dtype=np.float64).reshape(t, 3)
+                spec = Spectral(arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy())
+            elif wants and is_matrix:
+                nan = np.full(t, np.nan)
+                spec = Spectral(nan, nan.copy(), nan.copy(), f"smaller side {small_side} > spectral_max_dim "
+                                f"{spectral_max_dim}")  # fmt: skip
+            module = to_module(info.name)
+            tensors[info.name] = sums.series(
+                TensorDynamics, name=info.name, module=module, dtype=info.dtype, shape=info.shape, spectral=spec,
+                value=value,
+            )  # fmt: skip
+            module_sums.setdefault(module, _Sums.zeros(t)).add(sums)
+            model_sums.add(sums)
+            if progress is not None:
+                progress(done + 1, len(infos))
     options = {
         "spectral": spectral if isinstance(spectral, bool) else "some",
         "spectral_max_dim": spectral_max_dim,
@@ -535,7 +550,16 @@ def analyze_weights(
 
 
 def top_modules(dyn: WeightDynamics | Mapping[str, Any], n: int = 10) -> list[tuple[str, float]]:
-    """The ``n`` modules farthest from the first checkpoint at the last one, farthest first."""
+    """The ``n`` modules that moved most from the first checkpoint at the last one *relative to their first norm*
+    (‖W_T − W₀‖ / ‖W₀‖), largest first, with that ratio; modules whose first norm is 0 come last. The same ranking
+    as the report's module table, so the CLI and the page name the same modules."""
     mods = dyn.to_dict()["modules"] if isinstance(dyn, WeightDynamics) else dyn["modules"]
-    rows = [(m, s["dist_init"][-1]) for m, s in mods.items() if s["dist_init"] and s["dist_init"][-1] is not None]
-    return sorted(rows, key=lambda r: -r[1])[:n]
+    rows = []
+    for m, s in mods.items():
+        dist, norm = s["dist_init"], s["norm"]
+        if not dist or dist[-1] is None:
+            continue
+        first = norm[0] if norm else None
+        rel = dist[-1] / first if isinstance(first, int | float) and math.isfinite(first) and first > 0 else math.nan
+        rows.append((m, rel))
+    return sorted(rows, key=lambda r: -r[1] if math.isfinite(r[1]) else math.inf)[:n]

@@ -9,7 +9,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_file,
+    get_store,
+    print_json,
+    print_table,
+    progress_bar,
+)
 
 if TYPE_CHECKING:
     from ckptstore.analysis.trajectory import Trajectory
@@ -55,8 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run", nargs="+", metavar="RUN", help="a run of the store, a folder of epoch_N.pt files, or .pt files"
     )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--out", metavar="FILE.json", help="also write the JSON result to FILE.json")
+    add_json_arg(p)
+    add_out_arg(p, "also write the JSON result to FILE.json (checked before the work)", metavar="FILE.json")
 
 
 def open_run(args: argparse.Namespace) -> Trajectory:
@@ -64,6 +73,9 @@ def open_run(args: argparse.Namespace) -> Trajectory:
     from ckptstore.analysis.trajectory import StoreTrajectory, TrajectoryError, open_trajectory
 
     runs: list[str] = args.run
+    for out in (getattr(args, "out", None), getattr(args, "plot", None)):
+        if out:
+            check_output_file(out)
     if all(Path(r).exists() for r in runs):
         return open_trajectory(runs[0] if len(runs) == 1 else runs)
     if len(runs) == 1:
@@ -101,16 +113,18 @@ def cmd_weights(args: argparse.Namespace) -> int:
     first, last = traj.points[0].label, traj.points[-1].label
     mods = blob["modules"]
     rows = []
-    for name, dist in top_modules(blob, args.top):
+    for name, rel in top_modules(blob, args.top):
         m = mods[name]
+        dist = m["dist_init"][-1]
         path = sum(v for v in m["dist_prev"][1:] if v is not None)
-        rows.append([name, f"{m['numel']:,}", _f(m["norm"][-1]), _f(dist), _f(dist / m["norm"][0] if m["norm"][0]
-                     else None), _f(path), _f(m["cos_init"][-1])])  # fmt: skip
+        rows.append([name, f"{m['numel']:,}", _f(m["norm"][0]), _f(m["norm"][-1]), _f(dist), _f(rel), _f(path),
+                     _f(m["cos_init"][-1])])  # fmt: skip
     print_table(
-        f"modules farthest from {first} at {last} ({len(mods)} modules, {len(traj)} checkpoints)",
-        ["module", "params", "norm", "dist from first", "relative", "path", "cos to first"],
+        f"modules that moved most from {first} to {last}, relative to their norm at {first} "
+        f"({len(mods)} modules, {len(traj)} checkpoints)",
+        ["module", "params", "‖W₀‖", "‖W_T‖", "‖W_T−W₀‖", "relative", "path", "cos(W_T,W₀)"],
         rows,
-        justify=["left", *["right"] * 6],
+        justify=["left", *["right"] * 7],
     )
     model = blob["model"]
     print(

@@ -9,7 +9,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_file,
+    get_store,
+    print_json,
+    print_table,
+    progress_bar,
+)
 
 if TYPE_CHECKING:
     from ckptstore.analysis.trajectory import Trajectory
@@ -52,10 +61,11 @@ def register(asub: Any) -> None:
     )
     _common(t)
     t.add_argument(
-        "--dataset",
+        "--probe",
         default="digits",
         metavar="digits|CSV",
-        help="the built-in digits set, or a CSV of images with a label column (default: digits)",
+        help="the labelled probe set: the built-in digits set, or a CSV of images with a label column "
+        "(default: digits)",
     )
     t.add_argument(
         "--n", type=int, metavar="N", help=f"images (digits: default {TRANSFER_DIGITS}; CSV: the first N rows)"
@@ -84,8 +94,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="open_clip model config JSON, if the checkpoints' model name is not in open_clip's registry",
     )
     p.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass (default 256)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--out", metavar="FILE.json", help="also write the JSON result to FILE.json")
+    add_json_arg(p)
+    add_out_arg(p, "also write the JSON result to FILE.json (checked before the work)", metavar="FILE.json")
 
 
 def open_run(args: argparse.Namespace) -> Trajectory:
@@ -93,6 +103,9 @@ def open_run(args: argparse.Namespace) -> Trajectory:
     from ckptstore.analysis.trajectory import StoreTrajectory, TrajectoryError, open_trajectory
 
     runs: list[str] = args.run
+    for out in (getattr(args, "out", None), getattr(args, "plot", None)):
+        if out:
+            check_output_file(out)
     existing = [r for r in runs if Path(r).exists()]
     if existing and len(existing) == len(runs):
         return open_trajectory(runs[0] if len(runs) == 1 else runs)
@@ -182,8 +195,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from ckptstore.analysis.transfer import analyze_transfer, plot_transfer
 
     traj = open_run(args)
-    n = args.n if args.n is not None else (TRANSFER_DIGITS if args.dataset == "digits" else None)
-    dataset = load_probe(args.dataset, n=n, seed=args.seed)
+    n = args.n if args.n is not None else (TRANSFER_DIGITS if args.probe == "digits" else None)
+    dataset = load_probe(args.probe, n=n, seed=args.seed)
     with progress_bar(f"linear probes on {len(dataset)} images") as prog:
         result = analyze_transfer(
             traj,

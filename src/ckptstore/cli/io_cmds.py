@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import shutil
 from pathlib import Path
 from typing import Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_file,
+    get_store,
+    print_json,
+    progress_bar,
+)
 from ckptstore.format.manifest import CheckpointInfo
+from ckptstore.store import Store
 from ckptstore.util import human_bytes as human
 
 
@@ -24,32 +35,51 @@ def register(sub: Any) -> None:
     p.add_argument("--run", help="run name (default: the training run's folder name)")
     p.add_argument("--init", action="store_true", help="create the store if it does not exist")
     p.add_argument("--threads", type=int, help="encoder threads (default: 2)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "one row per file")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(
         "export",
         help="write a checkpoint as a .pt or safetensors file",
-        description="Write a stored checkpoint back out. --format openclip writes the original "
-        "open_clip_train dict (loadable by open_clip and by open_clip_train --resume); --format safetensors "
-        "writes the model weights (state_dict).",
+        description="Write a stored checkpoint back out. --format pt (the default) writes the original "
+        "open_clip_train dict with torch.save (loadable by open_clip and by open_clip_train --resume); "
+        "--format safetensors writes the model weights (state_dict).",
     )
     add_store_arg(p)
     p.add_argument("ref", help="checkpoint reference")
-    p.add_argument("-O", "--out", required=True, help="output file")
+    add_out_arg(p, "the file to write (checked before anything is read)", required=True)
     p.add_argument(
         "--format",
-        choices=["openclip", "pt", "safetensors"],
-        default="openclip",
-        help="openclip/pt: torch.save of the stored state; safetensors: the state_dict",
+        choices=["pt", "safetensors"],
+        default="pt",
+        help="pt (default): the stored state, torch.save'd, as open_clip_train wrote it; safetensors: the "
+        "model's state_dict",
     )
+    add_json_arg(p, "the file written and its size")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(errno.ENOENT, "no such file or folder to ingest", path)
+    created = args.init and _is_new_local_store(args.store)
+    store = get_store(args, create=args.init)
+    try:
+        return _ingest(args, store)
+    except BaseException:
+        if created and not store.runs():  # a failed first ingest leaves no empty store behind
+            shutil.rmtree(args.store, ignore_errors=True)
+        raise
+
+
+def _is_new_local_store(path: str) -> bool:
+    return "://" not in path and not Path(path, "ckptstore.json").exists()
+
+
+def _ingest(args: argparse.Namespace, store: Store) -> int:
     from ckptstore.integrations import openclip
 
-    store = get_store(args, create=args.init)
     rows: list[dict[str, Any]] = []
 
     def on_file(path: Path, info: CheckpointInfo | None) -> None:
@@ -76,10 +106,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ckptstore.integrations import openclip
 
+    check_output_file(args.out)
     store = get_store(args)
-    if args.format in ("openclip", "pt"):
+    store.resolve(args.ref)  # a bad reference fails before anything is written
+    if args.format == "pt":
         out = openclip.export_pt(store, args.ref, args.out)
     else:
         out = openclip.export_safetensors(store, args.ref, args.out)
-    print(f"wrote {out} ({human(out.stat().st_size)})")
+    if args.json:
+        print_json({"ref": args.ref, "format": args.format, "file": str(out), "bytes": out.stat().st_size})
+    else:
+        print(f"wrote {out} ({human(out.stat().st_size)})")
     return 0

@@ -5,23 +5,43 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
+from ckptstore.cli.common import describe_error
 from ckptstore.errors import CkptStoreError
 
 EXIT_ERROR = 2
 
 
+class CkptParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming the (sub-)command, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                out.extend(_leaf_parsers(sub) or [sub])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ckptstore.cli import analyze_cmds, io_cmds, meta_cmds, policy_cmds, release_cmds, report_cmds, store_cmds
 
-    parser = argparse.ArgumentParser(
+    parser = CkptParser(
         prog="ckpt",
         description="Keep the whole trajectory of a training run: lossless delta-compressed checkpoints.",
         epilog="References: RUN@STEP, RUN@step=N, RUN@epoch=N, RUN@latest, RUN@first, RUN@tag:NAME, "
-        "RUN@best:METRIC. The store defaults to $CKPT_STORE, else ./ckpt.store.",
+        "RUN@best:METRIC. The store defaults to $CKPT_STORE, else ./ckpt.store. Every option has one spelling "
+        "and one meaning across the commands (docs/cli.md).",
     )
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors (anywhere)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     store_cmds.register(sub)
     io_cmds.register(sub)
@@ -30,23 +50,55 @@ def build_parser() -> argparse.ArgumentParser:
     policy_cmds.register(sub)
     analyze_cmds.register(sub)
     report_cmds.register(sub)
+    for leaf in _leaf_parsers(parser):
+        leaf.set_defaults(_parser=leaf)
     return parser
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    parser = getattr(args, "_parser", None)
+    return parser.prog if parser is not None else "ckpt"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    traceback = "--traceback" in argv or bool(os.environ.get("CKPT_TRACEBACK"))
+    argv = [a for a in argv if a != "--traceback"]  # accepted before or after the command
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    leaf: argparse.ArgumentParser = getattr(args, "_parser", parser)
+    if extra:
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.traceback = traceback
+    where = _command_name(args)
     try:
-        rc = args.func(args)
+        with warnings.catch_warnings():
+            # Foreign libraries' warnings (torch's pickle-protocol notice on old .pt files ...) are not the user's
+            # business: the command either works or fails with its own one-line error.
+            if not traceback:
+                warnings.simplefilter("ignore")
+            rc = args.func(args)
         return int(rc or 0)
     except KeyboardInterrupt:
-        print("ckpt: interrupted; committed checkpoints are unaffected", file=sys.stderr)
+        print(f"{where}: interrupted; committed checkpoints are unaffected", file=sys.stderr)
         return 130
-    except (CkptStoreError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        if args.traceback or os.environ.get("CKPT_TRACEBACK"):
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a command's own usage error: one line, like the rest
+            msg = exc.code.split(": ", 1)[1] if exc.code.startswith("ckpt") and ": " in exc.code else exc.code
+            print(f"{where}: error: {msg}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+    except (CkptStoreError, OSError) as exc:
+        if traceback:
             raise
-        print(f"ckpt {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{where}: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:  # a foreign library failed in a way we did not foresee: still no traceback
+        if traceback:
+            raise
+        print(f"{where}: error: {describe_error(exc)} — rerun with --traceback for details, and please report it",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,17 @@ from typing import Any
 
 from ckptstore import metadata as md
 from ckptstore import query
-from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_file,
+    get_store,
+    print_json,
+    print_table,
+    require_run,
+    training_step,
+)
 from ckptstore.util import human_bytes as human
 
 WHERE_HELP = (
@@ -31,14 +41,14 @@ def register(sub: Any) -> None:
     p.add_argument("ref", help="checkpoint reference, e.g. myrun@epoch=5")
     p.add_argument("tags", nargs="+", help="tags (no spaces, at most 128 characters)")
     p.add_argument("--move", action="store_true", help="take the tags off the run's other checkpoints first")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the checkpoint's tags and notes")
     p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("untag", help="remove tags from a checkpoint", description="Remove tags from a checkpoint.")
     add_store_arg(p)
     p.add_argument("ref", help="checkpoint reference")
     p.add_argument("tags", nargs="+", help="tags to remove (absent ones are ignored)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the checkpoint's tags and notes")
     p.set_defaults(func=cmd_untag)
 
     p = sub.add_parser(
@@ -51,7 +61,7 @@ def register(sub: Any) -> None:
     p.add_argument("text", nargs="?", help="the new notes, replacing the old; '-' reads stdin")
     p.add_argument("--append", "-a", metavar="TEXT", help="add TEXT as a new line after the notes ('-': stdin)")
     p.add_argument("--clear", action="store_true", help="remove the notes")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the checkpoint's tags and notes")
     p.set_defaults(func=cmd_note)
 
     p = sub.add_parser(
@@ -62,9 +72,10 @@ def register(sub: Any) -> None:
     )
     add_store_arg(p)
     p.add_argument("run", help="run name")
-    p.add_argument("--where", help=WHERE_HELP)
-    p.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-': standard output) instead of a table")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--where", "-w", help=WHERE_HELP)
+    p.add_argument("--csv", action="store_true", help="print CSV on standard output instead of a table")
+    add_out_arg(p, "write the table as CSV to FILE (checked before the store is read)")
+    add_json_arg(p, "the columns and rows")
     p.set_defaults(func=cmd_metrics)
 
 
@@ -117,7 +128,7 @@ def cmd_ls_query(args: argparse.Namespace) -> int:
             (
                 r["ref"],
                 query.format_value(r["epoch"]),
-                r["step"],
+                training_step(r["metadata"], r["step"]),
                 human(r["logical_bytes"]),
                 human(r["stored_bytes"]),
                 f"{r['ratio']:.2f}x" if r["ratio"] else "-",
@@ -164,27 +175,35 @@ def _report(args: argparse.Namespace, m: Any) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     if args.where:
         query.parse_where(args.where)
+    if args.out:
+        check_output_file(args.out)
     store = get_store(args)
+    require_run(store, args.run)
     cols, rows = query.metrics_table(store, args.run, where=args.where)
     if args.csv:
-        if args.csv == "-":
-            query.write_csv(cols, rows, sys.stdout)
-        else:
-            out = Path(args.csv)
-            tmp = out.with_name(out.name + ".partial")
+        query.write_csv(cols, rows, sys.stdout)
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".partial")
+        try:
             with tmp.open("w", newline="") as f:
                 query.write_csv(cols, rows, f)
             tmp.replace(out)
-            if not args.json:
-                print(f"wrote {len(rows)} rows x {len(cols)} columns to {out}")
+        finally:
+            tmp.unlink(missing_ok=True)
+        if not (args.json or args.csv):
+            print(f"wrote {len(rows)} rows x {len(cols)} columns to {out}")
     if args.json:
         print_json(json_safe({"columns": cols, "rows": rows}))
-    elif not args.csv:
+    elif not (args.csv or args.out):
+        shown = cols
+        if "metadata.step" in cols:  # one meaning of "step": the training step (the ref keeps the store's key)
+            shown = [c for c in cols if c != "step"]
         print_table(
             f"{args.run}: {len(rows)} checkpoint{'' if len(rows) == 1 else 's'}",
-            cols,
-            [[query.format_value(r[c]) for c in cols] for r in rows],
-            ["left"] + ["right"] * (len(cols) - 1),
+            ["step" if c == "metadata.step" else c for c in shown],
+            [[query.format_value(r[c]) for c in shown] for r in rows],
+            ["left"] + ["right"] * (len(shown) - 1),
         )
     return 0
 
@@ -206,8 +225,17 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def metadata_lines(meta: Mapping[str, Any]) -> list[str]:
-    """A checkpoint's metadata for ``ckpt show``: known fields first, readably; then any extra keys."""
+def _wrapped(key: str, text: str, width: int) -> list[str]:
+    """``  key: text`` wrapped at ``width`` (continuation lines indented), never cut."""
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent=f"  {key}: ", subsequent_indent=" " * (len(key) + 4),
+                         break_long_words=False, break_on_hyphens=False) or [f"  {key}: "]  # fmt: skip
+
+
+def metadata_lines(meta: Mapping[str, Any], line_width: int = 100) -> list[str]:
+    """A checkpoint's metadata for ``ckpt show``: known fields first, readably; then any extra keys. Long values
+    are wrapped at ``width``, never cut."""
     m = md.decode(meta)
     fv = query.format_value
     out: list[str] = []
@@ -238,15 +266,17 @@ def metadata_lines(meta: Mapping[str, Any]) -> list[str]:
             out.append(f"  code: {commit}{dirty}{branch}{repo}")
         elif key == "hardware" and isinstance(v, Mapping):
             devices = v.get("devices") or []
-            what = ", ".join(devices) if devices else f"{v.get('accelerator', 'cpu')} ({v.get('cpu', '?')})"
-            out.append(f"  hardware: {what}; world size {v.get('world_size', '?')}")
+            cpu = v.get("cpu")
+            what = ", ".join(devices) if devices else str(v.get("accelerator", "cpu")) + (f" ({cpu})" if cpu else "")
+            world = f"; world size {v['world_size']}" if v.get("world_size") is not None else ""
+            out.append(f"  hardware: {what}{world}")
         elif key == "command" and isinstance(v, list):
-            out.append(f"  command: {_first_line(' '.join(map(str, v)), 160)}")
+            out.extend(_wrapped("command", " ".join(map(str, v)), line_width))
         elif key in ("hparams", "source", "versions", "counters") and isinstance(v, Mapping):
             text = ", ".join(f"{k}={fv(x)}" for k, x in v.items())
-            out.append(f"  {key}: {_first_line(text, 160)}")
+            out.extend(_wrapped(key, text, line_width))
         elif isinstance(v, Mapping | list) and len(str(v)) > 160:
-            out.append(f"  {key}: {_first_line(fv(v), 160)}")
+            out.extend(_wrapped(key, fv(v), line_width))
         else:
             out.append(f"  {key}: {fv(v)}")
     return out

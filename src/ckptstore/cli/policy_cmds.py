@@ -7,7 +7,15 @@ import json
 import sys
 from typing import Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_store_arg,
+    get_store,
+    print_json,
+    print_table,
+    progress_bar,
+    require_run,
+)
 from ckptstore.util import human_bytes as human
 
 
@@ -26,7 +34,7 @@ def register(sub: Any) -> None:
                    help="retention policy (repeatable, or comma-separated): their union is kept")  # fmt: skip
     p.add_argument("--dry-run", "-n", action="store_true", help="show the plan, delete nothing")
     p.add_argument("--weights", metavar="PREFIX", help="tensor prefix of the model weights (default: guessed)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the plan (and what was deleted)")
     p.set_defaults(func=cmd_thin)
 
     p = sub.add_parser(
@@ -44,7 +52,7 @@ def register(sub: Any) -> None:
                    "default: the recorded metrics with 'loss' in the name)")  # fmt: skip
     p.add_argument("--weights", metavar="PREFIX", help="tensor prefix of the model weights (default: guessed)")
     p.add_argument("--no-weights", action="store_true", help="use steps only (do not read the weights)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the choices and their reasons")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser(
@@ -68,7 +76,7 @@ def register(sub: Any) -> None:
                    help="a file must keep its size this long before it is read (default: --poll)")  # fmt: skip
     p.add_argument("--keep", "-k", action="append", metavar="POLICY", help="online retention after each epoch")
     p.add_argument("--init", action="store_true", help="create the store if it does not exist")
-    p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.add_argument("--json", action="store_true", help="print one JSON object per event on standard output")
     p.set_defaults(func=cmd_watch)
 
 
@@ -83,6 +91,7 @@ def cmd_thin(args: argparse.Namespace) -> int:
     from ckptstore.policy import thin
 
     store = get_store(args)
+    require_run(store, args.run)
     with progress_bar("measuring the weight path") as prog:
         the_plan, recs = thin.plan_thin(store, args.run, args.keep, prefix=args.weights, progress=prog)
     report: dict[str, Any] = {"run": args.run, "dry_run": bool(args.dry_run), **the_plan.as_dict()}
@@ -126,6 +135,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from ckptstore.policy.select import select
 
     store = get_store(args)
+    require_run(store, args.run)
     with progress_bar("measuring the weight path") as prog:
         entries = thin.history(store, args.run, paths=not args.no_weights, prefix=args.weights,
                                        progress=prog)  # fmt: skip

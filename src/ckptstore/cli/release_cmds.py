@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_folder,
+    get_store,
+    print_json,
+    progress_bar,
+    require_run,
+)
 from ckptstore.util import human_bytes as human
 
 
@@ -19,8 +28,8 @@ def register(sub: Any) -> None:
         "metric curves (metrics.png), release.json and SHA256SUMS. --as-store adds the run's compact store.",
     )
     add_store_arg(p)
-    p.add_argument("run", help="the run to release")
-    p.add_argument("--out", "-O", required=True, help="release folder (created; must be new or empty)")
+    p.add_argument("run", nargs="?", help="the run to release (before or after the options)")
+    add_out_arg(p, "the release folder (created; must be new or empty)", metavar="FOLDER", required=True)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--select", type=int, metavar="N", help="choose N key checkpoints")
     which.add_argument(
@@ -31,17 +40,24 @@ def register(sub: Any) -> None:
                    "model name is not in open_clip's registry")  # fmt: skip
     p.add_argument("--training-state", action="store_true",
                    help="also write the open_clip_train .pt (optimizer state included) into each folder")  # fmt: skip
-    p.add_argument("--metric", action="append", metavar="NAME", help="metrics for the table and curves (repeatable)")
+    p.add_argument("--metric", "-m", action="append", metavar="NAME",
+                   help="metrics for the table and curves (repeatable)")  # fmt: skip
     p.add_argument("--license", help="license id for the model card front matter (default: other)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--json", action="store_true", help="print release.json")
+    add_json_arg(p, "release.json")
     p.set_defaults(func=cmd_release)
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     from ckptstore.release import release
 
+    if args.run is None and args.refs and len(args.refs) > 1:
+        args.run = args.refs.pop()  # `--refs 1 2 RUN`: the list option took the run name too
+    if args.run is None:
+        raise SystemExit("ckpt release: give the run to release (RUN)")
+    check_output_folder(args.out, "release folder")
     store = get_store(args)
+    require_run(store, args.run)
     if args.select is None and not args.refs and not args.as_store:
         raise SystemExit("ckpt release: choose checkpoints with --select N or --refs REF ..., or give --as-store")
     with progress_bar("writing checkpoints") as prog:

@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ckptstore.cli.common import add_store_arg, get_store, print_json, progress_bar
+from ckptstore.cli.common import (
+    add_json_arg,
+    add_out_arg,
+    add_store_arg,
+    check_output_file,
+    get_store,
+    print_json,
+    progress_bar,
+    stage,
+)
 
 DEFAULT_OUTPUT = "report.html"
 
@@ -21,13 +30,12 @@ def register(sub: Any) -> None:
         "CKA heat maps, zero-shot / retrieval / transfer curves and stability flags. Representations and transfer "
         "need an OpenCLIP run whose model can be built; otherwise the page says why they are missing.",
     )
-    add_store_arg(p, short_option=False)  # -o is the output file here; --storage-option keeps its long form
+    add_store_arg(p)
     p.add_argument("run", help="the run to report on (or a folder of epoch_N.pt files)")
-    p.add_argument(
-        "--output",
-        "-o",
-        metavar="FILE",
-        help=f"the HTML page to write (default: {DEFAULT_OUTPUT}; with --json, only when given)",
+    add_out_arg(
+        p,
+        f"the HTML page to write (default: {DEFAULT_OUTPUT}; with --json, only when given); checked before the work",
+        metavar="FILE.html",
     )
     p.add_argument(
         "--probe",
@@ -45,13 +53,16 @@ def register(sub: Any) -> None:
         help="open_clip model config JSON, if the stored metadata's model name is not in open_clip's registry",
     )
     p.add_argument("--title", help="page title (default: 'Training report: RUN')")
-    p.add_argument("--json", action="store_true", help="print every analysis as one JSON object")
+    add_json_arg(p, "every analysis as one object")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ckptstore.analysis.report.run import report_run, summary_line
 
+    out = args.out if args.out or args.json else DEFAULT_OUTPUT
+    if out:
+        check_output_file(out, "report page")
     store = None if Path(args.run).exists() else get_store(args)
     report = report_run(
         store,
@@ -63,14 +74,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         model_config=args.model_config,
         title=args.title,
         progress=progress_bar,
+        stage=lambda what: stage(what, "ckpt report"),
     )
     for section, why in report.skipped.items():
         if not why.startswith("skipped (--no-"):
             print(f"ckpt report: no {section}: {why}", file=sys.stderr)
     blob = report.json()
-    out = args.output if args.output or args.json else DEFAULT_OUTPUT
     if out:
-        path = report.write(out)
+        with stage("figures and page", "ckpt report"):
+            path = report.write(out)
         if args.json:
             print(f"ckpt report: wrote {path}", file=sys.stderr)
         else:

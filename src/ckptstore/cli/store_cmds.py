@@ -6,7 +6,17 @@ import argparse
 from typing import Any
 
 from ckptstore.cli import meta_cmds
-from ckptstore.cli.common import add_store_arg, get_store, print_json, print_table, progress_bar
+from ckptstore.cli.common import (
+    _out_width,
+    add_json_arg,
+    add_store_arg,
+    get_store,
+    print_json,
+    print_table,
+    progress_bar,
+    require_run,
+    training_step,
+)
 from ckptstore.store import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_LEVEL, create_store
 from ckptstore.util import human_bytes as human
 
@@ -15,10 +25,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "init",
         help="create an empty store",
-        description="Create an empty store at --store. Its write settings are recorded in the store "
+        description="Create an empty store at PATH (or --store). Its write settings are recorded in the store "
         "(ckptstore.json), so every later writer (save, rm, thin, gc) uses the same ones.",
     )
     add_store_arg(p)
+    p.add_argument("path", nargs="?", metavar="PATH", help="where to create the store (the same as --store)")
+    add_json_arg(p, "the new store's URL and settings")
     p.add_argument(
         "--keyframe-interval",
         type=int,
@@ -46,7 +58,7 @@ def register(sub: Any) -> None:
         description="Show the store's location, format version and the write settings recorded at `ckpt init`.",
     )
     add_store_arg(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p, "the store's format and settings")
     p.set_defaults(func=cmd_show_store)
 
     p = sub.add_parser(
@@ -56,7 +68,7 @@ def register(sub: Any) -> None:
     )
     add_store_arg(p)
     p.add_argument("run", nargs="?", help="only this run")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p, "the rows")
     meta_cmds.add_query_args(p)
     p.set_defaults(func=cmd_ls)
 
@@ -64,7 +76,7 @@ def register(sub: Any) -> None:
     add_store_arg(p)
     p.add_argument("ref", help="checkpoint reference, e.g. myrun@latest")
     p.add_argument("--tensors", action="store_true", help="list every tensor with its codec and stored size")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p, "the checkpoint (with every tensor)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser(
@@ -75,7 +87,7 @@ def register(sub: Any) -> None:
     )
     add_store_arg(p)
     p.add_argument("refs", nargs="+", help="checkpoint references")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "what was deleted and freed")
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser(
@@ -85,7 +97,7 @@ def register(sub: Any) -> None:
         "interrupted saves) and compact mostly-dead packs.",
     )
     add_store_arg(p)
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "what was removed and freed")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser(
@@ -95,12 +107,12 @@ def register(sub: Any) -> None:
     )
     add_store_arg(p)
     p.add_argument("run", nargs="?", help="only this run")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "the checks and problems")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("du", help="storage use per run", description="Logical vs stored bytes per run.")
     add_store_arg(p)
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p, "one row per run")
     p.set_defaults(func=cmd_du)
 
 
@@ -110,13 +122,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.keyframe_interval is not None and args.keyframe_interval < 1:
         raise SystemExit(f"ckpt init: --keyframe-interval must be at least 1, not {args.keyframe_interval}")
     store = create_store(
-        args.store,
+        args.path or args.store,
         storage_options=storage_options(args),
         keyframe_interval=args.keyframe_interval,
         level=args.level,
         codec=args.codec,
     )
-    print(f"created store {store.url}")
+    if args.json:
+        print_json({"store": store.url, "created": True, "settings": store.settings})
+    else:
+        print(f"created store {store.url}")
     return 0
 
 
@@ -151,6 +166,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if meta_cmds.wants_query(args):
         return meta_cmds.cmd_ls_query(args)
     store = get_store(args)
+    require_run(store, args.run)
     infos = store.checkpoints(args.run)
     if args.json:
         print_json([i.as_dict() for i in infos])
@@ -159,7 +175,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         (
             i.ref,
             i.metadata.get("epoch", "-"),
-            i.step,
+            training_step(i.metadata, i.step),
             human(i.logical_bytes),
             human(i.stored_bytes),
             _ratio(i.logical_bytes, i.stored_bytes),
@@ -217,7 +233,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
         f"({_ratio(info.logical_bytes, own.stored_bytes)})"
     )
-    for line in meta_cmds.metadata_lines(m.metadata):
+    for line in meta_cmds.metadata_lines(m.metadata, line_width=_out_width() or 100):
         print(line)
     if args.tensors:
         print_table(
@@ -262,6 +278,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store = get_store(args)
+    require_run(store, args.run)
     with progress_bar("verifying") as prog:
         res = store.verify(args.run, progress=prog)
     if args.json:

@@ -11,9 +11,11 @@ writes an HTML report of the run (weight dynamics, stability flags, CKA, zero-sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ckptstore.format.manifest import CheckpointInfo
@@ -38,11 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from ckptstore.integrations import openclip
 
     t0 = time.perf_counter()
-    print(
-        f"== training a {a.size} OpenCLIP model for {a.epochs} epochs with open_clip_train (CPU; cached) ...",
-        flush=True,
-    )
-    ckpt_dir = ensure_trajectory(epochs=a.epochs, size=a.size)
+    print(f"== training a {a.size} OpenCLIP model for {a.epochs} epochs with open_clip_train (CPU) ...", flush=True)
+    ckpt_dir = ensure_trajectory(epochs=a.epochs, size=a.size, progress=lambda line: print(f"   {line}", flush=True))
     files = openclip.epoch_files(ckpt_dir)
     print(f"   {len(files)} checkpoints in {ckpt_dir} ({time.perf_counter() - t0:.0f}s)")
 
@@ -85,12 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export demo@latest -> {out}: state_dict bit-identical to {files[-1].name}: {same}")
     if a.report:
         page = a.out / "report.html"
-        print(f"\n== analysing the stored run: report_run(store, 'demo').write({page}) ...", flush=True)
+        print(f"\n== analysing the stored run (what `ckpt report demo -O {page}` does) ...", flush=True)
         from ckptstore.analysis.report.run import report_run
 
-        print(f"   {report_run(store, 'demo').write(page)}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f}s. Try: ckpt --help; ckpt show demo@latest --store {store_path}")
+        analysed = report_run(store, "demo", stage=_stage)
+        with _stage("figures and page"):
+            print(f"   {analysed.write(page)}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f}s.")
+    print(f"Try: scripts/ckpt --help; scripts/ckpt show demo@latest --store {store_path}")
+    print(f'(or put ckpt on PATH: source scripts/activate, or export PATH="{Path(sys.prefix) / "bin"}:$PATH")')
     return 0 if res["ok"] and same else 1
+
+
+@contextlib.contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """A line when a report stage starts and one when it ends, so the demo never goes silent."""
+    print(f"   {what} ...", flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f"   {what}: done in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import string
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,6 +305,7 @@ def run_open_clip_train(
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[subprocess.Popen[bytes] | subprocess.CompletedProcess[bytes], Path]:
     """Run the unmodified ``open_clip_train.main`` on a demo model in a subprocess; return it and its run dir.
 
@@ -367,7 +369,7 @@ def run_open_clip_train(
     if not wait:
         return proc, run_dir
     try:
-        rc = proc.wait()
+        rc = proc.wait() if progress is None else _follow(proc, console, epochs, progress)
     except BaseException:  # don't leave a trainer running behind an interrupted caller
         proc.kill()
         proc.wait()
@@ -379,6 +381,45 @@ def run_open_clip_train(
     if not last.is_file():
         raise TrainingRunError("open_clip_train exited 0 without its last checkpoint", path=str(last))
     return subprocess.CompletedProcess(cmd, rc), run_dir
+
+
+HEARTBEAT = 10.0  # seconds: the longest the demo's training stays silent
+_TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \((\d+)%\)\].*?Loss: ([0-9.]+) \(([0-9.]+)\)")
+
+
+def _follow(proc: subprocess.Popen[bytes], console: Path, epochs: int, progress: Callable[[str], None]) -> int:
+    """Wait for the trainer, turning its log (open_clip_train's ``Train Epoch: E [N/M (P%)] ... Loss: L (AVG)``
+    lines) into progress lines with an ETA."""
+    start = time.monotonic()
+    last_line = start
+    done_fraction = 0.0
+    offset = console.stat().st_size if console.exists() else 0
+    while True:
+        rc = proc.poll()
+        with contextlib.suppress(OSError), console.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+            cut = chunk.rfind(b"\n") + 1
+            offset += cut
+            for line in chunk[:cut].decode(errors="replace").splitlines():
+                m = _TRAIN_LINE.search(line)
+                if m is None:
+                    continue
+                epoch, n, total, _pct, _loss, avg = m.groups()
+                done_fraction = (int(epoch) + int(n) / max(1, int(total))) / epochs
+                elapsed = time.monotonic() - start
+                left = elapsed * (1 - done_fraction) / done_fraction if done_fraction > 0 else None
+                eta = f", about {left:.0f} s left" if left is not None and done_fraction < 1 else ""
+                progress(f"epoch {int(epoch) + 1}/{epochs}: {n}/{total} samples, loss {float(avg):.4f} "
+                         f"(epoch mean so far); {elapsed:.0f} s{eta}")  # fmt: skip
+                last_line = time.monotonic()
+        if rc is not None:
+            return rc
+        if time.monotonic() - last_line >= HEARTBEAT:
+            last_line = time.monotonic()
+            progress(f"training ... {last_line - start:.0f} s" + (f" ({done_fraction:.0%} done)" if done_fraction
+                     else " (starting: building the model, reading the data)"))  # fmt: skip
+        time.sleep(0.5)
 
 
 def _head_csv(csv_path: Path, rows: int) -> Path:
@@ -434,6 +475,7 @@ def ensure_trajectory(
     val_samples: int = 512,
     extra_args: Sequence[str] = (),
     rebuild: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Return the checkpoints dir of a finished demo run, training it first unless the cache already holds it.
 
@@ -455,7 +497,11 @@ def ensure_trajectory(
     final = root / key
     ckpt_dir = final / "logs" / name / "checkpoints"
     if not rebuild and (final / "trajectory.json").is_file() and (ckpt_dir / f"epoch_{epochs}.pt").is_file():
+        if progress is not None:
+            progress(f"cached: trained by an earlier run, reused from {final}")
         return ckpt_dir
+    if progress is not None:
+        progress(f"not cached yet: training now (kept in {root} for later runs)")
     if final.exists():  # asked to rebuild, or someone deleted files from the entry
         shutil.rmtree(final)
 
@@ -469,7 +515,7 @@ def ensure_trajectory(
         start = time.perf_counter()
         run_open_clip_train(tmp, epochs=epochs, size=size, batch_size=batch_size, lr=lr, warmup=warmup,
                             seed=seed, dataset=dataset, n_images=n_images, val_samples=val_samples, name=name,
-                            extra_args=extra_args)  # fmt: skip
+                            extra_args=extra_args, progress=progress)  # fmt: skip
         wall = time.perf_counter() - start
         manifest = {**params, "name": name, "wall_seconds": round(wall, 2),
                     "checkpoints": os.path.relpath(tmp / "logs" / name / "checkpoints", tmp)}  # fmt: skip

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -285,9 +286,18 @@ def export_pt(store: Store, ref: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    try:
+        torch.save(state, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no .partial behind
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export_safetensors(store: Store, ref: str, out: str | Path, *, key: str = "state_dict") -> Path:
@@ -308,6 +318,10 @@ def export_safetensors(store: Store, ref: str, out: str | Path, *, key: str = "s
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; follow the umask like torch.save
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

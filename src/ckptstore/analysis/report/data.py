@@ -269,8 +269,8 @@ def _metric_family(name: str) -> str:
     if "loss" in low:
         return "losses (eval)"
     m = re.search(r"^(.*?)[_/ -]?r@\d+$", name, flags=re.IGNORECASE)
-    if m:
-        return f"{m.group(1) or 'retrieval'} recall@k"
+    if m:  # the trainer's own eval (its validation data), not the report's probe set: say so
+        return f"{m.group(1) or 'retrieval'} recall@k (training log)"
     if low.endswith("rank"):
         return "ranks"
     return name

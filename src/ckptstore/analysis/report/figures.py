@@ -126,8 +126,11 @@ def _line(ax: Axes, axis: _Axis, y: np.ndarray, label: str | None = None, **kw: 
 
 
 def _mark_best(ax: Axes, axis: _Axis, y: np.ndarray, index: int | None, color: str = "tab:red") -> None:
-    """A star on the best checkpoint of a curve, with its value."""
+    """A star on the best checkpoint of a curve, with its value; none on a flat curve (no checkpoint is best)."""
     if index is None or not (0 <= index < y.size) or not math.isfinite(y[index]):
+        return
+    finite = y[np.isfinite(y)]
+    if finite.size < 2 or float(finite.max() - finite.min()) <= 1e-12 * max(1.0, abs(float(finite.max()))):
         return
     ax.plot(
         [axis.x[index]],
@@ -194,8 +197,8 @@ def _curves_figure(run: _Run, curves: Mapping[str, Any]) -> tuple[_Figure | None
             from matplotlib.ticker import FuncFormatter
 
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.1e}" if v else "0"))
-        if len(series) > 1:
-            ax.legend(loc="best")
+        if len(series) > 1:  # beside the axes, so it never covers a curve (R@10 sits where "best" would put it)
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
         if k < cols:
             axis.epoch_ticks(ax)
     names = ", ".join(_esc(t) for t, _ in panels)
@@ -538,8 +541,8 @@ def _downstream_figure(r: Mapping[str, Any], axis: _Axis) -> tuple[_Figure | Non
     ret = r.get("retrieval")
     if isinstance(ret, Mapping):
         for direction, title in (
-            ("image_to_text", "image → text retrieval"),
-            ("text_to_image", "text → image retrieval"),
+            ("image_to_text", "image → text retrieval (probe set)"),
+            ("text_to_image", "text → image retrieval (probe set)"),
         ):
             d = ret.get(direction)
             if isinstance(d, Mapping):
@@ -565,9 +568,10 @@ def _downstream_figure(r: Mapping[str, Any], axis: _Axis) -> tuple[_Figure | Non
         _mark_best(ax, axis, series[0][1], best)
         ax.set_title(title, loc="left")
         ax.set_xlabel(axis.label)
-        ax.legend(loc="best")
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     cap = (
-        "The probe's downstream scores at each checkpoint; the star marks the best checkpoint of the first curve "
+        "The probe set's downstream scores at each checkpoint (the report's own probe, not the training log's "
+        "validation recall shown with the metric curves); the star marks the best checkpoint of the first curve "
         "(top-1, R@1). Effective dimension is the participation ratio of the embeddings' covariance spectrum."
     )
     alt = "Zero-shot accuracy, retrieval recall and effective dimension over the checkpoints"

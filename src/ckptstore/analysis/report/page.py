@@ -83,6 +83,7 @@ def _module_table(w: Mapping[str, Any], axis: _Axis, limit: int = 20) -> str:
                 name,
                 m.get("numel"),
                 norm[0] if n else np.nan,
+                norm[-1] if n else np.nan,
                 dist[-1] if n else np.nan,
                 cos[-1] if n else np.nan,
                 upd[k] if k is not None else np.nan,
@@ -92,9 +93,10 @@ def _module_table(w: Mapping[str, Any], axis: _Axis, limit: int = 20) -> str:
     rows.sort(key=lambda r: -r[0] if math.isfinite(r[0]) else math.inf)
     body = "".join(
         f"<tr><td><code>{_esc(name)}</code></td><td class=num>{_fmt_int(numel)}</td><td class=num>{_fmt(n0)}</td>"
-        f"<td class=num>{_fmt(d)}</td><td class=num>{_fmt(rel, 3)}</td><td class=num>{_fmt(cos, 3)}</td>"
+        f"<td class=num>{_fmt(nt)}</td><td class=num>{_fmt(d)}</td><td class=num>{_fmt(rel, 3)}</td>"
+        f"<td class=num>{_fmt(cos, 3)}</td>"
         f"<td class=num>{_fmt(u, 3)}{_at(axis, k)}</td></tr>"
-        for rel, name, numel, n0, d, cos, u, k in rows[:limit]
+        for rel, name, numel, n0, nt, d, cos, u, k in rows[:limit]
     )
     more = (
         (
@@ -106,7 +108,8 @@ def _module_table(w: Mapping[str, Any], axis: _Axis, limit: int = 20) -> str:
     )
     return (
         "<table class=data><thead><tr><th>module</th><th>parameters</th><th>‖W<sub>0</sub>‖</th>"
-        "<th>‖W<sub>T</sub> − W<sub>0</sub>‖</th><th>relative</th><th>cos(W<sub>T</sub>, W<sub>0</sub>)</th>"
+        "<th>‖W<sub>T</sub>‖</th><th>‖W<sub>T</sub> − W<sub>0</sub>‖</th><th>relative</th>"
+        "<th>cos(W<sub>T</sub>, W<sub>0</sub>)</th>"
         "<th>largest relative update</th></tr></thead>"
         f"<tbody>{body}</tbody></table>{more}"
     )
@@ -431,7 +434,11 @@ def _wrap(inp: _Inputs, version: str, parts: list[str], facts: list[tuple[str, s
     run = inp.run
     first, last = run.points[0], run.points[-1]
     loss = curves.get("loss") or {}
-    final_loss = next((v for v in (loss.get("avg", [None])[-1], loss.get("last", [None])[-1]) if v is not None), None)
+    final_loss, loss_label = next(
+        ((v, lbl) for v, lbl in ((loss.get("avg", [None])[-1], "training loss (mean of the last epoch)"),
+                                 (loss.get("last", [None])[-1], "last logged training loss")) if v is not None),
+        (None, ""),
+    )  # fmt: skip
     epochs = [p["epoch"] for p in run.points if isinstance(p.get("epoch"), int | float)]
     steps = [p["step"] for p in run.points if isinstance(p.get("step"), int)]
     cards = [
@@ -448,7 +455,7 @@ def _wrap(inp: _Inputs, version: str, parts: list[str], facts: list[tuple[str, s
     if epochs:
         cards.append(("epochs", f"{min(epochs):g} → {max(epochs):g}"))
     if final_loss is not None:
-        cards.append(("final training loss", _fmt(final_loss)))
+        cards.append((loss_label, _fmt(final_loss)))
     cards += facts
     analysed = "".join(
         f'<span class="pill {"yes" if inp.sections[k] is not None else "no"}">{k}</span>' for k in SECTIONS

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 # A stage name -> a context manager yielding a ``(done, total)`` callback (``ckpt report`` passes a rich bar).
 ProgressFactory = Callable[[str], AbstractContextManager[Callable[[int, int], None]]]
+# A stage description -> a context manager around that stage (``ckpt report`` prints a line when it starts and ends).
+StageFactory = Callable[[str], AbstractContextManager[None]]
 
 # Weight names every open_clip CLIP model has (after ``module.`` is stripped): a vision tower and a text tower.
 _CLIP_MARKERS = (("visual.",), ("token_embedding.weight", "text.token_embedding.weight"))
@@ -30,6 +32,11 @@ _CLIP_MARKERS = (("visual.",), ("token_embedding.weight", "text.token_embedding.
 @contextmanager
 def _no_progress(_stage: str) -> Iterator[Callable[[int, int], None]]:
     yield lambda done, total: None
+
+
+@contextmanager
+def _no_stage(_what: str) -> Iterator[None]:
+    yield
 
 
 @dataclass
@@ -90,14 +97,15 @@ def clip_model_config(traj: Trajectory, given: str | None) -> dict[str, Any]:
 
 
 def _skipped_sections(
-    traj: Trajectory, representations: bool, transfer: bool, model_config: str | None
+    traj: Trajectory, representations: bool, transfer: bool, model_config: str | None, stage: StageFactory
 ) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """The model config (``None`` when neither model section runs) and the model sections that will not run."""
     skipped: dict[str, str] = {}
     cfg: dict[str, Any] | None = None
     if representations or transfer:
         try:
-            cfg = clip_model_config(traj, model_config)
+            with stage("the model's config (imports open_clip)"):
+                cfg = clip_model_config(traj, model_config)
         except CkptStoreError as exc:
             for section in ("representations", "transfer"):
                 skipped[section] = str(exc)
@@ -117,6 +125,7 @@ def analyze_run(
     spectral: bool = True,
     model_config: str | None = None,
     progress: ProgressFactory | None = None,
+    stage: StageFactory | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Each analysis that applies, as its ``to_dict()``; and, for each one not run, the reason.
 
@@ -128,21 +137,23 @@ def analyze_run(
     from ckptstore.analysis.weights import analyze_weights
 
     bar = progress or _no_progress
-    with bar("weights") as prog:
+    step = stage or _no_stage
+    with step("weight dynamics"), bar("weights") as prog:
         weights = analyze_weights(traj, spectral=spectral, progress=prog)
-    cfg, skipped = _skipped_sections(traj, representations, transfer, model_config)
+    cfg, skipped = _skipped_sections(traj, representations, transfer, model_config, step)
 
     probe_set = None
     if "representations" not in skipped or "transfer" not in skipped:
         from ckptstore.analysis.probes import load_probe
 
-        probe_set = load_probe(probe)
+        with step(f"the probe set ({probe})"):
+            probe_set = load_probe(probe)
 
     results: dict[str, Any] = {"weights": weights.to_dict()}
     if probe_set is not None and "representations" not in skipped:
         from ckptstore.analysis.representations import analyze_representations
 
-        with bar("representations") as prog:
+        with step("representations"), bar("representations") as prog:
             results["representations"] = analyze_representations(
                 traj, probe_set, model_config=cfg, progress=prog
             ).to_dict()
@@ -151,12 +162,13 @@ def analyze_run(
         from ckptstore.analysis.transfer import TransferError, analyze_transfer
 
         try:
-            with bar("transfer") as prog:
+            with step("transfer"), bar("transfer") as prog:
                 results["transfer"] = analyze_transfer(traj, probe_set, model_config=cfg, progress=prog).to_dict()
         except TransferError as exc:  # e.g. a probe CSV without labels: the page says so, the rest still helps
             skipped["transfer"] = str(exc)
     # Stability reads the weight series (not recomputed) and the embeddings' effective dimension.
-    stability = analyze_stability(traj, weights=weights, representations=results.get("representations"))
+    with step("stability"):
+        stability = analyze_stability(traj, weights=weights, representations=results.get("representations"))
     results["stability"] = stability.to_dict()
     return results, skipped
 
@@ -172,6 +184,7 @@ def report_run(
     model_config: str | None = None,
     title: str | None = None,
     progress: ProgressFactory | None = None,
+    stage: StageFactory | None = None,
 ) -> RunReport:
     """``ckpt report`` as a function: ``run`` of ``store`` (or a folder / ``.pt`` file of open_clip_train
     checkpoints, then ``store`` may be ``None``), every analysis that applies, ready for ``.html()``, ``.json()`` or
@@ -185,6 +198,7 @@ def report_run(
         spectral=spectral,
         model_config=model_config,
         progress=progress,
+        stage=stage,
     )
     return RunReport(traj, results, skipped, title)
 
