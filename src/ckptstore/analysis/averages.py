@@ -104,7 +104,7 @@ def average_leaves(
     last = traj.manifests[-1]
     root = last.data.get("tree")
     key = next((k for k in WEIGHT_KEYS if isinstance(root, Mapping) and isinstance(root.get(k), Mapping)), "")
-    node = root[key] if key else root
+    node: Any = root[key] if key and isinstance(root, Mapping) else root
     if not isinstance(node, Mapping):
         raise TrajectoryError(f"{last.ref} holds no model weights")
     uniform = len(set(weights)) == 1

@@ -14,7 +14,7 @@ EXIT_ERROR = 2
 
 def build_parser() -> argparse.ArgumentParser:
     from ckptstore.cli import analyze_cmds, io_cmds, meta_cmds, policy_cmds, release_cmds, report_cmds, store_cmds
-    from ckptstore.cli import average_cmds  # ckpt average (issue 16)
+    from ckptstore.cli.average_cmds import register as register_average
 
     parser = argparse.ArgumentParser(
         prog="ckpt",
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     release_cmds.register(sub)
     policy_cmds.register(sub)
     analyze_cmds.register(sub)
-    average_cmds.register(sub)
+    register_average(sub)
     report_cmds.register(sub)
     return parser
 
