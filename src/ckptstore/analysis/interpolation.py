@@ -33,7 +33,6 @@ Evaluator = Callable[[Mapping[str, Any]], Mapping[str, float]]
 
 def blend(a: Mapping[str, Any], b: Mapping[str, Any], alpha: float) -> dict[str, Any]:
     """(1 − α)·a + α·b for every floating tensor, computed in float64 and cast back; other tensors from ``a``."""
-    import torch
 
     if set(a) != set(b):
         raise TrajectoryError("the two checkpoints hold different tensors", hint="interpolate checkpoints of one model")
