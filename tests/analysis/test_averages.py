@@ -96,3 +96,29 @@ def test_cli_average(tmp_path: Path, rng: np.random.Generator) -> None:
     blob = json.loads(res.stdout)
     assert blob["ref"] == "r-lawa2@2" and json.loads(out.read_text()) == blob
     assert blob["average"]["refs"] == ["r@1", "r@2"]
+
+
+def test_analyze_averages_with_an_evaluator(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from ckptstore.analysis.averages import analyze_averages
+
+    store = open_store(tmp_path / "s", create=True)
+    target = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    for step, noise in enumerate((0.5, -0.3, 0.4, -0.2), 1):
+        store.save("r", step, {"model": {"w": target + np.float32(noise)}})
+
+    def evaluate(sd: object) -> dict[str, float]:
+        w = sd["w"]  # type: ignore[index]
+        assert isinstance(w, torch.Tensor) and w.dtype == torch.float32
+        return {"loss": float(((w.double() - torch.from_numpy(target).double()) ** 2).mean())}
+
+    d = analyze_averages(store, "r", ks=(2, 4), ema=0.5, evaluate=evaluate)
+    by = {c["name"]: c for c in d["candidates"]}
+    assert list(by) == ["last", "lawa2", "lawa4", "ema0.5"]
+    assert by["last"]["loss"] == pytest.approx(0.04, rel=1e-6)
+    assert by["lawa2"]["loss"] == pytest.approx(0.01, rel=1e-5)  # mean noise (0.4 - 0.2) / 2 = 0.1
+    assert by["lawa4"]["loss"] == pytest.approx(0.01, rel=1e-5)  # (0.5 - 0.3 + 0.4 - 0.2) / 4 = 0.1
+    assert by["ema0.5"]["weights"] == [0.125, 0.125, 0.25, 0.5]
+    assert by["ema0.5"]["loss"] == pytest.approx(0.025**2, rel=1e-4)  # 0.0625 - 0.0375 + 0.1 - 0.1 = 0.025
+    assert d["best"] == {"loss": "ema0.5"}
+    assert store.runs() == ["r"]  # nothing stored

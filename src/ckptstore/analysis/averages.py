@@ -159,3 +159,57 @@ def average_checkpoints(
     step = int(src.metadata["step"]) if isinstance(src.metadata.get("step"), int) else src.step
     meta["step"] = step
     return store.save(target, src.step, state, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def _torch_state(key: str, leaves: Mapping[str, tree.Leaf]) -> dict[str, Any]:
+    from ckptstore.torch import leaf_to_tensor
+
+    return {str(k).removeprefix("module."): leaf_to_tensor(lf) for k, lf in leaves.items()}
+
+
+def analyze_averages(
+    store: Store,
+    run: str,
+    *,
+    ks: Sequence[int] = (2, 5),
+    ema: float | None = 0.9,
+    evaluate: Callable[[Mapping[str, Any]], Mapping[str, float]] | None = None,
+    probe: Any = None,
+    model_config: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The last checkpoint against LAWA of the last k (each of ``ks``) and an EMA over the whole run, evaluated
+    on a probe (default: zero-shot loss and accuracy of an OpenCLIP run on 200 digits); nothing is stored.
+
+    Returns ``{"run", "candidates": [{"name", "kind", "refs", "decay", metrics...}], "best": {metric: name}}``."""
+    steps = store.steps(run)
+    if not steps:
+        raise TrajectoryError(f"run {run!r} has no checkpoints", hint="`ckpt ls` lists the runs")
+    full = StoreTrajectory(store, run)
+    if evaluate is None:
+        from ckptstore.analysis.interpolation import OpenClipEvaluator
+        from ckptstore.analysis.probes import digits_probe
+
+        evaluate = OpenClipEvaluator(full, probe or digits_probe(200), model_config=model_config)
+    plans: list[tuple[str, AverageRecipe]] = [("last", recipe(store, run, last=1))]
+    for k in ks:
+        if 1 < k <= len(steps):
+            plans.append((f"lawa{k}", recipe(store, run, last=k)))
+    if ema is not None and len(steps) > 1:
+        plans.append((f"ema{ema:g}", recipe(store, run, last=len(steps), ema=ema)))
+    out = []
+    for done, (name, r) in enumerate(plans, 1):
+        traj = StoreTrajectory(store, run, list(r.refs))
+        key, leaves = average_leaves(traj, r.weights)
+        metrics = dict(evaluate(_torch_state(key, leaves)))
+        del leaves
+        out.append({"name": name, **r.to_dict(), **{k: float(v) for k, v in metrics.items()}})
+        if progress is not None:
+            progress(done, len(plans))
+    best = {}
+    for metric in out[0]:
+        if metric in ("loss", "top1", "top5"):
+            pick = min if metric == "loss" else max
+            best[metric] = pick(out, key=lambda c: c[metric])["name"]
+    return {"run": run, "candidates": out, "best": best}
