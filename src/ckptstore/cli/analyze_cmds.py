@@ -16,7 +16,8 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    from ckptstore.cli import analyze_dynamics, analyze_probes
+    from ckptstore.cli import analyze_dynamics, analyze_landscape, analyze_probes
 
     analyze_dynamics.register(asub)  # weights, stability
     analyze_probes.register(asub)  # representations, transfer
+    analyze_landscape.register(asub)  # averages, interpolation, optimizer, plasticity
