@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ckptstore.analysis import report_landscape as landscape
 from ckptstore.errors import CkptStoreError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -1156,6 +1157,7 @@ def _inputs(
     title: str | None,
     skipped: Mapping[str, str] | None,
     generated: _dt.datetime | None,
+    extra: Mapping[str, Any] | None = None,
 ) -> _Inputs:
     run = _run_of(traj, title)
     if run.n == 0:
@@ -1167,6 +1169,9 @@ def _inputs(
         "transfer": _as_dict("transfer", transfer),
     }
     reasons = {k: str((skipped or {}).get(k) or _DEFAULT_REASONS[k]) for k, v in sections.items() if v is None}
+    for k in landscape.SECTIONS:  # averages, interpolation, optimizer, plasticity: present only when given
+        if (extra or {}).get(k) is not None:
+            sections[k] = _as_dict(k, extra[k])  # type: ignore[index]
     when = (generated or _dt.datetime.now(_dt.timezone.utc)).astimezone(_dt.timezone.utc)
     return _Inputs(
         run,
@@ -1187,13 +1192,14 @@ def report_json(
     title: str | None = None,
     skipped: Mapping[str, str] | None = None,
     generated: _dt.datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the report shows, as one JSON-ready dict (``ckpt report --json``): the run's checkpoints, the
     metadata curves, each analysis's ``to_dict()`` (``None`` when not run) and why missing ones are missing.
     Non-finite numbers become ``null``."""
     from ckptstore import __version__
 
-    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated)
+    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated, extra)
     return _jsonable(
         {
             "format": REPORT_FORMAT,
@@ -1221,12 +1227,15 @@ def build_report(
     title: str | None = None,
     skipped: Mapping[str, str] | None = None,
     generated: _dt.datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
     """The report as one self-contained HTML page.
 
     ``traj`` is the analysed :class:`~ckptstore.analysis.trajectory.Trajectory` (or its points); each analysis is
     its result, its ``to_dict()``, or ``None`` when it was not run. ``skipped`` maps a section name
-    (``"representations"``...) to the reason it was not run, shown in its place.
+    (``"representations"``...) to the reason it was not run, shown in its place. ``extra`` holds the sections of
+    :mod:`ckptstore.analysis.report_landscape` by name (``averages``, ``interpolation``, ``optimizer``,
+    ``plasticity``), shown when given.
     """
     try:
         import matplotlib
@@ -1234,7 +1243,7 @@ def build_report(
         raise MissingDependencyError("the report's plots need matplotlib", hint="pip install matplotlib") from exc
     from ckptstore import __version__
 
-    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated)
+    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated, extra)
     with matplotlib.rc_context(_RC):
         return _page(inp, __version__)
 
@@ -1352,6 +1361,7 @@ def _page(inp: _Inputs, version: str) -> str:
         sub, body = "", _missing(inp.skipped["transfer"])
     parts.append(_section("transfer", body, sub or "How useful each checkpoint's features are for a new task."))
 
+    parts += landscape.sections_html(sec)
     parts.append(_section("checkpoints", _checkpoint_table(run, curves)))
     return _wrap(inp, version, parts, facts, curves)
 

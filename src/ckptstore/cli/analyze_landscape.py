@@ -246,3 +246,69 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
                     ["tensor", "stable rank", "", "effective rank", "", "norm growth"], rows,
                     justify=["left", *["right"] * 5])  # fmt: skip
     return 0
+
+
+def report_sections(args: argparse.Namespace, traj: Any) -> dict[str, Any]:
+    """``ckpt report --with SECTION``: the chosen analyses of the report's run, as their ``to_dict()``.
+
+    Interpolation takes the first, middle and last checkpoints (7 points per line); averages and the optimizer need
+    a store run; dormant units need an OpenCLIP run (otherwise plasticity reports the weights only). A section
+    that does not apply is left out with one line on stderr."""
+    import sys
+
+    from ckptstore.analysis.probes import load_probe
+    from ckptstore.analysis.trajectory import StoreTrajectory
+    from ckptstore.errors import CkptStoreError
+
+    wanted = (
+        {"averages", "interpolation", "optimizer", "plasticity"}
+        if "all" in args.with_sections
+        else set(args.with_sections)
+    )
+    out: dict[str, Any] = {}
+    probe = None
+
+    def get_probe() -> Any:
+        nonlocal probe
+        probe = probe or load_probe(args.probe)
+        return probe
+
+    for name in ("averages", "interpolation", "optimizer", "plasticity"):
+        if name not in wanted:
+            continue
+        try:
+            with progress_bar(name) as prog:
+                if name == "optimizer":
+                    from ckptstore.analysis.optimizer import analyze_optimizer
+
+                    out[name] = analyze_optimizer(traj, progress=prog).to_dict()
+                elif name == "averages":
+                    from ckptstore.analysis.averages import analyze_averages
+
+                    if not isinstance(traj, StoreTrajectory):
+                        raise CkptStoreError("averages read a store run", hint="`ckpt ingest` the files first")
+                    out[name] = analyze_averages(
+                        traj.store, traj.run, probe=get_probe(), model_config=args.model_config, progress=prog
+                    )
+                elif name == "interpolation":
+                    from ckptstore.analysis.interpolation import analyze_interpolation
+
+                    n = len(traj)
+                    ends = sorted({0, n // 2, n - 1})
+                    pairs = [(a, b) for i, a in enumerate(ends) for b in ends[i + 1 :]]
+                    out[name] = analyze_interpolation(
+                        traj, pairs, points=7, probe=get_probe(), model_config=args.model_config, progress=prog
+                    ).to_dict()
+                else:
+                    from ckptstore.analysis.plasticity import analyze_plasticity
+
+                    try:
+                        out[name] = analyze_plasticity(
+                            traj, probe=get_probe(), model_config=args.model_config, progress=prog
+                        ).to_dict()
+                    except CkptStoreError as exc:
+                        print(f"ckpt report: plasticity without dormant units: {exc}", file=sys.stderr)
+                        out[name] = analyze_plasticity(traj, dormant=False, progress=prog).to_dict()
+        except CkptStoreError as exc:
+            print(f"ckpt report: no {name}: {exc}", file=sys.stderr)
+    return out

@@ -51,6 +51,15 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="open_clip model config JSON, if the stored metadata's model name is not in open_clip's registry",
     )
+    p.add_argument(
+        "--with",
+        dest="with_sections",
+        action="append",
+        choices=("averages", "interpolation", "optimizer", "plasticity", "all"),
+        default=[],
+        metavar="SECTION",
+        help="also run and show averages, interpolation, optimizer or plasticity (repeatable; 'all': every one)",
+    )
     p.add_argument("--title", help="page title (default: 'Training report: RUN')")
     p.add_argument("--json", action="store_true", help="print every analysis as one JSON object")
     p.set_defaults(func=cmd_report)
@@ -173,6 +182,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not why.startswith("skipped (--no-"):
             print(f"ckpt report: no {section}: {why}", file=sys.stderr)
     kwargs: dict[str, Any] = {**results, "title": args.title, "skipped": skipped}
+    if args.with_sections:
+        from ckptstore.cli.analyze_landscape import report_sections
+
+        kwargs["extra"] = report_sections(args, traj)
     blob = report_json(traj, **kwargs)
     out = args.output if args.output or args.json else DEFAULT_OUTPUT
     if out:
