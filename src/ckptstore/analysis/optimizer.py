@@ -7,7 +7,8 @@ For every weight tensor θ of a store run and every checkpoint t (docs/analysis-
   and the per-element effective step lr / (√v̂ + ε), with lr, β₂ and ε of the tensor's param group as stored:
   its ``mean``, ``median``, ``min`` and ``max``;
 * ``v_near_zero[t]``: the fraction of elements with √v̂ ≤ ε (the ε term dominates: no gradient reaches them);
-* ``v_exploding[t]``: the fraction with √v̂ > ``explode`` × the tensor's median √v̂, or not finite;
+* ``v_exploding[t]``: the fraction with √v̂ > ``explode`` × the median √v̂ of the tensor's entries above ε, or
+  not finite;
 * spikes: checkpoints where a tensor's relative update exceeds ``spike`` × the median of its other updates.
 
 The optimizer's parameter ids are matched to weight names by the param groups' order: first the weights in
@@ -21,6 +22,7 @@ Dask.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,8 +221,9 @@ def tensor_optimizer(
         stats["max"].append(_num(step_size.max()))
         near.append(float(np.count_nonzero(root <= float(eps or 0.0))) / root.size)
         finite = np.isfinite(root)
-        med = float(np.median(root[finite])) if finite.any() else 0.0
-        expl.append(float(np.count_nonzero(~finite | (root > th.explode * med))) / root.size if med > 0 else None)
+        active = root[finite & (root > float(eps or 0.0))]  # the median of the units that get gradient at all
+        med = float(np.median(active)) if active.size else math.inf
+        expl.append(float(np.count_nonzero(~finite | (root > th.explode * med))) / root.size)
     out.update(step=steps, lr=lrs, eff_step=stats, v_near_zero=near, v_exploding=expl)
     return out
 
