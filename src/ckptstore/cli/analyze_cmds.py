@@ -10,7 +10,8 @@ from typing import Any
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "analyze",
-        help="analyse a run: weights, representations, stability, transfer",
+        help="analyse a run: weights, representations, stability, transfer, averages, interpolation, optimizer, "
+        "plasticity",
         description="Research answers from a stored run, read checkpoint by checkpoint and tensor by tensor. "
         "RUN is a run of the store, or a folder of open_clip_train epoch_N.pt files.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
