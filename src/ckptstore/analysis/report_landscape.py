@@ -45,6 +45,12 @@ def _figure(draw: Callable[[Any], None], alt: str, caption: str, width: float = 
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     draw(fig)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for ax in fig.axes:  # the report turns mathtext off, so log axes get plain labels ("0.001", not "$10^{-3}$")
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
     data = base64.b64encode(buf.getvalue()).decode("ascii")
@@ -53,6 +59,13 @@ def _figure(draw: Callable[[Any], None], alt: str, caption: str, width: float = 
         f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}" width="{w}" height="{h}">'
         f"<figcaption>{_esc(caption)}</figcaption></figure>"
     )
+
+
+def _integer_x(*axes: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -132,12 +145,13 @@ def optimizer_html(d: Mapping[str, Any], top: int = 8) -> str:
         for n in moved:
             ax1.plot(x, _arr(tensors[n]["rel_update"]), lw=1, label=n[-40:])
         ax1.set(yscale="log", title="relative update ‖Δθ‖/‖θ‖", xlabel="checkpoint")
+        _integer_x(ax1, ax2)
         ax1.legend(fontsize=6)
         for n in moved:
             eff = tensors[n].get("eff_step") or {}
             if eff:
                 ax2.plot(x, _arr(eff.get("median")), lw=1, label=n[-40:])
-        ax2.set(yscale="log", title="Adam effective step lr/(√v̂+ε), median", xlabel="checkpoint")
+        ax2.set(yscale="log", title="Adam step lr/(√v̂+ε), median", xlabel="checkpoint")
 
     fig = _figure(
         draw,
@@ -177,6 +191,7 @@ def plasticity_html(d: Mapping[str, Any], top: int = 10) -> str:
         for n, rec in dormant.items():
             ax1.plot(x, _arr(rec["fraction"]), lw=1, label=n[-36:])
         ax1.set(title=f"τ-dormant fraction (τ = {d.get('tau')})", xlabel="checkpoint")
+        _integer_x(ax1, ax2)
         if dormant:
             ax1.legend(fontsize=6)
         for n in mats:
