@@ -72,3 +72,11 @@ def test_openclip_commands(tmp_path: Path) -> None:
     assert [c["name"] for c in a["candidates"]] == ["last", "lawa2", "ema0.9"]
     p = json.loads(ckpt("analyze", "plasticity", "-s", str(s), "tiny", "--n", "30", "--json", "--no-spectral"))
     assert len(p["dormant"]) == 6 and len(p["dormant_total"]["count"]) == 2
+
+
+def test_dask_local_from_the_cli(adam_store: Path) -> None:
+    pytest.importorskip("distributed")
+    for cmd in (["optimizer"], ["plasticity", "--no-dormant"]):
+        local = json.loads(ckpt("analyze", *cmd, "-s", str(adam_store), "r", "--json"))
+        remote = json.loads(ckpt("analyze", *cmd, "-s", str(adam_store), "r", "--json", "--dask", "local"))
+        assert remote == local, cmd
