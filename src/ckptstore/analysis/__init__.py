@@ -12,7 +12,12 @@ import them when they run.
 >>> write_report(traj, "report.html", weights=dyn, stability=analyze_stability(traj, weights=dyn))  # doctest: +SKIP
 """
 
+from ckptstore.analysis.averages import analyze_averages, average_checkpoints
 from ckptstore.analysis.cka import cka_matrix, linear_cka
+from ckptstore.analysis.distributed import analyze_on_dask
+from ckptstore.analysis.interpolation import Interpolation, analyze_interpolation
+from ckptstore.analysis.optimizer import OptimizerReport, OptimizerThresholds, analyze_optimizer
+from ckptstore.analysis.plasticity import Plasticity, analyze_plasticity
 from ckptstore.analysis.probes import ProbeSet, digits_probe, folder_probe, load_probe
 from ckptstore.analysis.report import build_report, report_json, write_report
 from ckptstore.analysis.representations import (
@@ -36,7 +41,11 @@ from ckptstore.analysis.weights import WeightDynamics, analyze_weights
 __all__ = [
     "FileTrajectory",
     "Flag",
+    "Interpolation",
     "MemoryTrajectory",
+    "OptimizerReport",
+    "OptimizerThresholds",
+    "Plasticity",
     "Point",
     "ProbeSet",
     "RepresentationEvolution",
@@ -47,11 +56,17 @@ __all__ = [
     "TrajectoryError",
     "TransferResult",
     "WeightDynamics",
+    "analyze_averages",
+    "analyze_interpolation",
     "analyze_module_representations",
+    "analyze_on_dask",
+    "analyze_optimizer",
+    "analyze_plasticity",
     "analyze_representations",
     "analyze_stability",
     "analyze_transfer",
     "analyze_weights",
+    "average_checkpoints",
     "build_report",
     "cka_matrix",
     "digits_probe",

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,11 +12,12 @@ from ckptstore.cli.common import (
     add_out_arg,
     add_store_arg,
     check_output_file,
+    emit_result,
     get_store,
-    print_json,
     print_table,
     progress_bar,
 )
+from ckptstore.cli.common import fmt_num as _f
 
 if TYPE_CHECKING:
     from ckptstore.analysis.trajectory import Trajectory
@@ -84,21 +83,6 @@ def open_run(args: argparse.Namespace) -> Trajectory:
     raise TrajectoryError(f"no such checkpoint file: {missing}", hint="give one store run, or existing .pt files")
 
 
-def _emit(args: argparse.Namespace, blob: dict[str, Any]) -> bool:
-    """Write ``--out`` and print ``--json``; True when the human output is not wanted."""
-    if args.out:
-        Path(args.out).write_text(json.dumps(blob, indent=2, allow_nan=False) + "\n")
-    if args.json:
-        print_json(blob)
-    return bool(args.json)
-
-
-def _f(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return f"{v:.{digits}g}"
-
-
 def cmd_weights(args: argparse.Namespace) -> int:
     from ckptstore.analysis.weights import analyze_weights, top_modules
 
@@ -108,7 +92,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
             traj, spectral=not args.no_spectral, pca=not args.no_pca, group_depth=args.group_depth, progress=prog
         )
     blob = dyn.to_dict()
-    if _emit(args, blob):
+    if emit_result(args, blob):
         return 0
     first, last = traj.points[0].label, traj.points[-1].label
     mods = blob["modules"]
@@ -150,7 +134,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     with progress_bar(f"reading {len(traj.weights)} tensors through {len(traj)} checkpoints") as prog:
         report = analyze_stability(traj, progress=prog)
     blob = report.to_dict()
-    if _emit(args, blob):
+    if emit_result(args, blob):
         return 0
     checked = ", ".join(blob["checked"])
     if not blob["flags"]:

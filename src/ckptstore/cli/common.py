@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -303,6 +304,28 @@ def stage(what: str, where: str = "ckpt") -> Iterator[None]:
     t0 = time.monotonic()
     yield
     print(f"{where}: {what}: done in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def emit_result(args: argparse.Namespace, blob: dict[str, Any]) -> bool:
+    """Write ``--out`` (atomically) and print ``--json``; True when the human output is not wanted."""
+    if getattr(args, "out", None):
+        out = check_output_file(args.out)
+        tmp = out.with_name(out.name + ".partial")
+        try:
+            tmp.write_text(json.dumps(blob, indent=2, allow_nan=False) + "\n")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if args.json:
+        print_json(blob)
+    return bool(args.json)
+
+
+def fmt_num(v: Any, digits: int = 4) -> str:
+    """A number for a table: ``digits`` significant digits, ``-`` for a missing or non-finite value."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}g}"
 
 
 def training_step(metadata: Any, key: int) -> int:

@@ -33,6 +33,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
 
 def build_parser() -> argparse.ArgumentParser:
     from ckptstore.cli import analyze_cmds, io_cmds, meta_cmds, policy_cmds, release_cmds, report_cmds, store_cmds
+    from ckptstore.cli.average_cmds import register as register_average
 
     parser = CkptParser(
         prog="ckpt",
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     release_cmds.register(sub)
     policy_cmds.register(sub)
     analyze_cmds.register(sub)
+    register_average(sub)
     report_cmds.register(sub)
     for leaf in _leaf_parsers(parser):
         leaf.set_defaults(_parser=leaf)

@@ -52,6 +52,15 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="open_clip model config JSON, if the stored metadata's model name is not in open_clip's registry",
     )
+    p.add_argument(
+        "--with",
+        dest="with_sections",
+        action="append",
+        choices=("averages", "interpolation", "optimizer", "plasticity", "all"),
+        default=[],
+        metavar="SECTION",
+        help="also run and show averages, interpolation, optimizer or plasticity (repeatable; 'all': every one)",
+    )
     p.add_argument("--title", help="page title (default: 'Training report: RUN')")
     add_json_arg(p, "every analysis as one object")
     p.set_defaults(func=cmd_report)
@@ -75,10 +84,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         title=args.title,
         progress=progress_bar,
         stage=lambda what: stage(what, "ckpt report"),
+        extra=args.with_sections,
     )
     for section, why in report.skipped.items():
         if not why.startswith("skipped (--no-"):
             print(f"ckpt report: no {section}: {why}", file=sys.stderr)
+    for note in report.notes.values():
+        print(f"ckpt report: {note}", file=sys.stderr)
     blob = report.json()
     if out:
         with stage("figures and page", "ckpt report"):

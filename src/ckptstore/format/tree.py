@@ -101,6 +101,8 @@ def flatten(state: Any) -> tuple[Any, dict[str, Leaf]]:
                     item = {"$float": repr(item)}
                 return {"$scalar": [dtypes.name_of_numpy(value.dtype), item]}
             raise InvalidStateError(f"unsupported numpy scalar {type(value).__name__} at {where}")
+        if isinstance(value, Leaf):  # a leaf built by the caller (bfloat16 words, an average cast back)
+            return leaf(value, path)
         converted = _foreign_leaf(value)
         if converted is not None:
             return leaf(converted, path)

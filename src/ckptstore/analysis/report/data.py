@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ckptstore.analysis.report import landscape
 from ckptstore.errors import CkptStoreError
 
 if TYPE_CHECKING:
@@ -328,6 +329,7 @@ def _inputs(
     title: str | None,
     skipped: Mapping[str, str] | None,
     generated: _dt.datetime | None,
+    extra: Mapping[str, Any] | None = None,
 ) -> _Inputs:
     run = _run_of(traj, title)
     if run.n == 0:
@@ -339,6 +341,9 @@ def _inputs(
         "transfer": _as_dict("transfer", transfer),
     }
     reasons = {k: str((skipped or {}).get(k) or _DEFAULT_REASONS[k]) for k, v in sections.items() if v is None}
+    for k in landscape.SECTIONS:  # averages, interpolation, optimizer, plasticity: present only when given
+        if (extra or {}).get(k) is not None:
+            sections[k] = _as_dict(k, extra[k])  # type: ignore[index]
     when = (generated or _dt.datetime.now(_dt.timezone.utc)).astimezone(_dt.timezone.utc)
     return _Inputs(
         run,
@@ -359,13 +364,14 @@ def report_json(
     title: str | None = None,
     skipped: Mapping[str, str] | None = None,
     generated: _dt.datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the report shows, as one JSON-ready dict (``ckpt report --json``): the run's checkpoints, the
     metadata curves, each analysis's ``to_dict()`` (``None`` when not run) and why missing ones are missing.
     Non-finite numbers become ``null``."""
     from ckptstore import __version__
 
-    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated)
+    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated, extra)
     return _jsonable(
         {
             "format": REPORT_FORMAT,

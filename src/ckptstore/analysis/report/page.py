@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ckptstore.analysis.report import landscape
 from ckptstore.analysis.report.data import (
     REPORT_FORMAT,
     REPORT_VERSION,
@@ -295,12 +296,15 @@ def build_report(
     title: str | None = None,
     skipped: Mapping[str, str] | None = None,
     generated: _dt.datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
     """The report as one self-contained HTML page.
 
     ``traj`` is the analysed :class:`~ckptstore.analysis.trajectory.Trajectory` (or its points); each analysis is
     its result, its ``to_dict()``, or ``None`` when it was not run. ``skipped`` maps a section name
-    (``"representations"``...) to the reason it was not run, shown in its place.
+    (``"representations"``...) to the reason it was not run, shown in its place. ``extra`` holds the sections of
+    :mod:`ckptstore.analysis.report.landscape` by name (``averages``, ``interpolation``, ``optimizer``,
+    ``plasticity``), shown when given.
     """
     try:
         import matplotlib
@@ -308,7 +312,7 @@ def build_report(
         raise MissingDependencyError("the report's plots need matplotlib", hint="pip install matplotlib") from exc
     from ckptstore import __version__
 
-    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated)
+    inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated, extra)
     with matplotlib.rc_context(_RC):
         return _page(inp, __version__)
 
@@ -426,6 +430,7 @@ def _page(inp: _Inputs, version: str) -> str:
         sub, body = "", _missing(inp.skipped["transfer"])
     parts.append(_section("transfer", body, sub or "How useful each checkpoint's features are for a new task."))
 
+    parts += landscape.sections_html(sec)
     parts.append(_section("checkpoints", _checkpoint_table(run, curves)))
     return _wrap(inp, version, parts, facts, curves)
 

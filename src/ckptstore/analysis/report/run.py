@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +48,11 @@ class RunReport:
     skipped: dict[str, str] = field(default_factory=dict)
     title: str | None = None
 
+    extra: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
     def _kwargs(self) -> dict[str, Any]:
-        return {**self.results, "title": self.title, "skipped": self.skipped}
+        return {**self.results, "title": self.title, "skipped": self.skipped, "extra": self.extra}
 
     def json(self) -> dict[str, Any]:
         """The report as one JSON-ready dict (:func:`~ckptstore.analysis.report.report_json`)."""
@@ -173,6 +176,85 @@ def analyze_run(
     return results, skipped
 
 
+EXTRA_SECTIONS = ("averages", "interpolation", "optimizer", "plasticity")
+
+
+def extra_sections(
+    traj: Trajectory,
+    wanted: Sequence[str],
+    *,
+    probe: str = "digits",
+    model_config: str | None = None,
+    progress: ProgressFactory | None = None,
+    stage: StageFactory | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The optional sections (``ckpt report --with``), each as its ``to_dict()``; and why any of them was not run.
+
+    Interpolation takes the first, middle and last checkpoints (7 points per line); averages and the optimizer need
+    a store run; dormant units need an OpenCLIP run (otherwise plasticity reports the weights only, and says so).
+    ``"all"`` in ``wanted`` means every one of :data:`EXTRA_SECTIONS`."""
+    from ckptstore.analysis.trajectory import StoreTrajectory
+
+    chosen = set(EXTRA_SECTIONS) if "all" in wanted else set(wanted)
+    unknown = chosen - set(EXTRA_SECTIONS)
+    if unknown:
+        raise CkptStoreError(
+            f"unknown report section(s): {', '.join(sorted(unknown))}", hint=f"choose from {EXTRA_SECTIONS}"
+        )
+    bar, step = progress or _no_progress, stage or _no_stage
+    out: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    probe_set: Any = None
+
+    def get_probe() -> Any:
+        nonlocal probe_set
+        if probe_set is None:
+            from ckptstore.analysis.probes import load_probe
+
+            probe_set = load_probe(probe)
+        return probe_set
+
+    for name in EXTRA_SECTIONS:
+        if name not in chosen:
+            continue
+        try:
+            with step(name), bar(name) as prog:
+                if name == "optimizer":
+                    from ckptstore.analysis.optimizer import analyze_optimizer
+
+                    out[name] = analyze_optimizer(traj, progress=prog).to_dict()
+                elif name == "averages":
+                    from ckptstore.analysis.averages import analyze_averages
+
+                    if not isinstance(traj, StoreTrajectory):
+                        raise CkptStoreError("averages read a store run", hint="`ckpt ingest` the files first")
+                    out[name] = analyze_averages(
+                        traj.store, traj.run, probe=get_probe(), model_config=model_config, progress=prog
+                    )
+                elif name == "interpolation":
+                    from ckptstore.analysis.interpolation import analyze_interpolation
+
+                    n = len(traj)
+                    ends = sorted({0, n // 2, n - 1})
+                    pairs = [(a, b) for i, a in enumerate(ends) for b in ends[i + 1 :]]
+                    out[name] = analyze_interpolation(
+                        traj, pairs, points=7, probe=get_probe(), model_config=model_config, progress=prog
+                    ).to_dict()
+                else:
+                    from ckptstore.analysis.plasticity import analyze_plasticity
+
+                    try:
+                        out[name] = analyze_plasticity(
+                            traj, probe=get_probe(), model_config=model_config, progress=prog
+                        ).to_dict()
+                    except CkptStoreError as exc:
+                        notes[name] = f"plasticity without dormant units: {exc}"
+                        out[name] = analyze_plasticity(traj, dormant=False, progress=prog).to_dict()
+        except CkptStoreError as exc:
+            notes[name] = f"no {name}: {exc}"
+    return out, notes
+
+
 def report_run(
     store: Store | None,
     run: str,
@@ -185,10 +267,12 @@ def report_run(
     title: str | None = None,
     progress: ProgressFactory | None = None,
     stage: StageFactory | None = None,
+    extra: Sequence[str] = (),
 ) -> RunReport:
     """``ckpt report`` as a function: ``run`` of ``store`` (or a folder / ``.pt`` file of open_clip_train
     checkpoints, then ``store`` may be ``None``), every analysis that applies, ready for ``.html()``, ``.json()`` or
-    ``.write(path)``."""
+    ``.write(path)``. ``extra`` names optional sections to add (:data:`EXTRA_SECTIONS`, or ``"all"``); a one-line
+    note for each one that could not be run (fully) is in ``RunReport.notes``."""
     traj = open_run(store, run)
     results, skipped = analyze_run(
         traj,
@@ -200,7 +284,13 @@ def report_run(
         progress=progress,
         stage=stage,
     )
-    return RunReport(traj, results, skipped, title)
+    sections: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    if extra:
+        sections, notes = extra_sections(
+            traj, extra, probe=probe, model_config=model_config, progress=progress, stage=stage
+        )
+    return RunReport(traj, results, skipped, title, sections, notes)
 
 
 def summary_line(blob: Mapping[str, Any]) -> str:
