@@ -1,0 +1,139 @@
+"""One rank of a DCP job, run as its own process by test_dcp.py (gloo, CPU).
+
+    python _worker.py ACTION STORE STEP LAYOUT [OPTIONS_JSON]
+
+ACTION: save | async_save | load | kill (save, but this rank SIGKILLs itself after writing its pack) | fsdp_save |
+fsdp_load. LAYOUT picks the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another
+sharding than the save. Every rank rebuilds the full tensors from the step number and compares bytes.
+Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, DIE_RANK.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from ckptstore.dcp import StoreReader, StoreWriter
+
+
+def full_state(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    base = {
+        "w": torch.randn(12, 10, generator=g),
+        "b": torch.randn(7, generator=g),  # 7 rows over 4 ranks: uneven shards
+        "h": torch.randn(6, 8, generator=g).to(torch.bfloat16),
+        "frozen": torch.randn(5, 4, generator=g),
+        "m": torch.randn(9, 6, generator=g),
+    }
+    out = {}
+    for k, v in base.items():
+        if k == "frozen":
+            out[k] = v
+        else:  # a small training step between checkpoints: the delta codec's case
+            out[k] = (v.float() + 1e-3 * step * torch.sin(torch.arange(v.numel()).reshape(v.shape).float())).to(
+                v.dtype
+            )
+    return out
+
+
+def placements(layout: str, name: str) -> list[Shard | Replicate]:
+    if name == "frozen":
+        return [Replicate()]
+    if layout == "a" or name == "b":
+        return [Shard(0)]
+    return [Shard(1)]
+
+
+def make_state(mesh, step: int, layout: str, empty: bool) -> dict:
+    full = full_state(step)
+    model = {}
+    for k in ("w", "b", "h", "frozen"):
+        t = torch.zeros_like(full[k]) if empty else full[k]
+        model[k] = distribute_tensor(t, mesh, placements(layout, k))
+    m = torch.zeros_like(full["m"]) if empty else full["m"]
+    return {
+        "model": model,
+        "optim": {"m": distribute_tensor(m, mesh, placements(layout, "m")), "step": 0 if empty else step,
+                  "lr": 0.0 if empty else 0.5},
+        "plain": torch.zeros(3) if empty else torch.arange(3.0) + step,
+    }
+
+
+def check(state: dict, step: int) -> None:
+    full = full_state(step)
+    for k in ("w", "b", "h", "frozen"):
+        got = state["model"][k].full_tensor()
+        assert got.dtype == full[k].dtype and torch.equal(got.view(-1).view(torch.uint8),
+                                                          full[k].view(-1).view(torch.uint8)), k
+    assert torch.equal(state["optim"]["m"].full_tensor(), full["m"])
+    assert state["optim"]["step"] == step and state["optim"]["lr"] == 0.5, state["optim"]
+    assert torch.equal(state["plain"], torch.arange(3.0) + step)
+
+
+def main() -> None:
+    action, store, step_s, layout = sys.argv[1:5]
+    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
+    step = int(step_s)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    if action in ("save", "async_save", "kill"):
+        state = make_state(mesh, step, layout, empty=False)
+        writer = StoreWriter(store, "run", step, {"epoch": step}, storage_options=options)
+        if action == "kill" and rank == int(os.environ["DIE_RANK"]):
+            original = writer.write_data
+
+            def write_then_die(plan, planner):  # the pack is written, the commit never comes
+                original(plan, planner)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            writer.write_data = write_then_die  # type: ignore[method-assign]
+        if action == "async_save":
+            fut = dcp.async_save(state, storage_writer=writer)
+            fut.result()
+        else:
+            dcp.save(state, storage_writer=writer)
+    elif action == "load":
+        state = make_state(mesh, step, layout, empty=True)
+        dcp.load(state, storage_reader=StoreReader(store, f"run@{step}", storage_options=options))
+        check(state, step)
+    elif action in ("fsdp_save", "fsdp_load"):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if action == "fsdp_save":
+            dcp.save({"model": get_model_state_dict(model)}, storage_writer=StoreWriter(store, "fsdp", step))
+        else:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            sd = {"model": get_model_state_dict(model)}
+            dcp.load(sd, storage_reader=StoreReader(store, f"fsdp@{step}"))
+            set_model_state_dict(model, sd["model"])
+            for k, v in get_model_state_dict(model).items():
+                full = v.full_tensor() if isinstance(v, DTensor) else v
+                assert torch.equal(full, reference[k]), k
+    dist.barrier()
+    if rank == 0:
+        print("OK", action, world)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
