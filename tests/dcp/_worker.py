@@ -1,11 +1,14 @@
 """One rank of a DCP job, run as its own process by test_dcp.py (gloo, CPU).
 
-    python _worker.py ACTION STORE STEP LAYOUT [OPTIONS_JSON]
+    python _worker.py WORLD ACTION STORE STEP LAYOUT [OPTIONS_JSON]
+
+The launcher imports torch once and forks WORLD ranks (much faster than WORLD interpreters on a small machine);
+if a rank fails or dies, the launcher kills the others, prints ``rank R exited with C`` and exits 3.
 
 ACTION: save | async_save | load | kill (save, but this rank SIGKILLs itself after writing its pack) | fsdp_save |
 fsdp_load. LAYOUT picks the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another
 sharding than the save. Every rank rebuilds the full tensors from the step number and compares bytes.
-Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, DIE_RANK.
+Environment: MASTER_PORT, DIE_RANK (for kill).
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from ckptstore.dcp import StoreReader, StoreWriter
 def full_state(step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     base = {
-        "w": torch.randn(12, 10, generator=g),
+        "w": torch.randn(64, 40, generator=g),
         "b": torch.randn(7, generator=g),  # 7 rows over 4 ranks: uneven shards
         "h": torch.randn(6, 8, generator=g).to(torch.bfloat16),
         "frozen": torch.randn(5, 4, generator=g),
-        "m": torch.randn(9, 6, generator=g),
+        "m": torch.randn(48, 24, generator=g),
     }
     out = {}
     for k, v in base.items():
@@ -80,8 +83,8 @@ def check(state: dict, step: int) -> None:
 
 
 def main() -> None:
-    action, store, step_s, layout = sys.argv[1:5]
-    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
+    action, store, step_s, layout = sys.argv[2:6]
+    options = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
     step = int(step_s)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -135,5 +138,38 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def launch(world: int) -> int:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["WORLD_SIZE"] = str(world)
+    pids = {}
+    for r in range(world):
+        pid = os.fork()
+        if pid == 0:
+            os.environ["RANK"] = str(r)
+            code = 0
+            try:
+                main()
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        pids[pid] = r
+    status = 0
+    while pids:
+        pid, raw = os.wait()
+        r = pids.pop(pid)
+        code = os.waitstatus_to_exitcode(raw)
+        if code != 0:
+            print(f"rank {r} exited with {code}", flush=True)
+            status = 3
+            for other in pids:  # its peers would wait for it until gloo's timeout
+                os.kill(other, signal.SIGKILL)
+    return status
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(launch(int(sys.argv[1])))
