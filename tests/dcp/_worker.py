@@ -1,9 +1,10 @@
 """One rank of a DCP job, run as its own process by test_dcp.py (gloo, CPU).
 
-    python _worker.py WORLD ACTION STORE STEP LAYOUT [OPTIONS_JSON]
+    python _worker.py STORE OPTIONS_JSON STAGE [STAGE ...]      # STAGE: WORLD:ACTION:STEP:LAYOUT
 
-The launcher imports torch once and forks WORLD ranks (much faster than WORLD interpreters on a small machine);
-if a rank fails or dies, the launcher kills the others, prints ``rank R exited with C`` and exits 3.
+The launcher imports torch once and, for each stage in turn, forks WORLD ranks with a fresh port (much faster than
+WORLD new interpreters per stage on a small machine); if a rank fails or dies, it kills the others, prints
+``rank R exited with C`` and exits 3.
 
 ACTION: save | async_save | load | kill (save, but this rank SIGKILLs itself after writing its pack) | fsdp_save |
 fsdp_load. LAYOUT picks the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another
@@ -26,6 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from ckptstore.dcp import StoreReader, StoreWriter
+from ckptstore.testing.s3 import free_port
 
 
 def full_state(step: int) -> dict[str, torch.Tensor]:
@@ -82,10 +84,7 @@ def check(state: dict, step: int) -> None:
     assert torch.equal(state["plain"], torch.arange(3.0) + step)
 
 
-def main() -> None:
-    action, store, step_s, layout = sys.argv[2:6]
-    options = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
-    step = int(step_s)
+def main(store: str, options: dict | None, action: str, step: int, layout: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
@@ -138,8 +137,11 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def launch(world: int) -> int:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+def launch(store: str, options: dict | None, stage: str) -> int:
+    world_s, action, step, layout = stage.split(":")
+    world = int(world_s)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
     os.environ["WORLD_SIZE"] = str(world)
     pids = {}
     for r in range(world):
@@ -148,7 +150,7 @@ def launch(world: int) -> int:
             os.environ["RANK"] = str(r)
             code = 0
             try:
-                main()
+                main(store, options, action, int(step), layout)
             except BaseException:
                 import traceback
 
@@ -172,4 +174,8 @@ def launch(world: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(launch(int(sys.argv[1])))
+    opts = json.loads(sys.argv[2]) or None
+    for st in sys.argv[3:]:
+        rc = launch(sys.argv[1], opts, st)
+        if rc:
+            sys.exit(rc)

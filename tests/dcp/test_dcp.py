@@ -27,21 +27,24 @@ from _worker import full_state
 from ckptstore.errors import CheckpointExistsError
 from ckptstore.format.tree import Leaf
 from ckptstore.store import Store, create_store, open_store
-from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server, free_port
+from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server
 
 WORKER = Path(__file__).with_name("_worker.py")
 
 
-def ranks(world: int, *args: str, options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+def ranks(url: str, *stages: str, options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
           ok: bool = True) -> str:
-    """Run ``world`` ranks of ``_worker.py`` (forked by one launcher process) and return their output."""
-    argv = [sys.executable, str(WORKER), str(world), *args] + ([json.dumps(options)] if options else [])
-    e = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(argv, env=e, capture_output=True, timeout=120)
+    """Run the stages (``WORLD:ACTION:STEP:LAYOUT``) one after the other, each on its own gloo group of forked
+    rank processes (``_worker.py``), and return their output."""
+    argv = [sys.executable, str(WORKER), url, json.dumps(options), *stages]
+    proc = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
+                          timeout=180)
     text = (proc.stdout + proc.stderr).decode(errors="replace")
     if ok:
         assert proc.returncode == 0, text[-3000:]
-        assert f"OK {args[0]} {world}" in text
+        for st in stages:
+            world, action = st.split(":")[:2]
+            assert f"OK {action} {world}" in text
     return text
 
 
@@ -66,10 +69,9 @@ def check_store(store: Store, steps: list[int]) -> None:
 def test_save_on_4_ranks_load_on_2_and_3(tmp_path: Path) -> None:
     url = str(tmp_path / "store")
     create_store(url)
-    ranks(4, "save", url, "1", "a")
-    ranks(4, "async_save", url, "2", "a")  # dcp.async_save, same sharding: deltas against step 1's shards
-    ranks(2, "load", url, "2", "b")  # rows -> columns, 4 -> 2 ranks
-    ranks(3, "load", url, "1", "b")
+    # step 2 by dcp.async_save, same sharding: deltas against step 1's shards; then rows -> columns, 4 -> 2 / 3
+    # ranks; and an FSDP2 model (fully_shard on CPU), 4 ranks saving, 2 loading
+    ranks(url, "4:save:1:a", "4:async_save:2:a", "2:load:2:b", "3:load:1:b", "4:fsdp_save:5:a", "2:fsdp_load:5:a")
     store = open_store(url)
     check_store(store, [1, 2])
     m1, m2 = store.manifest("run", 1), store.manifest("run", 2)
@@ -80,16 +82,7 @@ def test_save_on_4_ranks_load_on_2_and_3(tmp_path: Path) -> None:
     assert m2.objects[shard]["refs"]["prev"] == m1.tensors["model/w/@16,0"]["object"]  # delta-coded
     assert len(m2.data["packs"]) == 4  # one pack per rank
     assert m2.info().stored_bytes < m1.info().stored_bytes
-
-
-def test_fsdp2_fully_shard(tmp_path: Path) -> None:
-    url = str(tmp_path / "store")
-    create_store(url)
-    ranks(4, "fsdp_save", url, "5", "a")
-    ranks(2, "fsdp_load", url, "5", "a")
-    store = open_store(url)
-    assert store.verify()["ok"]
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the FSDP2 model of _worker.py, as one process builds it
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     state = store.load("fsdp@5", tensors="torch")
     for k, v in model.state_dict().items():
@@ -113,18 +106,16 @@ def test_on_s3(moto: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     url = "s3://dcp/store"
     options = moto.storage_options()
     create_store(url, storage_options=options)
-    ranks(4, "save", url, "1", "a", options=options)
-    ranks(3, "load", url, "1", "b", options=options)
+    ranks(url, "4:save:1:a", "3:load:1:b", options=options)
     check_store(open_store(url, storage_options=options), [1])
 
 
 def test_killed_rank_commits_nothing(tmp_path: Path) -> None:
     url = str(tmp_path / "store")
     create_store(url)
-    ranks(4, "save", url, "1", "a")
-    before = open_store(url)
-    packs_before = set(before.storage.list("packs"))
-    text = ranks(4, "kill", url, "2", "a", env={"DIE_RANK": "2"}, ok=False)
+    ranks(url, "4:save:1:a")
+    packs_before = set(open_store(url).storage.list("packs"))
+    text = ranks(url, "4:kill:2:a", env={"DIE_RANK": "2"}, ok=False)
     assert f"rank 2 exited with {-signal.SIGKILL}" in text  # the launcher then kills its peers
     store = open_store(url)
     orphans = set(store.storage.list("packs")) - packs_before
