@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.futures import Future
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -41,6 +40,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItemType,
 )
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
 
 from ckptstore.errors import CheckpointExistsError, FormatError, InvalidStateError
 from ckptstore.format import sharded
@@ -197,7 +197,11 @@ class StoreWriter(StorageWriter):
                     "shape": list(md.size),
                     "requires_grad": bool(md.properties.requires_grad),
                     "chunks": [
-                        {"offsets": list(c.offsets), "sizes": list(c.sizes), "tensor": sharded.shard_name(name, c.offsets)}
+                        {
+                            "offsets": list(c.offsets),
+                            "sizes": list(c.sizes),
+                            "tensor": sharded.shard_name(name, c.offsets),
+                        }
                         for c in md.chunks
                     ],
                 }
