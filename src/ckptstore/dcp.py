@@ -113,7 +113,7 @@ class StoreWriter(StorageWriter):
             r = parse_ref(str(checkpoint_id))
             if r.kind != "step":
                 raise InvalidStateError(f"checkpoint_id {checkpoint_id!r} must be run@STEP")
-            self.run, self.step = r.run, int(r.value)
+            self.run, self.step = r.run, check_step(int(str(r.value)))
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -158,7 +158,7 @@ class StoreWriter(StorageWriter):
             name = _tensor_name(item.index.fqn, names.get(item.index.fqn))
             extra: dict[str, Any] = {}
             if item.type == WriteItemType.BYTE_IO:
-                raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())
+                raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())  # type: ignore[attr-defined]
                 key = sharded.bytes_name(name)
                 leaves[key] = Leaf("uint8", (len(raw),), np.frombuffer(raw, np.uint8).copy(), "torch")
                 plain, value = _plain_value(raw)
