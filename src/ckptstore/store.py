@@ -27,12 +27,13 @@ from ckptstore.errors import (
     ConcurrentCommitError,
     FormatError,
     IntegrityError,
+    InvalidStateError,
     StoreExistsError,
     StoreNotFoundError,
     TensorNotFoundError,
     UnsupportedVersionError,
 )
-from ckptstore.format import tree
+from ckptstore.format import sharded, tree
 from ckptstore.format.manifest import (
     MAX_CHAIN,
     CheckpointInfo,
@@ -436,6 +437,126 @@ class Store:
             progress(done + 1, total)
         return done + 1
 
+    # ------------------------------------------------------------------ sharded saves: many writers, one commit
+    def write_shards(
+        self, run: str, step: int, leaves: Mapping[str, tree.Leaf], base_step: int | None, *, writer: str
+    ) -> dict[str, Any]:
+        """Write one writer's tensors (a rank's shards) into a pack of its own; commits nothing.
+
+        Returns ``{"tensors", "objects", "packs", "logical_bytes", "stored_bytes"}``: the part of a manifest this
+        writer contributes, for :meth:`commit_shards` on the coordinator. Objects dedup against ``base_step``
+        (the previous checkpoint, chosen by the coordinator so every writer sees the same one) and are
+        delta-coded against the same tensor name there. Until the commit the pack is an orphan: ``gc`` frees it.
+        """
+        check_run_name(run)
+        check_step(step)
+        for name in leaves:
+            check_tensor_name(name)
+        if not writer.replace("-", "").isalnum():
+            raise InvalidStateError(f"writer id {writer!r} must be letters, digits and '-'")
+        base = self.manifest(run, base_step) if base_step is not None else None
+        names = list(leaves)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
+            oids = list(ex.map(lambda n: object_id(leaves[n]), names))
+        tensors = {
+            n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o}
+            for n, o in zip(names, oids, strict=True)
+        }
+        objects: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[str, str]] = []
+        planned: set[str] = set()
+        for n, o in zip(names, oids, strict=True):
+            if base is not None and o in base.objects:
+                for dep in base.chain(o):
+                    objects[dep] = base.objects[dep]
+            elif o not in planned:
+                planned.add(o)
+                todo.append((n, o))
+        pack_key = new_pack_key(run, step, tag=writer)
+        new_head = {o: self._head[o] for o in oids if o in self._head}
+        stored = 0
+        if todo:
+            records, stored = self._encode_into_pack(pack_key, todo, leaves, base, None, new_head)
+            for o, rec in records.items():
+                objects[o] = rec
+                for dep in rec.get("refs", {}).values():
+                    if base is not None:
+                        for d in base.chain(dep):
+                            objects.setdefault(d, base.objects[d])
+        # Head entries are keyed by content, so they stay right even if this checkpoint is never committed.
+        self._head = new_head
+        return {
+            "tensors": tensors,
+            "objects": objects,
+            "packs": [pack_key] if todo else [],
+            "logical_bytes": sum(lf.nbytes for lf in leaves.values()),
+            "stored_bytes": stored,
+        }
+
+    def commit_shards(
+        self,
+        run: str,
+        step: int,
+        parts: Iterable[Mapping[str, Any]],
+        skeleton: Any,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """Commit one manifest from the parts :meth:`write_shards` returned on every writer (the coordinator's
+        job, done last). ``extra`` adds top-level manifest sections (the DCP layout: docs/dcp.md). If the step
+        was committed meanwhile (another job writing the same run), raises and frees this save's packs."""
+        check_run_name(run)
+        check_step(step)
+        meta = json.loads(json_bytes(validate_metadata(metadata)))
+        tensors: dict[str, dict[str, Any]] = {}
+        objects: dict[str, dict[str, Any]] = {}
+        packs: list[str] = []
+        logical = stored = 0
+        for part in parts:
+            for n, t in part["tensors"].items():
+                if n in tensors and tensors[n] != t:
+                    raise FormatError(f"two writers wrote different tensors named {n!r}", path=f"{run}@{step}")
+                tensors[n] = t
+            objects.update(part["objects"])
+            packs.extend(part["packs"])
+            logical += int(part["logical_bytes"])
+            stored += int(part["stored_bytes"])
+        for rec in objects.values():
+            check_pack_key(rec.get("pack"), f"{run}@{step}")
+        data: dict[str, Any] = {
+            "kind": MANIFEST_KIND,
+            "format_version": FORMAT_VERSION,
+            "run": run,
+            "step": step,
+            "created": _now(),
+            "framework": "torch",
+            "tree": skeleton,
+            "tensors": tensors,
+            "objects": objects,
+            "packs": packs,
+            "stats": {"logical_bytes": logical, "stored_bytes": stored},
+            "metadata": meta,
+            **(extra or {}),
+        }
+        key = manifest_key(run, step)
+        try:
+            if self.storage.exists(key):
+                raise CheckpointExistsError(
+                    f"checkpoint {run}@{step} already exists (another job writing run {run!r}?)",
+                    ref=f"{run}@{step}",
+                    hint="give each job its own run name or step; this save's packs were freed",
+                )
+            self.storage.create(key, manifest_bytes(data))
+        except (ConcurrentCommitError, CheckpointExistsError):
+            for p in packs:
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    self.storage.delete(p)
+            raise
+        m = Manifest(data, key)
+        self._manifests[(run, step)] = m
+        return m
+
     # ------------------------------------------------------------------ loading
     def _decode_chain(
         self,
@@ -564,6 +685,8 @@ class Store:
         """
         m = self.resolve(ref)
         leaves = self.load_leaves(m)
+        if "dcp" in m.data:  # a sharded checkpoint: put the full tensors back together (docs/dcp.md)
+            leaves = sharded.assemble(m.data["dcp"], leaves)
         kind = tensors or m.data.get("framework", "numpy")
         convert = _converter(kind)
         return tree.unflatten(m.data["tree"], lambda n: convert(leaves[n]))
@@ -571,7 +694,11 @@ class Store:
     def load_tensor(self, ref: str | Ref, name: str, *, tensors: str | None = None) -> Any:
         """Read one tensor without decoding the rest of the checkpoint."""
         m = self.resolve(ref)
-        leaf = self.load_leaves(m, [name])[name]
+        full = sharded.full_names(m.data["dcp"]) if "dcp" in m.data else {}
+        if name in full:
+            leaf = sharded.assemble(m.data["dcp"], self.load_leaves(m, full[name]), [name])[name]
+        else:
+            leaf = self.load_leaves(m, [name])[name]
         return _converter(tensors or m.data.get("framework", "numpy"))(leaf)
 
     def iter_load(self, run: str, *, tensors: str | None = None) -> Iterator[tuple[Manifest, Any]]:

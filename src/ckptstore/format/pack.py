@@ -39,10 +39,12 @@ def pack_header(version: int = FORMAT_VERSION) -> bytes:
 
 def new_pack_key(run: str, step: int, *, tag: str = "") -> str:
     """A fresh pack key for objects first written by ``run@step``: ``packs/RUN/STEP-ID.pack`` (``STEP`` as 20
-    digits, ``ID`` random hex). ``tag`` (letters and digits, e.g. a DCP rank) goes in front of the random id."""
-    if tag and not tag.isalnum():
-        raise ValueError(f"pack tag {tag!r} must be letters and digits")
-    return f"{PACKS_DIR}/{run}/{step:020d}-{tag}{uuid.uuid4().hex[:_ID_CHARS]}.pack"
+    digits, ``ID`` random hex). ``tag`` (letters, digits and ``-``, e.g. a DCP rank and job: ``r2-JOB``) names the
+    writer: ``packs/RUN/STEP-TAG-ID.pack``, so every writer of one checkpoint has packs of its own."""
+    if tag and not tag.replace("-", "").isalnum():
+        raise ValueError(f"pack tag {tag!r} must be letters, digits and '-'")
+    prefix = f"{tag}-" if tag else ""
+    return f"{PACKS_DIR}/{run}/{step:020d}-{prefix}{uuid.uuid4().hex[:_ID_CHARS]}.pack"
 
 
 def repacked_key(key: str) -> str:

@@ -1,0 +1,181 @@
+"""One rank of a DCP job, run as its own process by test_dcp.py (gloo, CPU).
+
+    python _worker.py STORE OPTIONS_JSON STAGE [STAGE ...]      # STAGE: WORLD:ACTION:STEP:LAYOUT
+
+The launcher imports torch once and, for each stage in turn, forks WORLD ranks with a fresh port (much faster than
+WORLD new interpreters per stage on a small machine); if a rank fails or dies, it kills the others, prints
+``rank R exited with C`` and exits 3.
+
+ACTION: save | async_save | load | kill (save, but this rank SIGKILLs itself after writing its pack) | fsdp_save |
+fsdp_load. LAYOUT picks the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another
+sharding than the save. Every rank rebuilds the full tensors from the step number and compares bytes.
+Environment: MASTER_PORT, DIE_RANK (for kill).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from ckptstore.dcp import StoreReader, StoreWriter
+from ckptstore.testing.s3 import free_port
+
+
+def full_state(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    base = {
+        "w": torch.randn(64, 40, generator=g),
+        "b": torch.randn(7, generator=g),  # 7 rows over 4 ranks: uneven shards
+        "h": torch.randn(6, 8, generator=g).to(torch.bfloat16),
+        "frozen": torch.randn(5, 4, generator=g),
+        "m": torch.randn(48, 24, generator=g),
+    }
+    out = {}
+    for k, v in base.items():
+        if k == "frozen":
+            out[k] = v
+        else:  # a small training step between checkpoints: the delta codec's case
+            out[k] = (v.float() + 1e-3 * step * torch.sin(torch.arange(v.numel()).reshape(v.shape).float())).to(
+                v.dtype
+            )
+    return out
+
+
+def placements(layout: str, name: str) -> list[Shard | Replicate]:
+    if name == "frozen":
+        return [Replicate()]
+    if layout == "a" or name == "b":
+        return [Shard(0)]
+    return [Shard(1)]
+
+
+def make_state(mesh, step: int, layout: str, empty: bool) -> dict:
+    full = full_state(step)
+    model = {}
+    for k in ("w", "b", "h", "frozen"):
+        t = torch.zeros_like(full[k]) if empty else full[k]
+        model[k] = distribute_tensor(t, mesh, placements(layout, k))
+    m = torch.zeros_like(full["m"]) if empty else full["m"]
+    return {
+        "model": model,
+        "optim": {"m": distribute_tensor(m, mesh, placements(layout, "m")), "step": 0 if empty else step,
+                  "lr": 0.0 if empty else 0.5},
+        "plain": torch.zeros(3) if empty else torch.arange(3.0) + step,
+    }
+
+
+def check(state: dict, step: int) -> None:
+    full = full_state(step)
+    for k in ("w", "b", "h", "frozen"):
+        got = state["model"][k].full_tensor()
+        assert got.dtype == full[k].dtype and torch.equal(got.view(-1).view(torch.uint8),
+                                                          full[k].view(-1).view(torch.uint8)), k
+    assert torch.equal(state["optim"]["m"].full_tensor(), full["m"])
+    assert state["optim"]["step"] == step and state["optim"]["lr"] == 0.5, state["optim"]
+    assert torch.equal(state["plain"], torch.arange(3.0) + step)
+
+
+def main(store: str, options: dict | None, action: str, step: int, layout: str) -> None:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    if action in ("save", "async_save", "kill"):
+        state = make_state(mesh, step, layout, empty=False)
+        writer = StoreWriter(store, "run", step, {"epoch": step}, storage_options=options)
+        if action == "kill" and rank == int(os.environ["DIE_RANK"]):
+            original = writer.write_data
+
+            def write_then_die(plan, planner):  # the pack is written, the commit never comes
+                original(plan, planner)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            writer.write_data = write_then_die  # type: ignore[method-assign]
+        if action == "async_save":
+            fut = dcp.async_save(state, storage_writer=writer)
+            fut.result()
+        else:
+            dcp.save(state, storage_writer=writer)
+    elif action == "load":
+        state = make_state(mesh, step, layout, empty=True)
+        dcp.load(state, storage_reader=StoreReader(store, f"run@{step}", storage_options=options))
+        check(state, step)
+    elif action in ("fsdp_save", "fsdp_load"):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if action == "fsdp_save":
+            dcp.save({"model": get_model_state_dict(model)}, storage_writer=StoreWriter(store, "fsdp", step))
+        else:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            sd = {"model": get_model_state_dict(model)}
+            dcp.load(sd, storage_reader=StoreReader(store, f"fsdp@{step}"))
+            set_model_state_dict(model, sd["model"])
+            for k, v in get_model_state_dict(model).items():
+                full = v.full_tensor() if isinstance(v, DTensor) else v
+                assert torch.equal(full, reference[k]), k
+    dist.barrier()
+    if rank == 0:
+        print("OK", action, world)
+    dist.destroy_process_group()
+
+
+def launch(store: str, options: dict | None, stage: str) -> int:
+    world_s, action, step, layout = stage.split(":")
+    world = int(world_s)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ["WORLD_SIZE"] = str(world)
+    pids = {}
+    for r in range(world):
+        pid = os.fork()
+        if pid == 0:
+            os.environ["RANK"] = str(r)
+            code = 0
+            try:
+                main(store, options, action, int(step), layout)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        pids[pid] = r
+    status = 0
+    while pids:
+        pid, raw = os.wait()
+        r = pids.pop(pid)
+        code = os.waitstatus_to_exitcode(raw)
+        if code != 0:
+            print(f"rank {r} exited with {code}", flush=True)
+            status = 3
+            for other in pids:  # its peers would wait for it until gloo's timeout
+                os.kill(other, signal.SIGKILL)
+    return status
+
+
+if __name__ == "__main__":
+    opts = json.loads(sys.argv[2]) or None
+    for st in sys.argv[3:]:
+        rc = launch(sys.argv[1], opts, st)
+        if rc:
+            sys.exit(rc)
