@@ -279,37 +279,8 @@ class Store:
         progress: Callable[[int, int], None] | None,
     ) -> Manifest:
         logical = sum(lf.nbytes for lf in leaves.values())
-        names = list(leaves)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
-            oids = list(ex.map(lambda n: object_id(leaves[n]), names))
-        tensors = {
-            n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o}
-            for n, o in zip(names, oids, strict=False)
-        }
-        objects: dict[str, dict[str, Any]] = {}
-        todo: list[tuple[str, str]] = []  # (tensor name, object id) to encode, first occurrence of each id
-        planned: set[str] = set()
-        for n, o in zip(names, oids, strict=False):
-            if base is not None and o in base.objects:
-                for dep in base.chain(o):
-                    objects[dep] = base.objects[dep]
-            elif o not in planned:
-                planned.add(o)
-                todo.append((n, o))
         pack_key = new_pack_key(run, step)
-        stored = 0
-        new_head: dict[str, np.ndarray] = {}
-        for o in oids:  # unchanged tensors: carry their words over
-            if o in self._head and o not in new_head:
-                new_head[o] = self._head[o]
-        if todo:
-            new_records, stored = self._encode_into_pack(pack_key, todo, leaves, base, progress, new_head)
-            for o, rec in new_records.items():
-                objects[o] = rec
-                for dep in rec.get("refs", {}).values():
-                    if base is not None:
-                        for d in base.chain(dep):
-                            objects.setdefault(d, base.objects[d])
+        tensors, objects, wrote, stored, new_head = self._write_objects(pack_key, leaves, base, progress)
         data = {
             "kind": MANIFEST_KIND,
             "format_version": FORMAT_VERSION,
@@ -320,7 +291,7 @@ class Store:
             "tree": skeleton,
             "tensors": tensors,
             "objects": objects,
-            "packs": [pack_key] if todo else [],
+            "packs": [pack_key] if wrote else [],
             "stats": {"logical_bytes": logical, "stored_bytes": stored},
             "metadata": metadata,
         }
@@ -328,13 +299,54 @@ class Store:
         try:
             self.storage.create(key, manifest_bytes(data))
         except ConcurrentCommitError:
-            if todo:  # another writer committed run@step first; our pack is referenced by nothing
+            if wrote:  # another writer committed run@step first; our pack is referenced by nothing
                 self.storage.delete(pack_key)
             raise
         m = Manifest(data, key)
         self._manifests[(run, step)] = m
         self._head = new_head
         return m
+
+    def _write_objects(
+        self,
+        pack_key: str,
+        leaves: Mapping[str, tree.Leaf],
+        base: Manifest | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], bool, int, dict[str, np.ndarray]]:
+        """Hash ``leaves``, dedup them against ``base`` and encode the new objects into ``pack_key``: the one
+        write path of :meth:`save` and :meth:`write_shards`. Returns the manifest's ``tensors`` and ``objects``,
+        whether the pack was written, its stored bytes, and the delta heads for the next save (the caller sets
+        them once its checkpoint is safe)."""
+        names = list(leaves)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
+            oids = list(ex.map(lambda n: object_id(leaves[n]), names))
+        tensors = {
+            n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o}
+            for n, o in zip(names, oids, strict=True)
+        }
+        objects: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[str, str]] = []  # (tensor name, object id) to encode, first occurrence of each id
+        planned: set[str] = set()
+        for n, o in zip(names, oids, strict=True):
+            if base is not None and o in base.objects:
+                for dep in base.chain(o):
+                    objects[dep] = base.objects[dep]
+            elif o not in planned:
+                planned.add(o)
+                todo.append((n, o))
+        # unchanged tensors carry their words over; head entries are keyed by content, so they stay right
+        new_head = {o: self._head[o] for o in oids if o in self._head}
+        stored = 0
+        if todo:
+            records, stored = self._encode_into_pack(pack_key, todo, leaves, base, progress, new_head)
+            for o, rec in records.items():
+                objects[o] = rec
+                for dep in rec.get("refs", {}).values():
+                    if base is not None:
+                        for d in base.chain(dep):
+                            objects.setdefault(d, base.objects[d])
+        return tensors, objects, bool(todo), stored, new_head
 
     def _encode_into_pack(
         self,
@@ -455,40 +467,14 @@ class Store:
         if not writer.replace("-", "").isalnum():
             raise InvalidStateError(f"writer id {writer!r} must be letters, digits and '-'")
         base = self.manifest(run, base_step) if base_step is not None else None
-        names = list(leaves)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
-            oids = list(ex.map(lambda n: object_id(leaves[n]), names))
-        tensors = {
-            n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o}
-            for n, o in zip(names, oids, strict=True)
-        }
-        objects: dict[str, dict[str, Any]] = {}
-        todo: list[tuple[str, str]] = []
-        planned: set[str] = set()
-        for n, o in zip(names, oids, strict=True):
-            if base is not None and o in base.objects:
-                for dep in base.chain(o):
-                    objects[dep] = base.objects[dep]
-            elif o not in planned:
-                planned.add(o)
-                todo.append((n, o))
         pack_key = new_pack_key(run, step, tag=writer)
-        new_head = {o: self._head[o] for o in oids if o in self._head}
-        stored = 0
-        if todo:
-            records, stored = self._encode_into_pack(pack_key, todo, leaves, base, None, new_head)
-            for o, rec in records.items():
-                objects[o] = rec
-                for dep in rec.get("refs", {}).values():
-                    if base is not None:
-                        for d in base.chain(dep):
-                            objects.setdefault(d, base.objects[d])
+        tensors, objects, wrote, stored, new_head = self._write_objects(pack_key, leaves, base, None)
         # Head entries are keyed by content, so they stay right even if this checkpoint is never committed.
         self._head = new_head
         return {
             "tensors": tensors,
             "objects": objects,
-            "packs": [pack_key] if todo else [],
+            "packs": [pack_key] if wrote else [],
             "logical_bytes": sum(lf.nbytes for lf in leaves.values()),
             "stored_bytes": stored,
         }
