@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeGuard
 
 from ckptstore.errors import InvalidMetadataError
+from ckptstore.util import jsonable
 
 if TYPE_CHECKING:
     from ckptstore.format.manifest import Manifest
@@ -62,7 +63,9 @@ SCHEMA_VERSION = 1
 MAX_METADATA_BYTES = 4 * 1024 * 1024
 MAX_NOTES_BYTES = 64 * 1024
 MAX_TAG_LENGTH = 128
-MAX_NAME_LENGTH = 256  # metric, counter and version names
+# Metric, counter and version names, in characters (docs/metadata.md). A metadata-schema limit, not the
+# format's MAX_NAME_LENGTH (255 UTF-8 bytes, format/spec.py); kept at 256 so stores already written stay valid.
+MAX_METADATA_NAME_LENGTH = 256
 MAX_TEXT_LENGTH = 4096  # save_reason, model, code.branch ...
 #: Dotted paths of the only values that may be NaN or infinite.
 NONFINITE_FIELDS = ("loss.last", "loss.avg", "grad_norm")
@@ -180,8 +183,8 @@ def _record(
 
 
 def _name(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH or not value.isprintable():
-        _fail(field, f"names are 1 to {MAX_NAME_LENGTH} printable characters, got {value!r:.80}")
+    if not isinstance(value, str) or not value or len(value) > MAX_METADATA_NAME_LENGTH or not value.isprintable():
+        _fail(field, f"names are 1 to {MAX_METADATA_NAME_LENGTH} printable characters, got {value!r:.80}")
     return value
 
 
@@ -263,14 +266,14 @@ def _v_versions(value: Any, field: str) -> dict[str, str | None]:
     for k, v in _object(value, field).items():
         sub = f"{field}.{k}"
         _name(k, sub)
-        out[k] = None if v is None else _text(v, sub, MAX_NAME_LENGTH)
+        out[k] = None if v is None else _text(v, sub, MAX_METADATA_NAME_LENGTH)
     return out
 
 
 def _v_devices(value: Any, field: str) -> list[str]:
     if not isinstance(value, list | tuple):
         _fail(field, f"expected a list of device names, got {_kind(value)}")
-    return [_text(v, f"{field}.{i}", MAX_NAME_LENGTH) for i, v in enumerate(value)]
+    return [_text(v, f"{field}.{i}", MAX_METADATA_NAME_LENGTH) for i, v in enumerate(value)]
 
 
 def _v_tags(value: Any, field: str) -> list[str]:
@@ -585,25 +588,11 @@ def capture(
         if code is not None:
             got["code"] = code
     if hparams is not None:
-        got["hparams"] = _jsonable(vars(hparams) if hasattr(hparams, "__dict__") else hparams)
+        got["hparams"] = jsonable(vars(hparams) if hasattr(hparams, "__dict__") else hparams, other=str)
     out = merge(got, metadata or {})
     if metrics:
         out["metrics"] = {**(out.get("metrics") or {}), **metric_values(metrics)}
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    """Hyper-parameters as plain JSON: paths and other objects become strings, NaN becomes None."""
-    value = _scalar(value)
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
-    return str(value)
 
 
 # ------------------------------------------------------------------------------------------- editing in place

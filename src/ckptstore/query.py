@@ -18,7 +18,7 @@ import functools
 import io
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -217,18 +217,18 @@ class _Parser:
         return e
 
     def expr(self) -> Expr:
-        items = [self.conj()]
-        while self.kw("or"):
-            self.advance()
-            items.append(self.conj())
-        return items[0] if len(items) == 1 else BoolOp("or", tuple(items))
+        return self._joined("or", self.conj)
 
     def conj(self) -> Expr:
-        items = [self.unary()]
-        while self.kw("and"):
+        return self._joined("and", self.unary)
+
+    def _joined(self, word: str, operand: Callable[[], Expr]) -> Expr:
+        """``operand (word operand)*``: one operand as it is, several as a BoolOp."""
+        items = [operand()]
+        while self.kw(word):
             self.advance()
-            items.append(self.unary())
-        return items[0] if len(items) == 1 else BoolOp("and", tuple(items))
+            items.append(operand())
+        return items[0] if len(items) == 1 else BoolOp(word, tuple(items))
 
     def unary(self) -> Expr:
         if self.kw("not") and not self.kw("in", 1):

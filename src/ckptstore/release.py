@@ -587,6 +587,69 @@ def _normal_modes(root: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def _check_request(
+    store: Store,
+    run: str,
+    out: Path,
+    *,
+    select: int | None,
+    refs: Sequence[str] | None,
+    as_store: bool,
+    overwrite: bool,
+) -> None:
+    """Refuse a release that asks for nothing, or both kinds of choice, or would overwrite a folder."""
+    if select is not None and refs:
+        raise ReleaseError("give either select or refs, not both")
+    if select is None and not refs and not as_store:
+        raise ReleaseError("nothing to release", hint="choose checkpoints (--select N or --refs ...) or --as-store")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise StoreExistsError("the release folder exists and is not empty", path=str(out), hint="use --force")
+    if not store.steps(run):
+        raise ReleaseError(f"run {run!r} has no checkpoints", path=store.url, hint="`ckpt ls` lists the runs")
+
+
+def _choose(
+    store: Store, run: str, select: int | None, refs: Sequence[str] | None, metrics: Sequence[str] | None
+) -> tuple[list[Chosen], str]:
+    """The checkpoints to release and how they were chosen."""
+    if refs:
+        return resolve_refs(store, run, refs), "request (--refs)"
+    if select is not None:
+        return select_checkpoints(store, run, select, metrics=metrics)
+    return [], "none (store only)"
+
+
+def _checkpoint_entry(r: _Row) -> dict[str, Any]:
+    """One checkpoint's entry in ``release.json``."""
+    m = r.chosen.manifest
+    return {
+        "ref": m.ref,
+        "folder": r.folder,
+        "step": m.step,
+        "epoch": m.metadata.get("epoch"),
+        "samples_seen": m.metadata.get("samples_seen"),
+        "metrics": m.metadata.get("metrics") or {},
+        "reason": r.chosen.reason,
+        "created": m.data.get("created"),
+        "files": [f.as_dict() for f in r.files],
+    }
+
+
+def _write_top_files(
+    tmp: Path, info: dict[str, Any], rows: Sequence[_Row], shown: Sequence[str], *, as_store: bool
+) -> None:
+    """README.md, release.json and SHA256SUMS at the top of the release folder (``info["files"]`` set here)."""
+    (tmp / "README.md").write_text(model_card(info, rows, shown, has_curves=True))
+    top = [tmp / "README.md", tmp / CURVES_FILE]
+    if as_store:
+        top += sorted(p for p in (tmp / "store").rglob("*") if p.is_file())
+    info["files"] = [_record(tmp, p).as_dict() for p in top]
+    (tmp / "release.json").write_text(json.dumps(info, indent=2) + "\n")
+    sums = [f for r in rows for f in r.files] + [FileRecord(**f) for f in info["files"]]
+    sums.append(_record(tmp, tmp / "release.json"))
+    (tmp / "SHA256SUMS").write_text("".join(f"{f.sha256}  {f.path}\n" for f in sums))
+
+
 def release(
     store: Store,
     run: str,
@@ -605,21 +668,9 @@ def release(
     """Write a release of ``run`` to the folder ``out``; return what ``release.json`` says."""
     from ckptstore import __version__
 
-    if select is not None and refs:
-        raise ReleaseError("give either select or refs, not both")
-    if select is None and not refs and not as_store:
-        raise ReleaseError("nothing to release", hint="choose checkpoints (--select N or --refs ...) or --as-store")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise StoreExistsError("the release folder exists and is not empty", path=str(out), hint="use --force")
-    if not store.steps(run):
-        raise ReleaseError(f"run {run!r} has no checkpoints", path=store.url, hint="`ckpt ls` lists the runs")
-    if refs:
-        chosen, method = resolve_refs(store, run, refs), "request (--refs)"
-    elif select is not None:
-        chosen, method = select_checkpoints(store, run, select, metrics=metrics)
-    else:
-        chosen, method = [], "none (store only)"
+    _check_request(store, run, out, select=select, refs=refs, as_store=as_store, overwrite=overwrite)
+    chosen, method = _choose(store, run, select, refs, metrics)
     latest = store.manifest(run, store.steps(run)[-1])
     model_cfg: dict[str, Any] = {}
     cfg_source = ""
@@ -653,33 +704,12 @@ def release(
             "selection": {"method": method, "requested": select if select is not None else list(refs or [])},
             "training_state": training_state,
             "hparams": latest.metadata.get("hparams") or {},
-            "checkpoints": [
-                {
-                    "ref": r.chosen.manifest.ref,
-                    "folder": r.folder,
-                    "step": r.chosen.manifest.step,
-                    "epoch": r.chosen.manifest.metadata.get("epoch"),
-                    "samples_seen": r.chosen.manifest.metadata.get("samples_seen"),
-                    "metrics": r.chosen.manifest.metadata.get("metrics") or {},
-                    "reason": r.chosen.reason,
-                    "created": r.chosen.manifest.data.get("created"),
-                    "files": [f.as_dict() for f in r.files],
-                }
-                for r in rows
-            ],
+            "checkpoints": [_checkpoint_entry(r) for r in rows],
             "headline_metrics": shown,
         }
         if as_store:
             info["store"] = copy_run_store(store, run, tmp / "store")
-        (tmp / "README.md").write_text(model_card(info, rows, shown, has_curves=True))
-        top = [tmp / "README.md", tmp / CURVES_FILE]
-        if as_store:
-            top += sorted(p for p in (tmp / "store").rglob("*") if p.is_file())
-        info["files"] = [_record(tmp, p).as_dict() for p in top]
-        (tmp / "release.json").write_text(json.dumps(info, indent=2) + "\n")
-        sums = [f for r in rows for f in r.files] + [FileRecord(**f) for f in info["files"]]
-        sums.append(_record(tmp, tmp / "release.json"))
-        (tmp / "SHA256SUMS").write_text("".join(f"{f.sha256}  {f.path}\n" for f in sums))
+        _write_top_files(tmp, info, rows, shown, as_store=as_store)
         _normal_modes(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ckptstore.errors import ForeignCheckpointError, InvalidStateError
+from ckptstore.format.manifest import CheckpointInfo
 from ckptstore.format.tree import Leaf
 
 _TORCH_TO_NAME: dict[torch.dtype, str] = {
@@ -188,8 +189,16 @@ def restore_training_state(
     return dict(state.get("extra", {}))
 
 
+class TrainingStore(Protocol):
+    """The part of :class:`ckptstore.store.Store` that :func:`save` and :func:`restore` use (a protocol: the store
+    imports this module to make torch tensors, so this module does not import the store)."""
+
+    def save(self, run: str, step: int, state: Any, metadata: Mapping[str, Any] | None = None) -> CheckpointInfo: ...
+    def load(self, ref: str, *, tensors: str | None = None) -> Any: ...
+
+
 def save(
-    store: Any,
+    store: TrainingStore,
     run: str,
     step: int,
     model: torch.nn.Module | None = None,
@@ -201,7 +210,7 @@ def save(
     metadata: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     capture: bool = True,
-) -> Any:
+) -> CheckpointInfo:
     """Save model + optimizer + scheduler + scaler + RNG states as ``run@step``.
 
     ``metrics`` (name → number; tensors are fine) go into ``metadata["metrics"]``. With ``capture`` the metadata
@@ -221,7 +230,7 @@ def save(
 
 
 def restore(
-    store: Any,
+    store: TrainingStore,
     ref: str,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,

@@ -1,11 +1,14 @@
-"""Small helpers shared by the CLI, release, the demo and the integrations (one copy of each)."""
+"""Small helpers shared across the package (one copy of each): byte sizes, JSON-safe copies, process checks."""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["human_bytes", "pid_alive"]
+__all__ = ["human_bytes", "jsonable", "pid_alive"]
 
 
 def human_bytes(n: float | int | None) -> str:
@@ -18,6 +21,30 @@ def human_bytes(n: float | int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"  # pragma: no cover
+
+
+def jsonable(value: Any, *, other: Callable[[Any], Any] | None = None) -> Any:
+    """A copy of ``value`` that JSON can hold: non-finite floats become ``None``, mappings dicts with string keys,
+    sequences and sets lists, numpy/torch arrays lists and their scalars Python numbers (duck-typed: no numpy or
+    torch import). A value of any other type goes through ``other`` (``str`` for hyper-parameters: a path becomes
+    its text), or is kept as it is when ``other`` is None (the caller's ``json.dumps`` decides)."""
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, other=other) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v, other=other) for v in value]
+    if getattr(value, "ndim", 0) and hasattr(value, "tolist"):
+        return jsonable(value.tolist(), other=other)  # an array
+    if hasattr(value, "item"):
+        return jsonable(value.item(), other=other)  # a numpy or torch scalar
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bool | int | str):
+        return value
+    return value if other is None else other(value)
 
 
 def pid_alive(pid: int) -> bool:

@@ -507,6 +507,59 @@ class RepresentationEvolution:
 # ----------------------------------------------------------------------------------------------- analysis
 
 
+def _text_mask(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which token positions a text's block activations pool over, and each text's end-of-text position."""
+    import torch
+
+    text_pool = getattr(model, "text_pool_type", "argmax")
+    eot = tokens.argmax(dim=-1)  # CLIP's BPE ends a text with its largest id, where open_clip pools ('argmax')
+    positions = torch.arange(tokens.shape[1])[None, :]
+    mask = positions <= eot[:, None] if text_pool == "argmax" else tokens != 0
+    return mask, eot
+
+
+def _encode_texts(
+    model: Any, recorder: _BlockRecorder, tokens: torch.Tensor, mask: torch.Tensor, eot: torch.Tensor, batch: int
+) -> np.ndarray:
+    """The normalised text embeddings of ``tokens``, in batches, with the block recorder taking text activations."""
+    import torch
+
+    recorder.active = "text"
+    parts = []
+    with torch.inference_mode():
+        for sl in _slices(len(tokens), batch):
+            recorder.text_mask, recorder.text_pick = mask[sl], eot[sl]
+            parts.append(model.encode_text(tokens[sl], normalize=True).float().numpy())
+    recorder.active = None
+    return np.concatenate(parts)
+
+
+@dataclass
+class _Measures:
+    """The per-checkpoint series: zero-shot top-k, retrieval recall, effective dimension and rank."""
+
+    top: dict[str, list[float]] = field(default_factory=lambda: {"top1": [], "top5": []})
+    recall: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: {d: {f"R@{k}": [] for k in RECALL_KS} for d in ("image_to_text", "text_to_image")}
+    )
+    eff: dict[str, list[float]] = field(default_factory=lambda: {"image": [], "text": []})
+    erank: dict[str, list[float]] = field(default_factory=lambda: {"image": [], "text": []})
+
+    def add(self, probe: ProbeSet, runner: OpenClipRunner, img: np.ndarray, txt: np.ndarray) -> None:
+        if probe.labels is not None:
+            classifier = runner.zero_shot_classifier(probe.class_names, probe.templates)
+            for k, v in zero_shot_accuracy(img, classifier, probe.labels).items():
+                self.top[k].append(v)
+        if probe.captions is not None:
+            for d, vals in retrieval_recall(img, txt).items():
+                for k, v in vals.items():
+                    self.recall[d][k].append(v)
+        for key, emb in (("image", img), ("text", txt)):
+            sv = _centred_singular_values(emb)
+            self.eff[key].append(_participation_ratio(sv))
+            self.erank[key].append(_entropy_rank(sv))
+
+
 def analyze_representations(
     traj: Trajectory,
     probe: ProbeSet,
@@ -535,23 +588,13 @@ def analyze_representations(
     model = runner.model
     names = block_names(model) if blocks else []
     recorder = _BlockRecorder(model, names, pooling)
-    text_pool = getattr(model, "text_pool_type", "argmax")
-    eot = tokens.argmax(dim=-1)  # CLIP's BPE ends a text with its largest id, where open_clip pools ('argmax')
-    import torch
-
-    positions = torch.arange(tokens.shape[1])[None, :]
-    mask = positions <= eot[:, None] if text_pool == "argmax" else tokens != 0
+    mask, eot = _text_mask(model, tokens)
 
     t = len(traj)
     images: list[np.ndarray] = []
     text_emb: list[np.ndarray] = []
     acts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    top: dict[str, list[float]] = {"top1": [], "top5": []}
-    recall: dict[str, dict[str, list[float]]] = {
-        d: {f"R@{k}": [] for k in RECALL_KS} for d in ("image_to_text", "text_to_image")
-    }
-    eff: dict[str, list[float]] = {"image": [], "text": []}
-    erank: dict[str, list[float]] = {"image": [], "text": []}
+    measures = _Measures()
     seconds: list[float] = []
     try:
         for i in range(t):
@@ -559,30 +602,12 @@ def analyze_representations(
             runner.load(i)
             recorder.active = "image"
             img = runner.encode_images(probe, batch_size)
-            recorder.active = "text"
-            parts = []
-            with torch.inference_mode():
-                for sl in _slices(len(text_list), batch_size):
-                    recorder.text_mask, recorder.text_pick = mask[sl], eot[sl]
-                    parts.append(model.encode_text(tokens[sl], normalize=True).float().numpy())
-            recorder.active = None
-            txt = np.concatenate(parts)
+            txt = _encode_texts(model, recorder, tokens, mask, eot, batch_size)
             for name, a in recorder.take().items():
                 acts[name].append(a)
             images.append(img)
             text_emb.append(txt)
-            if probe.labels is not None:
-                classifier = runner.zero_shot_classifier(probe.class_names, probe.templates)
-                for k, v in zero_shot_accuracy(img, classifier, probe.labels).items():
-                    top[k].append(v)
-            if probe.captions is not None:
-                for d, vals in retrieval_recall(img, txt).items():
-                    for k, v in vals.items():
-                        recall[d][k].append(v)
-            for key, emb in (("image", img), ("text", txt)):
-                sv = _centred_singular_values(emb)
-                eff[key].append(_participation_ratio(sv))
-                erank[key].append(_entropy_rank(sv))
+            measures.add(probe, runner, img, txt)
             seconds.append(time.perf_counter() - start)
             if progress is not None:
                 progress(i + 1, t)
@@ -598,10 +623,10 @@ def analyze_representations(
         cka_text=cka_matrix(text_emb),
         cka_blocks={n: cka_matrix(acts[n]) for n in names},
         block_activations=acts,
-        zero_shot=top if probe.labels is not None else None,
-        retrieval=recall if probe.captions is not None else None,
-        effective_dim=eff,
-        effective_rank=erank,
+        zero_shot=measures.top if probe.labels is not None else None,
+        retrieval=measures.recall if probe.captions is not None else None,
+        effective_dim=measures.eff,
+        effective_rank=measures.erank,
         model={
             "name": runner.model_name,
             "config_source": runner.config_source,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from ckptstore.policy.history import Entry, default_mode
 from ckptstore.policy.select import select
-from ckptstore.policy.spec import InvalidPolicyError, Term, parse_terms
+from ckptstore.policy.spec import InvalidPolicyError, Term, fields_json, parse_terms
 
 __all__ = [
     "KeepBest",
@@ -64,11 +64,7 @@ class RetentionPolicy:
         raise NotImplementedError
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return fields_json(self.kind, self)
 
 
 def _ordinal(k: int) -> str:

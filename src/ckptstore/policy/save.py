@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from ckptstore.policy.history import Entry, default_mode
-from ckptstore.policy.spec import InvalidPolicyError, Term, parse_bool, parse_term, split_terms
+from ckptstore.policy.spec import InvalidPolicyError, Term, fields_json, parse_bool, parse_term, split_terms
 
 __all__ = [
     "OVERALL",
@@ -133,11 +133,7 @@ class SavePolicy:
             yield from c.walk()
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return fields_json(self.kind, self)
 
     def __or__(self, other: SavePolicy) -> AnyOf:
         return AnyOf((self, other))
@@ -438,17 +434,27 @@ class WeightChange(SavePolicy):
 
 # ---------------------------------------------------------------------------------------------- combinators
 @dataclass(frozen=True)
-class AnyOf(SavePolicy):
-    """Save when any of the policies says so; the reasons of all that do are recorded."""
+class _Combination(SavePolicy):
+    """What :class:`AnyOf` and :class:`AllOf` share: a flat tuple of policies (nested ones of the same kind are
+    merged), its children and its JSON."""
 
-    kind: ClassVar[str] = "any"
     policies: tuple[SavePolicy, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "policies", _flat(self.policies, AnyOf))
+        object.__setattr__(self, "policies", _flat(self.policies, type(self)))
 
     def children(self) -> tuple[SavePolicy, ...]:
         return self.policies
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "policies": [p.to_json() for p in self.policies]}
+
+
+@dataclass(frozen=True)
+class AnyOf(_Combination):
+    """Save when any of the policies says so; the reasons of all that do are recorded."""
+
+    kind: ClassVar[str] = "any"
 
     def decide(self, now: Now, history: Sequence[Entry]) -> Decision:
         reasons: list[str] = []
@@ -458,22 +464,12 @@ class AnyOf(SavePolicy):
                 reasons.extend(d.reasons)
         return Decision(bool(reasons), tuple(reasons))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "policies": [p.to_json() for p in self.policies]}
-
 
 @dataclass(frozen=True)
-class AllOf(SavePolicy):
+class AllOf(_Combination):
     """Save only when every one of the policies says so (``every:100 & weights:0.01``)."""
 
     kind: ClassVar[str] = "all"
-    policies: tuple[SavePolicy, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "policies", _flat(self.policies, AllOf))
-
-    def children(self) -> tuple[SavePolicy, ...]:
-        return self.policies
 
     def decide(self, now: Now, history: Sequence[Entry]) -> Decision:
         reasons: list[str] = []
@@ -483,9 +479,6 @@ class AllOf(SavePolicy):
                 return Decision.no()
             reasons.extend(d.reasons)
         return Decision(True, (" and ".join(reasons),) if reasons else ())
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "policies": [p.to_json() for p in self.policies]}
 
 
 def _flat(policies: Any, cls: type) -> tuple[SavePolicy, ...]:

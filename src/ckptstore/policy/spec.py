@@ -7,15 +7,26 @@ joined with ``,`` (any of them; for retention: the union); for save policies ``a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ckptstore.errors import CkptStoreError
 
-__all__ = ["InvalidPolicyError", "Term", "parse_bool", "parse_terms", "split_terms"]
+__all__ = ["InvalidPolicyError", "Term", "fields_json", "parse_bool", "parse_terms", "split_terms"]
 
 
 class InvalidPolicyError(CkptStoreError, ValueError):
     """A save or retention policy is malformed (text form, JSON form or arguments)."""
+
+
+def fields_json(kind: str, policy: Any) -> dict[str, Any]:
+    """The JSON form of a policy dataclass: ``kind``, then each field (tuples as lists). Save and retention
+    policies both write theirs with it."""
+    out: dict[str, Any] = {"kind": kind}
+    for f in fields(policy):
+        value = getattr(policy, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ckptstore.analysis.report import landscape
 from ckptstore.errors import CkptStoreError
+from ckptstore.util import jsonable
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -115,21 +116,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def _fmt_int(value: Any) -> str:
     v = _num(value)
     return "–" if v is None or not math.isfinite(v) else f"{int(v):,}"
-
-
-def _jsonable(value: Any) -> Any:
-    """A copy that is valid JSON: non-finite floats become ``None``, tuples lists, numpy scalars Python numbers."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _pick(n: int, k: int) -> list[int]:
@@ -372,7 +358,7 @@ def report_json(
     from ckptstore import __version__
 
     inp = _inputs(traj, weights, stability, representations, transfer, title, skipped, generated, extra)
-    return _jsonable(
+    return jsonable(
         {
             "format": REPORT_FORMAT,
             "version": REPORT_VERSION,

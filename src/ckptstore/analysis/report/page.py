@@ -318,20 +318,24 @@ def build_report(
 
 
 def _page(inp: _Inputs, version: str) -> str:
-    run = inp.run
-    sec = inp.sections
-    curves = _curves(run)
-    parts: list[str] = []
-    facts: list[tuple[str, str]] = []  # the summary cards (already escaped)
-
-    # ---- training curves
-    fig, notes = _curves_figure(run, curves)
+    curves = _curves(inp.run)
+    facts: list[tuple[str, str]] = []  # the summary cards (already escaped), in the order of the sections
+    fig, notes = _curves_figure(inp.run, curves)
     body = (fig.html() if fig else "") + _notes_html(notes)
-    parts.append(_section("curves", body, "Loss, learning rate and eval metrics from the checkpoints' metadata."))
+    parts = [_section("curves", body, "Loss, learning rate and eval metrics from the checkpoints' metadata.")]
+    parts.insert(0, _stability_part(inp, facts))
+    parts.append(_weights_part(inp, facts))
+    parts.append(_representations_part(inp, facts))
+    parts.append(_transfer_part(inp, facts))
+    parts += landscape.sections_html(inp.sections)
+    parts.append(_section("checkpoints", _checkpoint_table(inp.run, curves)))
+    return _wrap(inp, version, parts, facts, curves)
 
-    # ---- stability
-    if sec["stability"] is not None:
-        body, counts = _stability_html(sec["stability"], run)
+
+def _stability_part(inp: _Inputs, facts: list[tuple[str, str]]) -> str:
+    """The stability section; its flag count goes to the summary cards."""
+    if inp.sections["stability"] is not None:
+        body, counts = _stability_html(inp.sections["stability"], inp.run)
         n_flags = sum(counts.values())
         facts.append(
             (
@@ -342,20 +346,19 @@ def _page(inp: _Inputs, version: str) -> str:
         )
     else:
         body = _missing(inp.skipped["stability"])
-    parts.insert(
-        0,
-        _section(
-            "stability",
-            body,
-            "Loss spikes, non-finite or exploding weights, collapsing representations, frozen modules: each "
-            "warning sign at the first checkpoint where it shows.",
-        ),
+    return _section(
+        "stability",
+        body,
+        "Loss spikes, non-finite or exploding weights, collapsing representations, frozen modules: each "
+        "warning sign at the first checkpoint where it shows.",
     )
 
-    # ---- weights
-    w = sec["weights"]
+
+def _weights_part(inp: _Inputs, facts: list[tuple[str, str]]) -> str:
+    """The weights section: module heat map, model curves, PCA, spectra, module table; path straightness."""
+    w = inp.sections["weights"]
     if w is not None:
-        axis = _Axis.of(_section_points(run, w))
+        axis = _Axis.of(_section_points(inp.run, w))
         figs: list[_Figure | None] = []
         notes = []
         heat, nt = _module_heatmap(w, axis)
@@ -378,12 +381,14 @@ def _page(inp: _Inputs, version: str) -> str:
             facts.append(("path straightness", _fmt(model["straightness"], 3)))
     else:
         body = _missing(inp.skipped["weights"])
-    parts.append(_section("weights", body, "How far and how straight the weights travelled, module by module."))
+    return _section("weights", body, "How far and how straight the weights travelled, module by module.")
 
-    # ---- representations
-    r = sec["representations"]
+
+def _representations_part(inp: _Inputs, facts: list[tuple[str, str]]) -> str:
+    """The representations section: CKA and downstream figures; the best zero-shot top-1."""
+    r = inp.sections["representations"]
     if r is not None:
-        axis = _Axis.of(_section_points(run, r))
+        axis = _Axis.of(_section_points(inp.run, r))
         probe = _map(r.get("probe"))
         classes = probe.get("classes")
         n_classes = len(classes) if isinstance(classes, list) else classes
@@ -403,12 +408,14 @@ def _page(inp: _Inputs, version: str) -> str:
             )
     else:
         sub, body = "", _missing(inp.skipped["representations"])
-    parts.append(_section("representations", body, sub or "How the model's embeddings of a probe set changed."))
+    return _section("representations", body, sub or "How the model's embeddings of a probe set changed.")
 
-    # ---- transfer
-    t = sec["transfer"]
+
+def _transfer_part(inp: _Inputs, facts: list[tuple[str, str]]) -> str:
+    """The transfer section: accuracy per checkpoint; the best one."""
+    t = inp.sections["transfer"]
     if t is not None:
-        axis = _Axis.of(_section_points(run, t))
+        axis = _Axis.of(_section_points(inp.run, t))
         ds = _map(t.get("dataset"))
         classes = ds.get("classes")
         n_classes = len(classes) if isinstance(classes, list) else classes
@@ -428,11 +435,7 @@ def _page(inp: _Inputs, version: str) -> str:
             facts.append(("best transfer accuracy", f"{_fmt(best['accuracy'], 3)} <small>at {_esc(where)}</small>"))
     else:
         sub, body = "", _missing(inp.skipped["transfer"])
-    parts.append(_section("transfer", body, sub or "How useful each checkpoint's features are for a new task."))
-
-    parts += landscape.sections_html(sec)
-    parts.append(_section("checkpoints", _checkpoint_table(run, curves)))
-    return _wrap(inp, version, parts, facts, curves)
+    return _section("transfer", body, sub or "How useful each checkpoint's features are for a new task.")
 
 
 def _wrap(inp: _Inputs, version: str, parts: list[str], facts: list[tuple[str, str]], curves: Mapping[str, Any]) -> str:
