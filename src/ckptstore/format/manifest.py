@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xxhash
 
 from ckptstore.errors import FormatError, InvalidStateError, UnsupportedVersionError
-from ckptstore.format import tree
+from ckptstore.format import parts, tree
 from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, RUNS_DIR
 
 MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
@@ -81,6 +81,8 @@ class CheckpointInfo:
     stored_bytes: int
     tensors: int
     metadata: dict[str, Any]
+    #: parts dropped from this checkpoint (format §4.5), e.g. ``["optimizer"]`` for a weights-only checkpoint
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -101,6 +103,7 @@ class CheckpointInfo:
             "stored_bytes": self.stored_bytes,
             "ratio": round(self.ratio, 4) if math.isfinite(self.ratio) else None,
             "tensors": self.tensors,
+            "dropped": self.dropped,
             "metadata": self.metadata,
         }
 
@@ -174,6 +177,7 @@ class Manifest:
             int(st.get("stored_bytes", 0)),
             len(self.tensors),
             self.metadata,
+            parts.dropped_parts(self.data),
         )
 
 
