@@ -797,8 +797,8 @@ class Store:
             for run, first_drop in sorted(doomed.items()):
                 # an object a checkpoint at or before the first one that dropped it still holds stays where it is
                 for s in self.steps(run):
-                    for rec in self.manifest(run, s).objects.values():
-                        loc = (rec["pack"], int(rec["offset"]))
+                    for orec in self.manifest(run, s).objects.values():
+                        loc = (str(orec["pack"]), int(orec["offset"]))
                         if first_drop.get(loc, -1) >= s:
                             del first_drop[loc]
                 rewritten += self._rebase(run, set(), progress, doomed_locs=set(first_drop))

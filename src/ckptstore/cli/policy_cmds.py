@@ -112,8 +112,9 @@ def cmd_thin(args: argparse.Namespace) -> int:
                 rows.append(("drop", e.step, _label(e.epoch, e.step), human(e.stored_bytes), the_plan.drop[e.step]))
         print_table(None, ["", "step", "epoch", "stored", "why"], rows, ["left", "right", "right", "right", "left"])
         print(
-            f"{args.run}: keeps {len(the_plan.keep)} ({len(the_plan.weights_only)} of them weights-only), removes "
-            f"{len(the_plan.drop)}; frees about "
+            f"{args.run}: keeps {len(the_plan.keep)}"
+            + (f" ({len(the_plan.weights_only)} of them weights-only)" if the_plan.weights_only else "")
+            + f", removes {len(the_plan.drop)}; frees about "
             f"{human(the_plan.freed_estimate)} (the removed checkpoints' own bytes, less what re-encoding the "
             f"kept checkpoints that were deltas against them takes back)"
         )

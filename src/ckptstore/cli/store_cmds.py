@@ -242,8 +242,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"({_ratio(info.logical_bytes, own.stored_bytes)})"
     )
     for rec in m.data.get("dropped", []):
-        print(f"  {_content([str(rec.get('part'))])}: dropped {rec.get('time', '')} by {rec.get('reason', 'ckpt')} "
-              f"({rec.get('tensors')} tensors; this checkpoint cannot resume training)")
+        print(
+            f"  {_content([str(rec.get('part'))])}: dropped {rec.get('time', '')} by {rec.get('reason', 'ckpt')} "
+            f"({rec.get('tensors')} tensors; this checkpoint cannot resume training)"
+        )
     for line in meta_cmds.metadata_lines(m.metadata, line_width=_out_width() or 100):
         print(line)
     if args.tensors:

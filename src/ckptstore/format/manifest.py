@@ -14,9 +14,10 @@ rank's pack) builds the same ``data`` dict, checks it with :class:`Manifest`, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,7 @@ class CheckpointInfo:
     tensors: int
     metadata: dict[str, Any]
     #: parts dropped from this checkpoint (format §4.5), e.g. ``["optimizer"]`` for a weights-only checkpoint
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ref(self) -> str:

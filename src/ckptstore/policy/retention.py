@@ -485,6 +485,8 @@ def _term_policy(t: Term) -> RetentionPolicy:
         return KeepPinned()
     if n in ("all", "every_checkpoint"):
         t.check_options(())
+        if t.args:
+            raise t.fail("takes no arguments", hint="all")
         return KeepAll()
     if n == "select":
         t.check_options(("metric", "metrics"))
