@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = openclip.export_pt(store, args.ref, args.out)
     else:
         out = openclip.export_safetensors(store, args.ref, args.out)
+    dropped = store.resolve(args.ref).info().dropped
+    if dropped and not args.json:
+        print(f"warning: {args.ref} is {openclip.dropped_note(dropped)}", file=sys.stderr)
     if args.json:
-        print_json({"ref": args.ref, "format": args.format, "file": str(out), "bytes": out.stat().st_size})
+        print_json({"ref": args.ref, "format": args.format, "file": str(out), "bytes": out.stat().st_size,
+                    "dropped": dropped})  # fmt: skip
     else:
         print(f"wrote {out} ({human(out.stat().st_size)})")
     return 0
