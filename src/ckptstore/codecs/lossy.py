@@ -191,10 +191,13 @@ def _write_side(idx: np.ndarray, bits: np.ndarray) -> bytes:
 def _read_side(data: bytes, uword: type) -> tuple[np.ndarray, np.ndarray]:
     if not data:
         return np.zeros(0, np.int64), np.zeros(0, uword)
-    n, la, lb = struct.unpack_from("<QQQ", data)
-    d = zstandard.ZstdDecompressor()
-    gaps = np.frombuffer(d.decompress(data[24 : 24 + la]), np.uint64) if n else np.zeros(0, np.uint64)
-    bits: np.ndarray = np.frombuffer(d.decompress(data[24 + la : 24 + la + lb]), uword) if n else np.zeros(0, uword)
+    try:
+        n, la, lb = struct.unpack_from("<QQQ", data)
+        d = zstandard.ZstdDecompressor()
+        gaps = np.frombuffer(d.decompress(data[24 : 24 + la]), np.uint64) if n else np.zeros(0, np.uint64)
+        bits: np.ndarray = np.frombuffer(d.decompress(data[24 + la : 24 + la + lb]), uword) if n else np.zeros(0, uword)
+    except (struct.error, zstandard.ZstdError, ValueError):
+        raise CodecError("lossy-q exception table is damaged") from None
     if gaps.size != n or bits.size != n:
         raise CodecError("lossy-q exception table is damaged")
     return np.cumsum(gaps).astype(np.int64), bits
