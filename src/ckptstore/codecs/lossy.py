@@ -10,7 +10,8 @@ which the chain's bytes codec (``planes-zstd``) then packs. Two domains:
 * ``log`` (Adam's second moment, ≥ 0 and spanning many decades): ``q = rint(ln x / step)``, ``x̂ = exp(q·step)``,
   coded as the difference from the previous reconstruction's ``q``.
 
-Every element the quantiser cannot bring within the bound — NaN, ±Inf, zeros in the log domain, integers that
+Exact zeros of the log domain (second moments of never-updated parameters) get a reserved word. Every element
+the quantiser cannot bring within the bound — NaN, ±Inf, negative values in the log domain, integers that
 do not fit the word, elements the cast to the dtype pushed over — is an *exception*, stored exactly (its
 original bits) in the codec's side bytes. So the bound holds for every element by construction, not on
 average, and non-finite values are kept bit-exact. :func:`quantise` is the encoder (it returns the codec, the
@@ -169,9 +170,16 @@ class LossyQuant(ArrayCodec):
         prev = refs.get("prev")
         ref = to_float(_as_values(prev, spec.dtype), spec.dtype) if prev is not None else None
         out: np.ndarray = from_float(self.values(codes, ref, spec.dtype), spec.dtype).view(uword)
+        if self.domain == "log":
+            out[u == _zero_word(uword)] = 0  # the reserved word: exactly zero
         idx, bits = _read_side(self._side, uword)
         out[idx] = bits
         return out
+
+
+def _zero_word(uword: type) -> Any:
+    """The log domain's word for an exact zero (all ones; zig-zag codes stay below it)."""
+    return uword(np.iinfo(uword).max)
 
 
 def _as_values(words: np.ndarray, dtype: str) -> np.ndarray:
@@ -237,15 +245,18 @@ def quantise(
         q = np.where(ok, q, 0.0)
     codes = q.astype(np.int64)
     recon = codec.values(codes, ref, dtype)
+    zero = (x == 0) & ~np.signbit(x) if domain == "log" else np.zeros(x.size, bool)
     good = ok & _within(x, recon, eps)
     if domain == "log":
         good &= x > 0
-    exc = np.flatnonzero(~good)
+    exc = np.flatnonzero(~good & ~zero)
     codes[exc] = 0
     orig_words = flat.view(uword) if dtype != "bfloat16" else flat.astype(np.uint16)
     codec._side = _write_side(exc, orig_words[exc]) if exc.size else b""
     recon[exc] = x[exc]
+    recon[zero] = 0.0
     zz: np.ndarray = ((codes << 1) ^ (codes >> 63)).astype(np.uint64).astype(uword)
+    zz[zero] = _zero_word(uword)
     rec = {
         "domain": domain,
         "bound": bound.as_dict(),
