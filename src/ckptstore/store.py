@@ -793,16 +793,7 @@ class Store:
                 self._manifests[(run, step)] = Manifest(data, m.key)
                 changed.append(m.ref)
                 dropped_tensors += len(gone)
-            rewritten = 0
-            for run, first_drop in sorted(doomed.items()):
-                # an object a checkpoint at or before the first one that dropped it still holds stays where it is
-                for s in self.steps(run):
-                    for orec in self.manifest(run, s).objects.values():
-                        loc = (str(orec["pack"]), int(orec["offset"]))
-                        if first_drop.get(loc, -1) >= s:
-                            del first_drop[loc]
-                rewritten += self._rebase(run, set(), progress, doomed_locs=set(first_drop))
-            removed = self._gc_locked()
+            rewritten, removed = self._free_locations(doomed, progress)
             after = self._stored_bytes()
         return {
             "changed": changed,
@@ -811,6 +802,22 @@ class Store:
             "freed_bytes": before - after,
             "removed_packs": removed,
         }
+
+    def _free_locations(
+        self, doomed: Mapping[str, dict[tuple[str, int], int]], progress: Callable[[int, int], None] | None
+    ) -> tuple[int, int]:
+        """After manifests stopped naming some objects (run → ``(pack, offset)`` → the first step that let go of
+        it): rebase the checkpoints whose chains still reach them, then gc. Call under the write lock. An object
+        a checkpoint at or before the first one that let go of it still holds stays where it is."""
+        rewritten = 0
+        for run, first_drop in sorted(doomed.items()):
+            for s in self.steps(run):
+                for orec in self.manifest(run, s).objects.values():
+                    loc = (str(orec["pack"]), int(orec["offset"]))
+                    if first_drop.get(loc, -1) >= s:
+                        del first_drop[loc]
+            rewritten += self._rebase(run, set(), progress, doomed_locs=set(first_drop))
+        return rewritten, self._gc_locked()
 
     def _rebase(
         self,
@@ -981,6 +988,7 @@ class Store:
             current: dict[str, np.ndarray] = {}
             try:
                 m = self.manifest(r, s)
+                problems.extend(f"{r}@{s}: {p}" for p in _parts.lossy_problems(m.data))
                 for t in m.tensors.values():
                     for o in reversed(m.chain(t["object"])):  # bases first
                         if o not in checked:

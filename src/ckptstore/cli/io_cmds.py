@@ -18,6 +18,7 @@ from ckptstore.cli.common import (
     print_json,
     progress_bar,
 )
+from ckptstore.errors import OutputPathError
 from ckptstore.format.manifest import CheckpointInfo
 from ckptstore.store import Store
 from ckptstore.util import human_bytes as human
@@ -109,7 +110,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_output_file(args.out)
     store = get_store(args)
-    store.resolve(args.ref)  # a bad reference fails before anything is written
+    m = store.resolve(args.ref)  # a bad reference fails before anything is written
+    if "lossy" in m.data and "lossy" not in Path(args.out).name.lower():
+        raise OutputPathError(
+            f"{m.ref} is a LOSSY checkpoint (ckpt archive); its file name must say so",
+            path=str(args.out),
+            hint=f"name it e.g. {Path(args.out).stem}.lossy{Path(args.out).suffix or '.pt'}",
+        )
     if args.format == "pt":
         out = openclip.export_pt(store, args.ref, args.out)
     else:

@@ -197,9 +197,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _content(dropped: list[str]) -> str:
+    """What a checkpoint holds, in words: ``dropped`` lists ``optimizer`` (weights-only tier) and ``lossless``
+    (the lossy archive tier, docs/archive.md)."""
     if not dropped:
         return "complete"
-    return "weights only (no optimizer state)" if dropped == ["optimizer"] else "without " + ", ".join(dropped)
+    words = []
+    if "optimizer" in dropped:
+        words.append("weights only (no optimizer state)")
+    if "lossless" in dropped:
+        words.append("LOSSY (error-bounded, ckpt archive)")
+    words += [f"without {d}" for d in dropped if d not in ("optimizer", "lossless")]
+    return ", ".join(words)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -230,6 +238,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "stored_bytes": own.stored_bytes,
         "tensors": len(tensors),
         "dropped": m.data.get("dropped", []),
+        "lossy": m.data.get("lossy"),
         "metadata": m.metadata,
     }
     if args.json:
@@ -241,6 +250,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
         f"({_ratio(info.logical_bytes, own.stored_bytes)})"
     )
+    lossy = m.data.get("lossy")
+    if isinstance(lossy, dict):
+        b = ", ".join(f"{k} {v.get('mode')}:{v.get('value')}" for k, v in (lossy.get("bounds") or {}).items())
+        print(
+            f"  LOSSY (ckpt archive, {lossy.get('codec')}): {len(lossy.get('tensors') or {})} tensors within "
+            f"the recorded bounds ({b}); `ckpt show --json` lists each tensor's bound and max error"
+        )
     for rec in m.data.get("dropped", []):
         print(
             f"  {_content([str(rec.get('part'))])}: dropped {rec.get('time', '')} by {rec.get('reason', 'ckpt')} "

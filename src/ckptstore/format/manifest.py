@@ -178,7 +178,7 @@ class Manifest:
             int(st.get("stored_bytes", 0)),
             len(self.tensors),
             self.metadata,
-            parts.dropped_parts(self.data),
+            [*parts.dropped_parts(self.data), *(["lossless"] if "lossy" in self.data else [])],
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from ckptstore.errors import InvalidStateError
 from ckptstore.format import tree
 
-__all__ = ["PARTS", "dropped_parts", "part_keys", "strip_tree"]
+__all__ = ["PARTS", "dropped_parts", "lossy_problems", "part_keys", "strip_tree"]
 
 #: Part name → the top-level keys of the state that hold it (open_clip_train and ``ckptstore.torch``:
 #: ``optimizer``; Lightning: ``optimizer_states``; others).
@@ -41,3 +41,24 @@ def dropped_parts(data: Mapping[str, Any]) -> list[str]:
     """The parts a manifest says were dropped (``[]`` for a complete checkpoint)."""
     recs = data.get("dropped") or []
     return [str(r.get("part")) for r in recs if isinstance(r, Mapping)]
+
+
+def lossy_problems(data: Mapping[str, Any]) -> list[str]:
+    """A lossy manifest's record checked against itself (format §4.6): every tensor it names must exist and
+    have a recorded max error within its recorded bound (``eps``, or the ``elem`` value)."""
+    info = data.get("lossy")
+    if info is None:
+        return []
+    if not isinstance(info, Mapping) or not isinstance(info.get("tensors"), Mapping):
+        return ["the lossy record is malformed"]
+    out = []
+    tensors = data.get("tensors") or {}
+    for n, rec in info["tensors"].items():
+        b = rec.get("bound") or {} if isinstance(rec, Mapping) else {}
+        limit = b.get("value") if b.get("mode") == "elem" else rec.get("eps")
+        err = rec.get("max_err")
+        if n not in tensors:
+            out.append(f"{n}: in the lossy record but not a tensor")
+        elif not isinstance(limit, int | float) or not isinstance(err, int | float) or not err <= limit:
+            out.append(f"{n}: recorded max error {err} is not within its bound {limit}")
+    return out

@@ -285,6 +285,11 @@ def dropped_note(dropped: list[str]) -> str:
                 "`optimizer` key: open_clip.create_model_and_transforms(..., pretrained=FILE) loads it, "
                 "`open_clip_train --resume` cannot (it stops with KeyError: 'optimizer'); resume from a "
                 "complete checkpoint (`ckpt ls` shows which)")  # fmt: skip
+    if "lossless" in dropped:
+        return (
+            "LOSSY (ckpt archive): every tensor within its recorded error bound, not the original bits "
+            "(docs/archive.md)"
+        )
     return f"missing {', '.join(dropped)}"
 
 
