@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--level", type=int, default=9, help="zstd level of the planes-zstd bytes codec (default 9)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--no-quality", action="store_true", help="skip validation loss / zero-shot")
+    ap.add_argument("--store", metavar="POLICY", help="also ingest into a store and run archive(keep=POLICY) there")
     args = ap.parse_args()
     bounds = {"weights": Bound("rel", args.weights), "exp_avg": Bound("rel", args.exp_avg),
               "exp_avg_sq": Bound("elem", args.exp_avg_sq)}  # fmt: skip
@@ -111,12 +112,33 @@ def main() -> int:
         "exceptions": exceptions,
         "encode_s": round(t_enc, 1),
     }
+    if args.store:
+        out["store"] = in_store(files, args.store, bounds)
     if not args.no_quality:
         out["quality"] = quality(ckpts, files, restored)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0 if violations == 0 else 1
+
+
+def in_store(files: list[Path], keep: str, bounds: dict[str, Bound]) -> dict[str, Any]:
+    """``ckptstore.archive.archive`` in a real store: pack bytes before and after, verify."""
+    import tempfile
+
+    from ckptstore import archive
+    from ckptstore.store import create_store
+
+    with tempfile.TemporaryDirectory() as d:
+        store = create_store(Path(d) / "s.ckpt")
+        openclip.ingest(store, [str(f) for f in files], run="r")
+        t0 = time.perf_counter()
+        res = archive.archive(store, "r", keep, bounds=bounds)
+        took = time.perf_counter() - t0
+        ver = store.verify("r")
+    return {"keep": keep, "lossless_store_bytes": res["store_bytes_before"], "archived_store_bytes":
+            res["store_bytes_after"], "converted": res["converted"], "kept": res["kept"], "verify_ok": ver["ok"],
+            "archive_s": round(took, 1)}  # fmt: skip
 
 
 def quality(ckpts: Path, files: list[Path], restored: dict[int, dict[str, np.ndarray]]) -> list[dict[str, Any]]:

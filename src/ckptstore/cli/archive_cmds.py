@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
                    help="retention policy whose checkpoints stay lossless (e.g. select:5; repeatable)")  # fmt: skip
     p.add_argument("--bound", action="append", metavar="KIND=MODE:V",
                    help="per-element error bound of a tensor kind (weights, exp_avg: abs|rel; exp_avg_sq: elem); "
-                   "default weights=rel:1e-3, exp_avg=rel:1e-2, exp_avg_sq=elem:0.05")  # fmt: skip
+                   "default weights=rel:2e-3, exp_avg=rel:1e-2, exp_avg_sq=elem:0.05")  # fmt: skip
     p.add_argument("--dry-run", "-n", action="store_true", help="show the plan, change nothing")
     add_json_arg(p, "what was converted and the bytes freed")
     p.set_defaults(func=cmd_archive)

@@ -55,7 +55,7 @@ class Bound:
 
 #: The default bound per tensor kind (docs/archive.md explains the choice and measures it).
 DEFAULT_BOUNDS: dict[str, Bound] = {
-    "weights": Bound("rel", 1e-3),
+    "weights": Bound("rel", 2e-3),
     "exp_avg": Bound("rel", 1e-2),
     "exp_avg_sq": Bound("elem", 0.05),
 }
