@@ -24,8 +24,8 @@ from ckptstore.errors import InvalidStateError
 from ckptstore.format.manifest import Manifest, manifest_bytes, object_id, with_true_depths
 from ckptstore.format.pack import PackWriter, new_pack_key
 from ckptstore.format.tree import Leaf
-from ckptstore.policy.history import entries_from_infos
-from ckptstore.policy.retention import RetentionPlan, parse_retention, plan
+from ckptstore.policy import thin
+from ckptstore.policy.retention import RetentionPlan
 from ckptstore.store import Store
 
 __all__ = [
@@ -84,7 +84,7 @@ def lossy_info(m: Manifest) -> dict[str, Any] | None:
 def plan_archive(store: Store, run: str, keep: str | Sequence[Any]) -> RetentionPlan:
     """Which checkpoints stay lossless (``keep``) and which become lossy (``drop`` of the plan); checkpoints
     already lossy are neither converted again nor counted."""
-    return plan(entries_from_infos(store.checkpoints(run)), parse_retention(keep))
+    return thin.plan_thin(store, run, keep)[0]  # with the weight path when a policy (select) needs it
 
 
 def archive(
