@@ -149,3 +149,12 @@ def test_a_lossless_checkpoint_after_lossy_ones_stays_exact_after_delete(trained
     fresh = open_store(store.url)
     assert fresh.verify()["ok"]
     _check(fresh, saved)
+
+
+def test_release_folder_names_say_lossy(trained: Any) -> None:
+    from ckptstore.release import folder_name
+
+    store, _, _ = trained
+    archive.archive(store, "r", "last:1")
+    assert folder_name(store.manifest("r", 2)) == "epoch-02-step-2-lossy"
+    assert folder_name(store.manifest("r", STEPS)) == f"epoch-{STEPS:02d}-step-{STEPS}"
