@@ -79,3 +79,22 @@ def test_release_labels_lossy_checkpoints(archived: tuple[Path, Path], tmp_path:
     assert "**LOSSY**" in card and f"`{folders[0]}`" in card and "except in the LOSSY folders" in card
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out / folders[0]}")
     assert model is not None
+
+
+def _val_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    return float(rows[-1]["clip_val_loss"])
+
+
+def test_resuming_open_clip_train_from_a_lossy_checkpoint(archived: tuple[Path, Path], tmp_path: Path) -> None:
+    """One more epoch from the lossy epoch 2 reaches the validation loss of one more epoch from the original."""
+    path, ckpts = archived
+    lossy = tmp_path / "e2.lossy.pt"
+    ckpt("export", "r@2", "--store", str(path), "-O", str(lossy))
+    losses = {}
+    for name, src in (("lossless", ckpts / "epoch_2.pt"), ("lossy", lossy)):
+        _p, run_dir = tj.run_open_clip_train(tmp_path / name, epochs=EPOCHS, size="tiny", n_images=128,
+                                             val_samples=128, name=name, extra_args=["--resume", str(src)])  # fmt: skip
+        assert "=> resuming checkpoint" in (run_dir / "out.log").read_text()
+        losses[name] = _val_loss(run_dir)
+    assert abs(losses["lossy"] - losses["lossless"]) <= 0.01 * losses["lossless"], losses
