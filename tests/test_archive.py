@@ -174,3 +174,12 @@ def test_a_crash_before_the_old_bytes_are_freed_loses_nothing(trained: Any, monk
     fresh.gc()  # the lossless dependents still name the old objects: gc must keep them
     assert fresh.verify()["ok"]
     assert _check(fresh, saved) == (STEPS - 2) * 12
+
+
+def test_a_bad_bound_on_the_command_line_is_one_line_and_touches_nothing(trained: Any) -> None:
+    _store, _, path = trained
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = ckpt_main(["archive", "r", "--store", str(path), "--keep", "last:1", "--bound", "weights=elem:0.1"])
+    assert rc == 2 and len(err.getvalue().strip().splitlines()) == 1 and "weights=elem:0.1" in err.getvalue()
+    assert not any(archive.is_lossy(open_store(path).manifest("r", s)) for s in range(1, STEPS + 1))
