@@ -48,6 +48,9 @@ def main() -> int:
     ap.add_argument("--level", type=int, default=9, help="zstd level of the planes-zstd bytes codec (default 9)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--no-quality", action="store_true", help="skip validation loss / zero-shot")
+    ap.add_argument("--entropy", action="store_true",
+                    help="also measure pcodec and constriction's ANS (static order-0 model) on the integers; "
+                    "needs both installed (not dependencies of ckptstore)")  # fmt: skip
     ap.add_argument("--store", metavar="POLICY", help="also ingest into a store and run archive(keep=POLICY) there")
     args = ap.parse_args()
     bounds = {"weights": Bound("rel", args.weights), "exp_avg": Bound("rel", args.exp_avg),
@@ -57,7 +60,8 @@ def main() -> int:
     planes = bytes_codec("planes-zstd", args.level)
     zc = zstandard.ZstdCompressor(level=9)
     raw_file = sum(f.stat().st_size for f in files)
-    sizes = {k: {"raw": 0, "planes": 0, "zstd": 0} for k in bounds}
+    sizes = {k: {"raw": 0, "planes": 0, "zstd": 0, **({"pcodec": 0, "ans": 0} if args.entropy else {})}
+             for k in bounds}  # fmt: skip
     worst: dict[str, float] = dict.fromkeys(bounds, 0.0)
     violations = 0
     exceptions = 0
@@ -91,6 +95,10 @@ def main() -> int:
             sizes[kind]["raw"] += leaf.nbytes
             sizes[kind]["planes"] += len(planes.encode(words, spec)) + side
             sizes[kind]["zstd"] += len(zc.compress(words.tobytes())) + side
+            if args.entropy:
+                pc, ans = entropy_coded(words)
+                sizes[kind]["pcodec"] += pc + side
+                sizes[kind]["ans"] += ans + side
             if kind == "weights":
                 restored[epoch][name[len("state_dict/") :]] = recon.astype(np.float32).reshape(leaf.shape)
     t_enc = time.perf_counter() - t0
@@ -104,6 +112,14 @@ def main() -> int:
         "other_tensor_bytes": other_raw,
         "lossy_bytes_planes": sum(v["planes"] for v in sizes.values()),
         "lossy_bytes_zstd": sum(v["zstd"] for v in sizes.values()),
+        **(
+            {
+                "lossy_bytes_pcodec": sum(v["pcodec"] for v in sizes.values()),
+                "lossy_bytes_ans": sum(v["ans"] for v in sizes.values()),
+            }
+            if args.entropy
+            else {}
+        ),
         "ratio_vs_raw_tensors": round(raw / best, 2),
         "ratio_vs_pt_files": round(raw_file / best, 2),
         "per_kind": {k: {**v, "ratio": round(v["raw"] / min(v["planes"], v["zstd"]), 2)} for k, v in sizes.items()},
@@ -120,6 +136,24 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0 if violations == 0 else 1
+
+
+def entropy_coded(words: np.ndarray) -> tuple[int, int]:
+    """Bytes of the zig-zag words as signed integers through pcodec, and through constriction's ANS coder with
+    a static order-0 model of the tensor's own symbol frequencies (the model costs 12 bytes a symbol)."""
+    import constriction
+    from pcodec import ChunkConfig, standalone
+
+    u = words.astype(np.int64)
+    codes = (u >> 1) ^ -(u & 1)
+    narrow = codes.astype(np.int32) if words.itemsize <= 4 else codes
+    pc = len(standalone.simple_compress(narrow, ChunkConfig()))
+    values, symbols = np.unique(codes, return_inverse=True)
+    counts = np.bincount(symbols).astype(np.float64)
+    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols.astype(np.int32), model)
+    return pc, coder.get_compressed().nbytes + 12 * values.size
 
 
 def in_store(files: list[Path], keep: str, bounds: dict[str, Bound]) -> dict[str, Any]:

@@ -767,7 +767,8 @@ class Store:
                 if not keys:
                     continue
                 skeleton, gone = _parts.strip_tree(m.data["tree"], keys)
-                tensors = {n: t for n, t in m.tensors.items() if n not in set(gone)}
+                gone_set = set(gone)
+                tensors = {n: t for n, t in m.tensors.items() if n not in gone_set}
                 table: dict[str, dict[str, Any]] = {}
                 for t in tensors.values():
                     for o in m.chain(t["object"]):
