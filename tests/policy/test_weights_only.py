@@ -211,3 +211,25 @@ def test_recorder_keeps_optimizer_state_for_the_newest_two(tmp_path: Path) -> No
     assert store.verify()["ok"]
     with pytest.raises(InvalidPolicyError, match="keep_weights needs keep"):
         Recorder(store, "q", model=model, keep_weights="all")
+
+
+def test_watch_keeps_optimizer_state_for_the_newest_two(tmp_path: Path) -> None:
+    from ckptstore.integrations.watch import Watcher
+
+    store = create_store(tmp_path / "s.ckpt")
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.manual_seed(0)
+    t = [0.0]
+    w = Watcher(store, tmp_path / "run", run="r", keep="last:2", keep_weights="all", settle=0.0, clock=lambda: t[0])
+    for e in range(1, 5):
+        opt = {"state": {0: {"exp_avg": torch.randn(16, 8)}}, "param_groups": [{"lr": 1e-3}]}
+        state = {"epoch": e, "name": "r", "state_dict": {"w": torch.randn(16, 8)}, "optimizer": opt}
+        torch.save(state, ck / f"epoch_{e}.pt")
+        for _ in range(2):
+            t[0] += 5.0
+            w.scan()
+    assert {i.step: i.dropped for i in store.checkpoints("r")} == {1: ["optimizer"], 2: ["optimizer"], 3: [], 4: []}
+    thinned = [ev for ev in w.events if ev.kind == "thinned"]
+    assert thinned and "dropped the optimizer state of r@1" in thinned[0].message
+    assert store.verify()["ok"]

@@ -78,6 +78,8 @@ def register(sub: Any) -> None:
     p.add_argument("--settle", type=float, metavar="SECONDS",
                    help="a file must keep its size this long before it is read (default: --poll)")  # fmt: skip
     p.add_argument("--keep", "-k", action="append", metavar="POLICY", help="online retention after each epoch")
+    p.add_argument("--keep-weights", action="append", metavar="POLICY",
+                   help="with --keep: what only this keeps stays weights-only (e.g. all)")  # fmt: skip
     p.add_argument("--init", action="store_true", help="create the store if it does not exist")
     p.add_argument("--json", action="store_true", help="print one JSON object per event on standard output")
     p.set_defaults(func=cmd_watch)
@@ -184,7 +186,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     settle = args.settle if args.settle is not None else args.poll
     watcher = Watcher(store, args.folder, run=args.run, prune=args.prune, settle=settle, keep=args.keep,
-                      on_event=show)  # fmt: skip
+                      keep_weights=args.keep_weights, on_event=show)  # fmt: skip
     events = watcher.run_until(poll=args.poll, pid=args.pid, idle_timeout=args.idle_timeout)
     stored = sum(e.kind == "stored" for e in events)
     left = [e for e in events if e.kind in ("incomplete", "conflict", "error")]
