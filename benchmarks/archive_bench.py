@@ -144,11 +144,15 @@ def entropy_coded(words: np.ndarray) -> tuple[int, int]:
     import constriction
     from pcodec import ChunkConfig, standalone
 
+    if words.size == 0:
+        return 0, 0
     u = words.astype(np.int64)
     codes = (u >> 1) ^ -(u & 1)
     narrow = codes.astype(np.int32) if words.itemsize <= 4 else codes
     pc = len(standalone.simple_compress(narrow, ChunkConfig()))
     values, symbols = np.unique(codes, return_inverse=True)
+    if values.size == 1:
+        return pc, 12 + 8  # one symbol: the model and the length say everything
     counts = np.bincount(symbols).astype(np.float64)
     model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
     coder = constriction.stream.stack.AnsCoder()
