@@ -135,7 +135,7 @@ class StoreMachine(RuleBasedStateMachine):
         keys = sorted(self.model)
         chosen = data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True))
         res = self.s.drop_parts([f"{r}@{s}" for r, s in chosen])
-        assert res["changed"] == sorted(f"{r}@{s}" for r, s in chosen if "optimizer" in self.model[(r, s)])
+        assert res["changed"] == [f"{r}@{s}" for r, s in sorted(chosen) if "optimizer" in self.model[(r, s)]]
         for k in chosen:
             self.model[k] = {n: v for n, v in self.model[k].items() if n != "optimizer"}
 
