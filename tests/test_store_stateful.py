@@ -27,6 +27,7 @@ def _fresh_state(seed: int) -> dict[str, Any]:
         "i": rng.integers(-1000, 1000, 16).astype(np.int64),
         "c": np.full(64, 7, dtype=np.uint8),
         "meta": {"n": int(seed), "tags": ("x", seed % 3)},
+        "optimizer": {"m": rng.standard_normal(48).astype(np.float32)},
     }
 
 
@@ -35,6 +36,7 @@ def _evolve(prev: dict[str, Any], how: str, seed: int) -> dict[str, Any]:
     if how == "fresh":
         return _fresh_state(seed)
     out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in prev.items()}
+    out["optimizer"] = {"m": prev["optimizer"]["m"].copy()}
     if how == "same":
         return out
     if how == "nudge":
@@ -43,6 +45,7 @@ def _evolve(prev: dict[str, Any], how: str, seed: int) -> dict[str, Any]:
         w[idx] = np.nextafter(w[idx], np.float32(np.inf if seed % 2 else -np.inf))
         out["h"][rng.integers(0, out["h"].size, 5)] += np.float16(0.001)
         out["i"] += 1
+        out["optimizer"]["m"][rng.integers(0, 48, 6)] += np.float32(0.01)
     elif how == "one":
         out["i"][rng.integers(0, out["i"].size)] ^= 1
     out["meta"] = {"n": int(seed), "tags": ("x", seed % 3)}
@@ -125,6 +128,17 @@ class StoreMachine(RuleBasedStateMachine):
         for k in doomed:
             del self.model[k]
 
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data())
+    def drop_optimizer(self, data: st.DataObject) -> None:
+        """The weights-only tier: the optimizer state of some checkpoints goes, the rest stays bit-exact."""
+        keys = sorted(self.model)
+        chosen = data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True))
+        res = self.s.drop_parts([f"{r}@{s}" for r, s in chosen])
+        assert res["changed"] == [f"{r}@{s}" for r, s in sorted(chosen) if "optimizer" in self.model[(r, s)]]
+        for k in chosen:
+            self.model[k] = {n: v for n, v in self.model[k].items() if n != "optimizer"}
+
     @rule(run=st.sampled_from(RUNS), step=st.integers(10**6, 10**6 + 5))
     def delete_missing(self, run: str, step: int) -> None:
         with pytest.raises(CheckpointNotFoundError):
@@ -174,6 +188,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert got[k].dtype == state[k].dtype and got[k].shape == state[k].shape
                 assert got[k].tobytes() == state[k].tobytes(), (run, step, k)
             assert got["meta"] == state["meta"]
+            if "optimizer" in state:
+                assert got["optimizer"]["m"].tobytes() == state["optimizer"]["m"].tobytes(), (run, step)
 
 
 # No shrink phase: shrinking a failing run of this machine can take minutes, and the unshrunk run (at most 15

@@ -153,8 +153,9 @@ class Recorder:
     state (``ckptstore.torch.training_state``; or whatever ``state()`` returns), with metadata holding the
     reason (``save_reason``), the policy (``save_policy``), the step, epoch, metrics, elapsed time and the weight
     path (``trajectory``). With ``keep``, retention policies thin the run after every save (online retention;
-    pinned checkpoints and the latest are never removed). :meth:`finish` saves the last step when the policy has a
-    ``last`` term.
+    pinned checkpoints and the latest are never removed); with ``keep_weights`` as well, what only those keep
+    stays weights-only (``keep="last:2", keep_weights="all"``: optimizer state for the newest two).
+    :meth:`finish` saves the last step when the policy has a ``last`` term.
 
     A call for a step that was already saved saves nothing; its metrics, if any are new, are added to that
     checkpoint's metadata (evaluation results often arrive after the step's save).
@@ -172,6 +173,7 @@ class Recorder:
         state: Callable[[], Any] | None = None,
         policy: str | Mapping[str, Any] | SavePolicy = "last",
         keep: str | RetentionPolicy | Sequence[Any] | None = None,
+        keep_weights: str | RetentionPolicy | Sequence[Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         record_path: bool = True,
         capture: bool = True,
@@ -185,6 +187,10 @@ class Recorder:
         self.state_fn = state
         self.policy = parse_save_policy(policy)
         self.keep = parse_retention(keep) if keep is not None else []
+        self.keep_weights = parse_retention(keep_weights) if keep_weights is not None else None
+        if self.keep_weights is not None and not self.keep:
+            raise InvalidPolicyError("keep_weights needs keep (the checkpoints that stay whole)",
+                                     hint='e.g. keep="last:2", keep_weights="all"')  # fmt: skip
         self.static_metadata = dict(metadata or {})
         self.capture = capture
         self._clock = clock
@@ -307,9 +313,9 @@ class Recorder:
         """Apply the ``keep`` policies to the run now (what :meth:`step` does after each save)."""
         if not self.keep:
             return {"deleted": []}
-        the_plan, recs = thin.plan_thin(self.store, self.run, self.keep)
+        the_plan, recs = thin.plan_thin(self.store, self.run, self.keep, keep_weights=self.keep_weights)
         self.last_retention = the_plan
-        if not the_plan.drop:
+        if not the_plan.drop and not the_plan.weights_only:
             return {"deleted": []}
         return thin.apply_plan(self.store, self.run, the_plan, recs)
 

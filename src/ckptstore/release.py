@@ -252,9 +252,10 @@ def folder_name(m: Manifest) -> str:
     step = m.metadata.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
         step = m.step
+    lossy = "-lossy" if "lossy" in m.data else ""  # the lossy archive tier (docs/archive.md) says so in its name
     if isinstance(epoch, int) and not isinstance(epoch, bool):
-        return f"epoch-{epoch:02d}-step-{step}"
-    return f"step-{step}"
+        return f"epoch-{epoch:02d}-step-{step}{lossy}"
+    return f"step-{step}{lossy}"
 
 
 def _sha256(path: Path) -> str:
@@ -450,6 +451,14 @@ def _card_checkpoints(info: Mapping[str, Any], rows: Sequence[_Row], metrics: Se
             "## Checkpoints",
             "",
         ]
+        lossy = [r.folder for r in rows if "lossy" in r.chosen.manifest.data]
+        if lossy:
+            lines[0] = lines[0].replace("every tensor is bit-identical to the checkpoint the training run wrote",
+                                        "every tensor is bit-identical to the checkpoint the training run wrote, "
+                                        "except in the LOSSY folders")  # fmt: skip
+            lines += [f"**LOSSY**: {', '.join(f'`{f}`' for f in lossy)} come from the error-bounded archive tier "
+                      "(`ckpt archive`, ckptstore docs/archive.md): each tensor is within its recorded bound of "
+                      "the original, not the original bits.", ""]  # fmt: skip
         head = ["Folder", "Epoch", "Step", "Samples seen", *metrics, "Why chosen", "Size", "SHA-256 of the weights"]
         lines.append("| " + " | ".join(_md_cell(h) for h in head) + " |")
         lines.append("|" + "|".join(["---", "---:", "---:", "---:", *["---:"] * len(metrics), "---", "---:", "---"])

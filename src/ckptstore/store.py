@@ -33,7 +33,8 @@ from ckptstore.errors import (
     TensorNotFoundError,
     UnsupportedVersionError,
 )
-from ckptstore.format import sharded, tree
+from ckptstore.format import dtypes, sharded, tree
+from ckptstore.format import parts as _parts
 from ckptstore.format.manifest import (
     MAX_CHAIN,
     CheckpointInfo,
@@ -739,15 +740,104 @@ class Store:
             "removed_packs": freed_packs,
         }
 
-    def _rebase(self, run: str, doomed_packs: set[str], progress: Callable[[int, int], None] | None) -> int:
-        """Make every remaining checkpoint of ``run`` independent of ``doomed_packs``.
+    def drop_parts(
+        self,
+        refs: Iterable[str | Ref],
+        parts: Iterable[str] = ("optimizer",),
+        *,
+        reason: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Drop ``parts`` (format §4.5; ``"optimizer"``: the optimizer state) from checkpoints, keeping the rest of
+        each bit-exact. Works like :meth:`delete`: the manifests are rewritten without those tensors first, then
+        the checkpoints whose chains ran through objects only the dropped tensors owned are rebased, then gc
+        frees the space. Checkpoints that do not hold a part are left as they are."""
+        wanted = list(parts)
+        with self._write_lock():
+            before = self._stored_bytes()
+            targets = {(m.run, m.step): m for m in (self.resolve(r) for r in refs)}
+            changed: list[str] = []
+            dropped_tensors = 0
+            doomed: dict[str, dict[tuple[str, int], int]] = {}  # run -> location -> first step dropping it
+            for (run, step), m in sorted(targets.items()):
+                if "dcp" in m.data:
+                    raise InvalidStateError(f"{m.ref} is a sharded (DCP) checkpoint; dropping parts of it is "
+                                            "not supported", ref=m.ref)  # fmt: skip
+                keys = [k for p in wanted for k in _parts.part_keys(m.data["tree"], p)]
+                if not keys:
+                    continue
+                skeleton, gone = _parts.strip_tree(m.data["tree"], keys)
+                gone_set = set(gone)
+                tensors = {n: t for n, t in m.tensors.items() if n not in gone_set}
+                table: dict[str, dict[str, Any]] = {}
+                for t in tensors.values():
+                    for o in m.chain(t["object"]):
+                        table[o] = m.objects[o]
+                first_drop = doomed.setdefault(run, {})
+                for o in set(m.objects) - set(table):
+                    first_drop.setdefault((m.objects[o]["pack"], int(m.objects[o]["offset"])), step)
+                data = dict(m.data)
+                data.update(tree=skeleton, tensors=tensors, objects=table)
+                data["packs"] = [p for p in data.get("packs", []) if any(r["pack"] == p for r in table.values())]
+                stats = dict(data.get("stats", {}))
+                stats["logical_bytes"] = int(stats.get("logical_bytes", 0)) - sum(
+                    int(np.prod(m.tensors[n]["shape"], dtype=np.int64)) * dtypes.dtype(m.tensors[n]["dtype"]).itemsize
+                    for n in gone
+                )
+                data["stats"] = stats
+                rec = {"part": ",".join(sorted({p for p in wanted if _parts.part_keys(m.data["tree"], p)})),
+                       "keys": keys, "tensors": len(gone), "time": _now()}  # fmt: skip
+                if reason:
+                    rec["reason"] = reason
+                data["dropped"] = [*data.get("dropped", []), rec]
+                self.storage.write(m.key, manifest_bytes(data))
+                self._manifests[(run, step)] = Manifest(data, m.key)
+                changed.append(m.ref)
+                dropped_tensors += len(gone)
+            rewritten, removed = self._free_locations(doomed, progress)
+            after = self._stored_bytes()
+        return {
+            "changed": changed,
+            "dropped_tensors": dropped_tensors,
+            "rewritten": rewritten,
+            "freed_bytes": before - after,
+            "removed_packs": removed,
+        }
+
+    def _free_locations(
+        self, doomed: Mapping[str, dict[tuple[str, int], int]], progress: Callable[[int, int], None] | None
+    ) -> tuple[int, int]:
+        """After manifests stopped naming some objects (run → ``(pack, offset)`` → the first step that let go of
+        it): rebase the checkpoints whose chains still reach them, then gc. Call under the write lock. An object
+        a checkpoint at or before the first one that let go of it still holds stays where it is."""
+        rewritten = 0
+        for run, first_drop in sorted(doomed.items()):
+            for s in self.steps(run):
+                for orec in self.manifest(run, s).objects.values():
+                    loc = (str(orec["pack"]), int(orec["offset"]))
+                    if first_drop.get(loc, -1) >= s:
+                        del first_drop[loc]
+            rewritten += self._rebase(run, set(), progress, doomed_locs=set(first_drop))
+        return rewritten, self._gc_locked()
+
+    def _rebase(
+        self,
+        run: str,
+        doomed_packs: set[str],
+        progress: Callable[[int, int], None] | None,
+        *,
+        doomed_locs: set[tuple[str, int]] | None = None,
+    ) -> int:
+        """Make every remaining checkpoint of ``run`` independent of ``doomed_packs`` (and of the objects at
+        ``doomed_locs``, ``(pack, offset)`` pairs).
 
         Goes in step order. Records re-encoded for an earlier checkpoint replace the same object's records in
         later manifests (same content id, new location), so a deletion re-encodes each affected object once
         instead of cascading down the chain. Only tensors whose chain still reaches a doomed pack are re-encoded,
         against their new predecessor (or as keyframes).
         """
-        if not doomed_packs:
+        locs = doomed_locs or set()
+        if not doomed_packs and not locs:
             return 0
         rewritten = 0
         replaced: dict[str, dict[str, Any]] = {}
@@ -786,7 +876,11 @@ class Store:
                 n
                 for n, t in view.tensors.items()
                 if int(view.objects[t["object"]].get("depth", 0)) >= self.keyframe_interval
-                or any(view.objects[o]["pack"] in doomed_packs for o in view.chain(t["object"]))
+                or any(
+                    view.objects[o]["pack"] in doomed_packs
+                    or (view.objects[o]["pack"], int(view.objects[o]["offset"])) in locs
+                    for o in view.chain(t["object"])
+                )
             ]
             pack_key = None
             stored = 0
@@ -895,6 +989,7 @@ class Store:
             current: dict[str, np.ndarray] = {}
             try:
                 m = self.manifest(r, s)
+                problems.extend(f"{r}@{s}: {p}" for p in _parts.lossy_problems(m.data))
                 for t in m.tensors.values():
                     for o in reversed(m.chain(t["object"])):  # bases first
                         if o not in checked:

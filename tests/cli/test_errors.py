@@ -34,6 +34,7 @@ COMMANDS: dict[str, list[str]] = {
     "metrics": ["alpha"],
     "release": ["alpha", "-O", "{tmp}/rel", "--select", "1"],
     "thin": ["alpha", "--keep", "last:1"],
+    "archive": ["alpha", "--keep", "last:1"],
     "select": ["alpha", "2"],
     "watch": ["{tmp}"],
     "analyze weights": ["alpha"],
@@ -42,8 +43,8 @@ COMMANDS: dict[str, list[str]] = {
     "analyze transfer": ["alpha"],
     "report": ["alpha"],
 }
-RUN_COMMANDS = ["ls", "verify", "metrics", "release", "thin", "select", "analyze weights", "analyze stability",
-                "report"]  # fmt: skip
+RUN_COMMANDS = ["ls", "verify", "metrics", "release", "thin", "archive", "select", "analyze weights",
+                "analyze stability", "report"]  # fmt: skip
 
 
 def _state(i: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ckptstore.cli.common import (
     print_json,
     progress_bar,
 )
+from ckptstore.errors import OutputPathError
 from ckptstore.format.manifest import CheckpointInfo
 from ckptstore.store import Store
 from ckptstore.util import human_bytes as human
@@ -108,13 +110,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_output_file(args.out)
     store = get_store(args)
-    store.resolve(args.ref)  # a bad reference fails before anything is written
+    m = store.resolve(args.ref)  # a bad reference fails before anything is written
+    if "lossy" in m.data and "lossy" not in Path(args.out).name.lower():
+        raise OutputPathError(
+            f"{m.ref} is a LOSSY checkpoint (ckpt archive); its file name must say so",
+            path=str(args.out),
+            hint=f"name it e.g. {Path(args.out).stem}.lossy{Path(args.out).suffix or '.pt'}",
+        )
     if args.format == "pt":
         out = openclip.export_pt(store, args.ref, args.out)
     else:
         out = openclip.export_safetensors(store, args.ref, args.out)
+    dropped = store.resolve(args.ref).info().dropped
+    if dropped and not args.json:
+        print(f"warning: {args.ref} is {openclip.dropped_note(dropped)}", file=sys.stderr)
     if args.json:
-        print_json({"ref": args.ref, "format": args.format, "file": str(out), "bytes": out.stat().st_size})
+        print_json({"ref": args.ref, "format": args.format, "file": str(out), "bytes": out.stat().st_size,
+                    "dropped": dropped})  # fmt: skip
     else:
         print(f"wrote {out} ({human(out.stat().st_size)})")
     return 0

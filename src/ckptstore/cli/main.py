@@ -33,6 +33,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
 
 def build_parser() -> argparse.ArgumentParser:
     from ckptstore.cli import analyze_cmds, io_cmds, meta_cmds, policy_cmds, release_cmds, report_cmds, store_cmds
+    from ckptstore.cli.archive_cmds import register as register_archive
     from ckptstore.cli.average_cmds import register as register_average
 
     parser = CkptParser(
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     meta_cmds.register(sub)
     release_cmds.register(sub)
     policy_cmds.register(sub)
+    register_archive(sub)
     analyze_cmds.register(sub)
     register_average(sub)
     report_cmds.register(sub)

@@ -32,6 +32,9 @@ def register(sub: Any) -> None:
     p.add_argument("run", help="run name")
     p.add_argument("--keep", "-k", action="append", required=True, metavar="POLICY",
                    help="retention policy (repeatable, or comma-separated): their union is kept")  # fmt: skip
+    p.add_argument("--keep-weights", action="append", metavar="POLICY",
+                   help="retention policy (same grammar, e.g. all) whose checkpoints keep their weights but lose "
+                   "their optimizer state unless --keep keeps them whole (weights-only tier)")  # fmt: skip
     p.add_argument("--dry-run", "-n", action="store_true", help="show the plan, delete nothing")
     p.add_argument("--weights", metavar="PREFIX", help="tensor prefix of the model weights (default: guessed)")
     add_json_arg(p, "the plan (and what was deleted)")
@@ -75,6 +78,8 @@ def register(sub: Any) -> None:
     p.add_argument("--settle", type=float, metavar="SECONDS",
                    help="a file must keep its size this long before it is read (default: --poll)")  # fmt: skip
     p.add_argument("--keep", "-k", action="append", metavar="POLICY", help="online retention after each epoch")
+    p.add_argument("--keep-weights", action="append", metavar="POLICY",
+                   help="with --keep: what only this keeps stays weights-only (e.g. all)")  # fmt: skip
     p.add_argument("--init", action="store_true", help="create the store if it does not exist")
     p.add_argument("--json", action="store_true", help="print one JSON object per event on standard output")
     p.set_defaults(func=cmd_watch)
@@ -93,19 +98,25 @@ def cmd_thin(args: argparse.Namespace) -> int:
     store = get_store(args)
     require_run(store, args.run)
     with progress_bar("measuring the weight path") as prog:
-        the_plan, recs = thin.plan_thin(store, args.run, args.keep, prefix=args.weights, progress=prog)
+        the_plan, recs = thin.plan_thin(store, args.run, args.keep, keep_weights=args.keep_weights,
+                                        prefix=args.weights, progress=prog)  # fmt: skip
     report: dict[str, Any] = {"run": args.run, "dry_run": bool(args.dry_run), **the_plan.as_dict()}
     if not args.json:
         rows = []
         for e in the_plan.entries:
-            if e.step in the_plan.keep:
+            if e.step in the_plan.weights_only:
+                rows.append(("weights", e.step, _label(e.epoch, e.step), human(e.stored_bytes),
+                             "; ".join(the_plan.weights_only[e.step])))  # fmt: skip
+            elif e.step in the_plan.keep:
                 rows.append(("keep", e.step, _label(e.epoch, e.step), human(e.stored_bytes),
                              "; ".join(the_plan.keep[e.step])))  # fmt: skip
             else:
                 rows.append(("drop", e.step, _label(e.epoch, e.step), human(e.stored_bytes), the_plan.drop[e.step]))
         print_table(None, ["", "step", "epoch", "stored", "why"], rows, ["left", "right", "right", "right", "left"])
         print(
-            f"{args.run}: keeps {len(the_plan.keep)}, removes {len(the_plan.drop)}; frees about "
+            f"{args.run}: keeps {len(the_plan.keep)}"
+            + (f" ({len(the_plan.weights_only)} of them weights-only)" if the_plan.weights_only else "")
+            + f", removes {len(the_plan.drop)}; frees about "
             f"{human(the_plan.freed_estimate)} (the removed checkpoints' own bytes, less what re-encoding the "
             f"kept checkpoints that were deltas against them takes back)"
         )
@@ -115,11 +126,13 @@ def cmd_thin(args: argparse.Namespace) -> int:
             res = thin.apply_plan(store, args.run, the_plan, recs, progress=prog)
         after = store.stats(args.run)["pack_bytes"]
         report.update({"deleted": res["deleted"], "rewritten": res["rewritten"], "freed_bytes": res["freed_bytes"],
+                       "slimmed": res["weights_only"],
                        "run_bytes_before": before, "run_bytes_after": after,
                        "recorded_paths": res["recorded_paths"]})  # fmt: skip
         if not args.json:
             print(
-                f"deleted {len(res['deleted'])} checkpoint(s); re-encoded {res['rewritten']} dependent(s); freed "
+                f"deleted {len(res['deleted'])} checkpoint(s); dropped the optimizer state of "
+                f"{len(res['weights_only'])}; re-encoded {res['rewritten']} dependent(s); freed "
                 f"{human(res['freed_bytes'])} ({human(before)} → {human(after)} for {args.run})"
             )
     elif not args.json:
@@ -173,7 +186,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     settle = args.settle if args.settle is not None else args.poll
     watcher = Watcher(store, args.folder, run=args.run, prune=args.prune, settle=settle, keep=args.keep,
-                      on_event=show)  # fmt: skip
+                      keep_weights=args.keep_weights, on_event=show)  # fmt: skip
     events = watcher.run_until(poll=args.poll, pid=args.pid, idle_timeout=args.idle_timeout)
     stored = sum(e.kind == "stored" for e in events)
     left = [e for e in events if e.kind in ("incomplete", "conflict", "error")]

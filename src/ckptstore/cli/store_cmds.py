@@ -186,13 +186,28 @@ def cmd_ls(args: argparse.Namespace) -> int:
     stored = sum(i.stored_bytes for i in infos)
     if infos:
         rows.append(("total", "", "", human(logical), human(stored), _ratio(logical, stored)))
-    print_table(
-        None,
-        ["ref", "epoch", "step", "logical", "stored", "ratio"],
-        rows,
-        ["left", "right", "right", "right", "right", "right"],
-    )
+    headers = ["ref", "epoch", "step", "logical", "stored", "ratio"]
+    aligns = ["left", "right", "right", "right", "right", "right"]
+    if any(i.dropped for i in infos):  # a weights-only tier: say which checkpoints lack what
+        rows = [(*r, _content(i.dropped)) for r, i in zip(rows, infos, strict=False)] + [(*rows[-1], "")]
+        headers.append("content")
+        aligns.append("left")
+    print_table(None, headers, rows, aligns)
     return 0
+
+
+def _content(dropped: list[str]) -> str:
+    """What a checkpoint holds, in words: ``dropped`` lists ``optimizer`` (weights-only tier) and ``lossless``
+    (the lossy archive tier, docs/archive.md)."""
+    if not dropped:
+        return "complete"
+    words = []
+    if "optimizer" in dropped:
+        words.append("weights only (no optimizer state)")
+    if "lossless" in dropped:
+        words.append("LOSSY (error-bounded, ckpt archive)")
+    words += [f"without {d}" for d in dropped if d not in ("optimizer", "lossless")]
+    return ", ".join(words)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -222,6 +237,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         "logical_bytes": info.logical_bytes,
         "stored_bytes": own.stored_bytes,
         "tensors": len(tensors),
+        "dropped": m.data.get("dropped", []),
+        "lossy": m.data.get("lossy"),
         "metadata": m.metadata,
     }
     if args.json:
@@ -233,6 +250,18 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  {len(tensors)} tensors, {human(info.logical_bytes)} logical, {human(own.stored_bytes)} stored "
         f"({_ratio(info.logical_bytes, own.stored_bytes)})"
     )
+    lossy = m.data.get("lossy")
+    if isinstance(lossy, dict):
+        b = ", ".join(f"{k} {v.get('mode')}:{v.get('value')}" for k, v in (lossy.get("bounds") or {}).items())
+        print(
+            f"  LOSSY (ckpt archive, {lossy.get('codec')}): {len(lossy.get('tensors') or {})} tensors within "
+            f"the recorded bounds ({b}); `ckpt show --json` lists each tensor's bound and max error"
+        )
+    for rec in m.data.get("dropped", []):
+        print(
+            f"  {_content([str(rec.get('part'))])}: dropped {rec.get('time', '')} by {rec.get('reason', 'ckpt')} "
+            f"({rec.get('tensors')} tensors; this checkpoint cannot resume training)"
+        )
     for line in meta_cmds.metadata_lines(m.metadata, line_width=_out_width() or 100):
         print(line)
     if args.tensors:

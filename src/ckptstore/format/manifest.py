@@ -14,6 +14,7 @@ rank's pack) builds the same ``data`` dict, checks it with :class:`Manifest`, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 import xxhash
 
 from ckptstore.errors import FormatError, InvalidStateError, UnsupportedVersionError
-from ckptstore.format import tree
+from ckptstore.format import parts, tree
 from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, RUNS_DIR
 
 MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
@@ -81,6 +82,8 @@ class CheckpointInfo:
     stored_bytes: int
     tensors: int
     metadata: dict[str, Any]
+    #: parts dropped from this checkpoint (format §4.5), e.g. ``["optimizer"]`` for a weights-only checkpoint
+    dropped: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -101,6 +104,7 @@ class CheckpointInfo:
             "stored_bytes": self.stored_bytes,
             "ratio": round(self.ratio, 4) if math.isfinite(self.ratio) else None,
             "tensors": self.tensors,
+            "dropped": self.dropped,
             "metadata": self.metadata,
         }
 
@@ -174,6 +178,7 @@ class Manifest:
             int(st.get("stored_bytes", 0)),
             len(self.tensors),
             self.metadata,
+            [*parts.dropped_parts(self.data), *(["lossless"] if "lossy" in self.data else [])],
         )
 
 

@@ -278,8 +278,24 @@ def ingest(
     return out
 
 
+def dropped_note(dropped: list[str]) -> str:
+    """What a checkpoint without ``dropped`` parts is good for, in words (export and release say it)."""
+    if "optimizer" in dropped:
+        return ("weights only: its optimizer state was dropped (`ckpt thin --keep-weights`). The .pt has no "
+                "`optimizer` key: open_clip.create_model_and_transforms(..., pretrained=FILE) loads it, "
+                "`open_clip_train --resume` cannot (it stops with KeyError: 'optimizer'); resume from a "
+                "complete checkpoint (`ckpt ls` shows which)")  # fmt: skip
+    if "lossless" in dropped:
+        return (
+            "LOSSY (ckpt archive): every tensor within its recorded error bound, not the original bits "
+            "(docs/archive.md)"
+        )
+    return f"missing {', '.join(dropped)}"
+
+
 def export_pt(store: Store, ref: str, out: str | Path) -> Path:
-    """Write the stored checkpoint back as an open_clip_train ``.pt`` (same keys, bit-identical tensors)."""
+    """Write the stored checkpoint back as an open_clip_train ``.pt`` (same keys, bit-identical tensors; a
+    weights-only checkpoint without ``optimizer``, :func:`dropped_note`)."""
     import torch
 
     state = store.load(ref, tensors="torch")

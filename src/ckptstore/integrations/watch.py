@@ -85,6 +85,7 @@ class Watcher:
         prune: bool = False,
         settle: float = 2.0,
         keep: str | RetentionPolicy | Sequence[Any] | None = None,
+        keep_weights: str | RetentionPolicy | Sequence[Any] | None = None,
         record_path: bool = True,
         on_event: Callable[[WatchEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -95,6 +96,8 @@ class Watcher:
         self.prune = prune
         self.settle = settle
         self.keep = parse_retention(keep) if keep is not None else []
+        # with keep_weights, what only it keeps stays weights-only (docs/policies.md, weights-only tier)
+        self.keep_weights = parse_retention(keep_weights) if keep_weights is not None else None
         self.record_path = record_path
         self.on_event = on_event
         self.clock = clock
@@ -239,12 +242,18 @@ class Watcher:
         return [self._emit(WatchEvent("pruned", str(f), f"removed (stored as {ref})", ref))]
 
     def _retain(self, run: str, f: Path) -> list[WatchEvent]:
-        the_plan, recs = thin.plan_thin(self.store, run, self.keep)
-        if not the_plan.drop:
+        the_plan, recs = thin.plan_thin(self.store, run, self.keep, keep_weights=self.keep_weights)
+        if not the_plan.drop and not the_plan.weights_only:
             return []
         res = thin.apply_plan(self.store, run, the_plan, recs)
-        msg = f"retention removed {', '.join(res['deleted'])} (freed {_mb(res['freed_bytes'])})"
-        return [self._emit(WatchEvent("thinned", str(f), msg, info={"deleted": res["deleted"]}))]
+        if not res["deleted"] and not res["weights_only"]:
+            return []
+        msg = f"retention removed {', '.join(res['deleted']) or 'nothing'}"
+        if res["weights_only"]:
+            msg += f", dropped the optimizer state of {', '.join(res['weights_only'])}"
+        msg += f" (freed {_mb(res['freed_bytes'])})"
+        info = {"deleted": res["deleted"], "weights_only": res["weights_only"]}
+        return [self._emit(WatchEvent("thinned", str(f), msg, info=info))]
 
     # ------------------------------------------------------------------------------------------------ looping
     def run_until(

@@ -13,6 +13,7 @@ True
 
 from ckptstore.policy.history import PIN_TAG, Entry, default_mode, entries_from_infos
 from ckptstore.policy.retention import (
+    KeepAll,
     KeepBest,
     KeepEvery,
     KeepFirst,
@@ -26,6 +27,7 @@ from ckptstore.policy.retention import (
     Union,
     parse_retention,
     plan,
+    plan_tiers,
     retention_from_json,
 )
 from ckptstore.policy.save import (
@@ -63,6 +65,7 @@ __all__ = [
     "EverySteps",
     "First",
     "InvalidPolicyError",
+    "KeepAll",
     "KeepBest",
     "KeepEvery",
     "KeepFirst",
@@ -85,6 +88,7 @@ __all__ = [
     "parse_retention",
     "parse_save_policy",
     "plan",
+    "plan_tiers",
     "retention_from_json",
     "save_policy_from_json",
     "select",

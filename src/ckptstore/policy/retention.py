@@ -26,6 +26,7 @@ from ckptstore.policy.select import select
 from ckptstore.policy.spec import InvalidPolicyError, Term, fields_json, parse_terms
 
 __all__ = [
+    "KeepAll",
     "KeepBest",
     "KeepEvery",
     "KeepFirst",
@@ -39,6 +40,7 @@ __all__ = [
     "Union",
     "parse_retention",
     "plan",
+    "plan_tiers",
     "retention_from_json",
 ]
 
@@ -222,6 +224,16 @@ class KeepTagged(RetentionPolicy):
 
 
 @dataclass(frozen=True)
+class KeepAll(RetentionPolicy):
+    """Every checkpoint (``--keep-weights all``: the weights of every checkpoint stay)."""
+
+    kind: ClassVar[str] = "all"
+
+    def keep(self, entries: Sequence[Entry]) -> dict[int, str]:
+        return {e.step: "all" for e in entries}
+
+
+@dataclass(frozen=True)
 class KeepPinned(RetentionPolicy):
     """Pinned checkpoints (always kept by :func:`plan` anyway; named for completeness)."""
 
@@ -299,6 +311,9 @@ class RetentionPlan:
     drop: dict[int, str]
     passes: int = 1
     policies: list[dict[str, Any]] = field(default_factory=list)
+    #: kept checkpoints that lose their optimizer state (weights-only tier): step → why
+    weights_only: dict[int, list[str]] = field(default_factory=dict)
+    weights_policies: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def kept(self) -> list[Entry]:
@@ -321,6 +336,8 @@ class RetentionPlan:
                      for e in self.dropped],
             "freed_estimate": self.freed_estimate,
             "passes": self.passes,
+            "weights_policies": self.weights_policies,
+            "weights_only": [{"step": s, "reasons": r} for s, r in sorted(self.weights_only.items())],
         }  # fmt: skip
 
 
@@ -373,10 +390,37 @@ def plan(
     return RetentionPlan(es, keep, drop, passes, [p.to_json() for p in pols])
 
 
+def plan_tiers(
+    entries: Sequence[Entry],
+    policies: RetentionPolicy | Sequence[RetentionPolicy],
+    weights: RetentionPolicy | Sequence[RetentionPolicy],
+    *,
+    keep_pinned: bool = True,
+    keep_latest: bool = True,
+) -> RetentionPlan:
+    """Two tiers: what ``policies`` keep stays whole; what only ``weights`` keep stays without its optimizer
+    state (``RetentionPlan.weights_only``); the rest goes. Pinned checkpoints and the latest stay whole.
+
+    Both tiers are idempotent: the union decides what survives (as :func:`plan`), then ``policies`` alone,
+    applied to the survivors, decide which of them stay whole."""
+    full = [policies] if isinstance(policies, RetentionPolicy) else list(policies)
+    slim = [weights] if isinstance(weights, RetentionPolicy) else list(weights)
+    both = plan(entries, [*full, *slim], keep_pinned=keep_pinned, keep_latest=keep_latest)
+    whole = plan(both.kept, full, keep_pinned=keep_pinned, keep_latest=keep_latest)
+    weights_only: dict[int, list[str]] = {}
+    for e in both.kept:
+        if e.step not in whole.keep:
+            pol_text = ", ".join(str(p.get("kind")) for p in whole.policies)
+            weights_only[e.step] = [*both.keep[e.step], f"optimizer state dropped: not kept whole by {pol_text}"]
+    keep = {s: (whole.keep[s] if s in whole.keep else both.keep[s]) for s in both.keep}
+    return RetentionPlan(both.entries, keep, both.drop, both.passes, whole.policies, weights_only,
+                         [p.to_json() for p in slim])  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ JSON, text form
 RETENTION_POLICIES: dict[str, type[RetentionPolicy]] = {
-    c.kind: c for c in (KeepLast, KeepFirst, KeepBest, KeepEvery, KeepLogSpaced, KeepTagged, KeepPinned, KeepSelect,
-                        Union)
+    c.kind: c for c in (KeepAll, KeepLast, KeepFirst, KeepBest, KeepEvery, KeepLogSpaced, KeepTagged, KeepPinned,
+                        KeepSelect, Union)
 }  # fmt: skip
 
 
@@ -435,13 +479,19 @@ def _term_policy(t: Term) -> RetentionPolicy:
     if n == "pinned":
         t.check_options(())
         return KeepPinned()
+    if n in ("all", "every_checkpoint"):
+        t.check_options(())
+        if t.args:
+            raise t.fail("takes no arguments", hint="all")
+        return KeepAll()
     if n == "select":
         t.check_options(("metric", "metrics"))
         raw = t.options.get("metric") or t.options.get("metrics")
         return KeepSelect(t.int_arg(0), tuple(raw.split("|")) if raw else None)
     raise t.fail(
         f"unknown retention policy {n!r}",
-        hint="use last:N, first[:N], best:METRIC[:K][:min|max], every:N, log[:BASE], tagged[:TAG], pinned, select:N",
+        hint="use last:N, first[:N], best:METRIC[:K][:min|max], every:N, log[:BASE], tagged[:TAG], pinned, select:N, "
+        "all",
     )
 
 

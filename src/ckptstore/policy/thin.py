@@ -24,7 +24,7 @@ from ckptstore.format.manifest import Manifest
 from ckptstore.format.tree import Leaf
 from ckptstore.metadata import edit_tags
 from ckptstore.policy.history import PATH_KEY, PIN_TAG, Entry, entries_from_infos
-from ckptstore.policy.retention import RetentionPlan, RetentionPolicy, parse_retention, plan
+from ckptstore.policy.retention import RetentionPlan, RetentionPolicy, parse_retention, plan, plan_tiers
 from ckptstore.store import Store
 
 __all__ = [
@@ -187,16 +187,23 @@ def plan_thin(
     run: str,
     policies: str | RetentionPolicy | Sequence[Any],
     *,
+    keep_weights: str | RetentionPolicy | Sequence[Any] | None = None,
     prefix: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[RetentionPlan, dict[int, dict[str, Any]]]:
-    """The retention plan for ``run`` and the weight-path records it used (empty when no policy needs them)."""
+    """The retention plan for ``run`` and the weight-path records it used (empty when no policy needs them).
+
+    With ``keep_weights`` (same grammar, e.g. ``"all"``), what only those policies keep stays weights-only: its
+    optimizer state is dropped (``RetentionPlan.weights_only``, format §4.5)."""
     pols = parse_retention(policies)
+    slim = parse_retention(keep_weights) if keep_weights is not None else []
     entries = entries_from_infos(store.checkpoints(run))
     recs: dict[int, dict[str, Any]] = {}
-    if any(p.needs_paths for p in pols) and entries:
+    if any(p.needs_paths for p in [*pols, *slim]) and entries:
         recs = compute_paths(store, run, prefix=prefix, progress=progress)
         entries = [_with_path(e, recs[e.step]["path_length"]) for e in entries]
+    if keep_weights is not None:
+        return plan_tiers(entries, pols, slim), recs
     return plan(entries, pols), recs
 
 
@@ -225,14 +232,29 @@ def apply_plan(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Delete what ``the_plan`` drops (after recording weight paths on what it keeps). Returns the store's
-    deletion report (``deleted``, ``rewritten``, ``freed_bytes`` ...) plus ``recorded_paths``."""
+    """Delete what ``the_plan`` drops and drop the optimizer state of its ``weights_only`` checkpoints (after
+    recording weight paths on what it keeps). Returns the store's report (``deleted``, ``rewritten``,
+    ``freed_bytes`` ...) plus ``weights_only`` (the checkpoints slimmed now) and ``recorded_paths``."""
     kept = [e.step for e in the_plan.kept]
     recorded = record_paths(store, run, recs or {}, kept)
-    if not the_plan.drop:
-        return {"deleted": [], "rewritten": 0, "freed_bytes": 0, "removed_packs": 0, "recorded_paths": recorded}
-    res = store.delete([f"{run}@{s}" for s in sorted(the_plan.drop)], progress=progress)
-    return {**res, "recorded_paths": recorded}
+    out: dict[str, Any] = {"deleted": [], "rewritten": 0, "freed_bytes": 0, "removed_packs": 0,
+                           "weights_only": [], "recorded_paths": recorded}  # fmt: skip
+    if the_plan.drop:
+        res = store.delete([f"{run}@{s}" for s in sorted(the_plan.drop)], progress=progress)
+        out.update(res)
+    slim = [s for s in sorted(the_plan.weights_only) if "optimizer" not in _dropped(store, run, s)]
+    if slim:
+        res = store.drop_parts([f"{run}@{s}" for s in slim], ["optimizer"], reason="thin --keep-weights",
+                               progress=progress)  # fmt: skip
+        out["weights_only"] = res["changed"]
+        out["rewritten"] += res["rewritten"]
+        out["freed_bytes"] += res["freed_bytes"]
+        out["removed_packs"] += res["removed_packs"]
+    return out
+
+
+def _dropped(store: Store, run: str, step: int) -> list[str]:
+    return store.manifest(run, step).info().dropped
 
 
 def pin(store: Store, ref: str, pinned: bool = True) -> Manifest:
