@@ -20,22 +20,6 @@ def ckpt(*argv: str) -> str:
     return res.stdout
 
 
-@pytest.fixture(scope="module")
-def adam_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    path = tmp_path_factory.mktemp("cli") / "s"
-    store = create_store(path)
-    x, y = torch.randn(32, 4), torch.randn(32, 2)
-    for step in range(1, 5):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        store.save("r", step, {"model": model.state_dict(), "optimizer": opt.state_dict()})
-    return path
-
-
 def test_optimizer_and_plasticity_cli(adam_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.json"
     blob = json.loads(ckpt("analyze", "optimizer", "-s", str(adam_store), "r", "--json", "-O", str(out)))

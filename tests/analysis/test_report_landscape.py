@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("matplotlib")
 torch = pytest.importorskip("torch")
 
-from ckptstore import create_store  # noqa: E402
 from ckptstore.analysis import (  # noqa: E402
     MemoryTrajectory,
     analyze_interpolation,
@@ -26,19 +25,10 @@ from ckptstore.analysis.trajectory import StoreTrajectory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> StoreTrajectory:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    path = tmp_path_factory.mktemp("rep") / "s"
-    store = create_store(path)
-    x, y = torch.randn(32, 4), torch.randn(32, 2)
-    for step in range(1, 5):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-        store.save("r", step, {"model": model.state_dict(), "optimizer": opt.state_dict()})
-    return StoreTrajectory(store, "r")
+def run(adam_store: Path) -> StoreTrajectory:
+    from ckptstore import open_store
+
+    return StoreTrajectory(open_store(adam_store), "r")
 
 
 def test_sections_in_page_and_json(run: StoreTrajectory) -> None:

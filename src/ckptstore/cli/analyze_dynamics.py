@@ -4,23 +4,18 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckptstore.cli.common import (
     add_json_arg,
     add_out_arg,
     add_store_arg,
-    check_output_file,
     emit_result,
-    get_store,
+    open_run,
     print_table,
     progress_bar,
 )
 from ckptstore.cli.common import fmt_num as _f
-
-if TYPE_CHECKING:
-    from ckptstore.analysis.trajectory import Trajectory
 
 
 def register(asub: Any) -> None:
@@ -65,22 +60,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     add_json_arg(p)
     add_out_arg(p, "also write the JSON result to FILE.json (checked before the work)", metavar="FILE.json")
-
-
-def open_run(args: argparse.Namespace) -> Trajectory:
-    """Paths that exist are read as files (one folder, or ``.pt`` files); a single other name is a store run."""
-    from ckptstore.analysis.trajectory import StoreTrajectory, TrajectoryError, open_trajectory
-
-    runs: list[str] = args.run
-    for out in (getattr(args, "out", None), getattr(args, "plot", None)):
-        if out:
-            check_output_file(out)
-    if all(Path(r).exists() for r in runs):
-        return open_trajectory(runs[0] if len(runs) == 1 else runs)
-    if len(runs) == 1:
-        return StoreTrajectory(get_store(args), runs[0])
-    missing = next(r for r in runs if not Path(r).exists())
-    raise TrajectoryError(f"no such checkpoint file: {missing}", hint="give one store run, or existing .pt files")
 
 
 def cmd_weights(args: argparse.Namespace) -> int:

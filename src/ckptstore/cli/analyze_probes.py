@@ -7,21 +7,17 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckptstore.cli.common import (
     add_json_arg,
     add_out_arg,
     add_store_arg,
-    check_output_file,
-    get_store,
+    open_run,
     print_json,
     print_table,
     progress_bar,
 )
-
-if TYPE_CHECKING:
-    from ckptstore.analysis.trajectory import Trajectory
 
 TRANSFER_DIGITS = 500  # the linear probe's default digits set: 350 to train on, 150 to test
 
@@ -96,23 +92,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass (default 256)")
     add_json_arg(p)
     add_out_arg(p, "also write the JSON result to FILE.json (checked before the work)", metavar="FILE.json")
-
-
-def open_run(args: argparse.Namespace) -> Trajectory:
-    """Paths that exist are read as files (one folder, or ``.pt`` files); a single other name is a store run."""
-    from ckptstore.analysis.trajectory import StoreTrajectory, TrajectoryError, open_trajectory
-
-    runs: list[str] = args.run
-    for out in (getattr(args, "out", None), getattr(args, "plot", None)):
-        if out:
-            check_output_file(out)
-    existing = [r for r in runs if Path(r).exists()]
-    if existing and len(existing) == len(runs):
-        return open_trajectory(runs[0] if len(runs) == 1 else runs)
-    if len(runs) == 1:
-        return StoreTrajectory(get_store(args), runs[0])
-    missing = next(r for r in runs if not Path(r).exists())
-    raise TrajectoryError(f"no such checkpoint file: {missing}", hint="give one store run, or existing .pt files")
 
 
 def _write(args: argparse.Namespace, blob: dict[str, Any]) -> None:

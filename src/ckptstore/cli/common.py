@@ -14,10 +14,13 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptstore.errors import CkptStoreError, OutputPathError
 from ckptstore.store import Store, open_store
+
+if TYPE_CHECKING:
+    from ckptstore.analysis.trajectory import Trajectory
 
 DEFAULT_STORE = "ckpt.store"
 
@@ -98,6 +101,23 @@ def get_store(args: argparse.Namespace, *, create: bool = False) -> Store:
     if getattr(args, "threads", None):
         kwargs["threads"] = args.threads
     return open_store(args.store, create=create, **kwargs)
+
+
+def open_run(args: argparse.Namespace) -> Trajectory:
+    """The trajectory ``ckpt analyze`` reads from ``args.run``: paths that exist are read as files (one folder, or
+    ``.pt`` files); a single other name is a store run. Output paths (``--out``, ``--plot``) are checked first."""
+    from ckptstore.analysis.trajectory import StoreTrajectory, TrajectoryError, open_trajectory
+
+    runs: list[str] = args.run
+    for out in (getattr(args, "out", None), getattr(args, "plot", None)):
+        if out:
+            check_output_file(out)
+    if all(Path(r).exists() for r in runs):
+        return open_trajectory(runs[0] if len(runs) == 1 else runs)
+    if len(runs) == 1:
+        return StoreTrajectory(get_store(args), runs[0])
+    missing = next(r for r in runs if not Path(r).exists())
+    raise TrajectoryError(f"no such checkpoint file: {missing}", hint="give one store run, or existing .pt files")
 
 
 def print_json(obj: Any) -> None:

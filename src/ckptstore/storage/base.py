@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 
 class Writer(ABC):
@@ -52,6 +53,22 @@ class Writer(ABC):
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class FileWriter(Writer):
+    """A writer that streams into a local file object ``self.f`` (a temp file or a spool) and counts its bytes; the
+    subclass says what :meth:`commit` does with it (rename into place, or upload)."""
+
+    f: Any
+    _pos: int = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.f.write(data)
+        self._pos += len(data)
+
+    @property
+    def tell(self) -> int:
+        return self._pos
 
 
 class Storage(ABC):

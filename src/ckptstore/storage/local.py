@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ckptstore.errors import ConcurrentCommitError, StoreLockedError
-from ckptstore.storage.base import Storage, Writer
+from ckptstore.storage.base import FileWriter, Storage, Writer
 
 TMP_SUFFIX = ".tmp-"
 # Ranges at least this long are mapped by read_view instead of copied: below it the mapping costs more than a copy.
@@ -27,7 +27,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _LocalWriter(Writer):
+class _LocalWriter(FileWriter):
     def __init__(self, final: Path, *, exclusive: bool = False) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         self.final = final
@@ -35,14 +35,6 @@ class _LocalWriter(Writer):
         self.tmp = final.with_name(f"{final.name}{TMP_SUFFIX}{uuid.uuid4().hex[:12]}")
         self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
         self._pos = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.f.write(data)
-        self._pos += len(data)
-
-    @property
-    def tell(self) -> int:
-        return self._pos
 
     def commit(self) -> None:
         try:

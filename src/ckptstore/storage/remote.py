@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from ckptstore.errors import ConcurrentCommitError, InvalidStateError, MissingDependencyError, RemoteStorageError
-from ckptstore.storage.base import Storage, Writer
+from ckptstore.storage.base import FileWriter, Storage, Writer
 from ckptstore.storage.readcache import ReadCache, default_cache_root
 from ckptstore.storage.retry import RetryPolicy
 from ckptstore.storage.s3 import MIN_PART_SIZE, MultipartWriter, S3Client, is_s3, make_pool
@@ -110,7 +110,7 @@ class RemoteOptions:
         return out
 
 
-class _SpoolWriter(Writer):
+class _SpoolWriter(FileWriter):
     """Any fsspec filesystem: spool locally (memory, then a temp file), upload whole on commit (retried)."""
 
     def __init__(self, storage: FsspecStorage, key: str) -> None:
@@ -123,12 +123,7 @@ class _SpoolWriter(Writer):
     def write(self, data: bytes | memoryview) -> None:
         if self._done:
             raise ValueError("write to a committed or aborted writer")
-        self.f.write(data)
-        self._pos += len(data)
-
-    @property
-    def tell(self) -> int:
-        return self._pos
+        super().write(data)
 
     def commit(self) -> None:
         try:
