@@ -36,9 +36,9 @@ except ImportError:  # the standalone package
 
 import torch
 
+from ckptstore.integrations._callback import RecorderCallback
 from ckptstore.policy.retention import RetentionPolicy
 from ckptstore.policy.save import SavePolicy
-from ckptstore.recorder import Recorder
 from ckptstore.store import Store
 
 __all__ = ["CkptStoreCallback", "export_ckpt", "storable"]
@@ -68,7 +68,7 @@ def storable(obj: Any, path: str = "", converted: list[str] | None = None) -> An
     return repr(obj)
 
 
-class CkptStoreCallback(pl.Callback):
+class CkptStoreCallback(RecorderCallback, pl.Callback):
     """Save Lightning checkpoints into a ckptstore store by policy (see the module docs).
 
     ``store`` is a :class:`~ckptstore.Store` or a path (created if missing); ``policy`` and ``keep`` take
@@ -86,13 +86,7 @@ class CkptStoreCallback(pl.Callback):
         record_path: bool = True,
     ) -> None:
         super().__init__()
-        self._store_arg = store
-        self.run = run
-        self.policy = policy
-        self.keep = keep
-        self.metadata = dict(metadata or {})
-        self.record_path = record_path
-        self.recorder: Recorder | None = None
+        self._set_options(store, run, policy=policy, keep=keep, metadata=metadata, record_path=record_path)
         self._trainer: Any = None
         self._epoch: float = 0.0
         self.converted: list[str] = []
@@ -129,9 +123,8 @@ class CkptStoreCallback(pl.Callback):
         if hparams and "hparams" not in meta:
             meta["hparams"] = storable_json(hparams)
         meta.setdefault("source", {"kind": "lightning", "version": pl.__version__})
-        self.recorder = Recorder(self._store_arg if isinstance(self._store_arg, Store) else Path(self._store_arg),
-                                 self.run, model=pl_module, optimizer=None, state=self._state, policy=self.policy,
-                                 keep=self.keep, metadata=meta, record_path=self.record_path)  # fmt: skip
+        self._open_recorder(meta, model=pl_module, optimizer=None, state=self._state)
+        assert self.recorder is not None
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         schedulers = list(getattr(trainer, "lr_scheduler_configs", []) or [])
         self.recorder.optimizer = optimizers[0] if optimizers else None  # for lr/step counters in the metadata

@@ -36,16 +36,17 @@ except ImportError:
 import numpy as np
 import torch
 
+from ckptstore.integrations._callback import RecorderCallback
 from ckptstore.policy.retention import RetentionPolicy
 from ckptstore.policy.save import SavePolicy
-from ckptstore.recorder import Recorder, plain_metrics
+from ckptstore.recorder import plain_metrics
 from ckptstore.store import Store
 from ckptstore.torch import rng_state
 
 __all__ = ["CkptStoreCallback", "export_checkpoint_dir"]
 
 
-class CkptStoreCallback(TrainerCallback):
+class CkptStoreCallback(RecorderCallback, TrainerCallback):
     """Save ``Trainer`` checkpoints into a ckptstore store by policy (see the module docs)."""
 
     def __init__(
@@ -58,13 +59,7 @@ class CkptStoreCallback(TrainerCallback):
         metadata: Mapping[str, Any] | None = None,
         record_path: bool = True,
     ) -> None:
-        self._store_arg = store
-        self.run = run
-        self.policy = policy
-        self.keep = keep
-        self.metadata = dict(metadata or {})
-        self.record_path = record_path
-        self.recorder: Recorder | None = None
+        self._set_options(store, run, policy=policy, keep=keep, metadata=metadata, record_path=record_path)
         self.metrics: dict[str, float] = {}
         self._objs: dict[str, Any] = {}
 
@@ -95,10 +90,8 @@ class CkptStoreCallback(TrainerCallback):
         if config is not None and hasattr(config, "to_dict"):
             meta.setdefault("hf_config", json.loads(config.to_json_string()))
         meta.setdefault("source", {"kind": "transformers"})
-        store = self._store_arg if isinstance(self._store_arg, Store) else Path(self._store_arg)
-        self.recorder = Recorder(store, self.run, model=model, optimizer=kwargs.get("optimizer"),
-                                 scheduler=kwargs.get("lr_scheduler"), state=self._state, policy=self.policy,
-                                 keep=self.keep, metadata=meta, record_path=self.record_path)  # fmt: skip
+        self._open_recorder(meta, model=model, optimizer=kwargs.get("optimizer"), scheduler=kwargs.get("lr_scheduler"),
+                            state=self._state)  # fmt: skip
 
     def _ask(self, state: Any, *, is_last: bool = False) -> None:
         if self.recorder is None:
