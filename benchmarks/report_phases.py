@@ -53,12 +53,12 @@ def main() -> int:
     import ckptstore
     from ckptstore.analysis.probes import load_probe
     from ckptstore.analysis.report import report_json, write_report
+    from ckptstore.analysis.report.run import clip_model_config
     from ckptstore.analysis.representations import analyze_representations
     from ckptstore.analysis.stability import analyze_stability
     from ckptstore.analysis.trajectory import StoreTrajectory
     from ckptstore.analysis.transfer import analyze_transfer
     from ckptstore.analysis.weights import analyze_weights
-    from ckptstore.cli.report_cmds import clip_model_config
 
     work = tempfile.TemporaryDirectory()
     store_path = a.store
