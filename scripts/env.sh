@@ -49,9 +49,13 @@ fi
 # The project itself: editable and without dependencies, so the shared venv always points at this clone. Skipped
 # (it takes seconds) when the venv already points here and the packaging files have not changed since.
 editable="$root $(cat "$root/pyproject.toml" "$root/setup.py" | sha256sum | cut -c1-16)"
-if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ]; then
+# The C kernels (an optional extension, built in place by the editable install) are not in a fresh clone: build
+# them whenever they are missing, even if the venv already points here, or everything runs on the slow fallback.
+kernels_built() { compgen -G "$root/src/ckptstore/codecs/_kernels*.so" >/dev/null; }
+if [ "$(cat "$venv/.editable" 2>/dev/null)" != "$editable" ] || ! kernels_built; then
   quiet_pip "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" \
     || quiet_pip "$venv/bin/python" -m pip install -q --no-deps -e "$root"
+  kernels_built || echo "env: the C kernels did not build (no C compiler?): the codecs use the slower numpy path" >&2
   echo "$editable" > "$venv/.editable"
 fi
 [ "$start" = "$SECONDS" ] || echo "env: ready: $venv ($((SECONDS - start)) s)" >&2

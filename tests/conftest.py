@@ -16,6 +16,19 @@ import pytest
 Snapshot = dict[str, tuple[int, str]]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """``CKPTSTORE_REQUIRE_KERNELS=1`` (set by scripts/test.sh, so CI) makes a missing C extension an error: the
+    kernel tests would otherwise skip, and the suite would silently test only the numpy fallback."""
+    if os.environ.get("CKPTSTORE_REQUIRE_KERNELS") == "1" and not os.environ.get("CKPTSTORE_NO_KERNELS"):
+        from ckptstore.codecs import planes
+
+        if planes.kernels is None:
+            raise pytest.UsageError(
+                "CKPTSTORE_REQUIRE_KERNELS=1 but ckptstore.codecs._kernels is not built: "
+                "run `pip install -e .` (or `python setup.py build_ext --inplace`) in the clone"
+            )
+
+
 def _snapshot(root: str | os.PathLike[str]) -> Snapshot:
     """Every file under ``root`` (relative path → (size, sha256 of the contents))."""
     root = Path(root)

@@ -161,11 +161,11 @@ def decode(
             c.load_side(bytes(view[8 : 8 + length]))
             view = view[8 + length :]
     stages = [c for c in array_codecs if isinstance(c, ArrayCodec)]  # all of them (checked above); typed
+    spare = [refs[r] for r in stages[0].ref_roles() if r in reusable] if refs and len(stages) == 1 else []
     if isinstance(last, BytePlanesZstd):
         planes = last.decode_planes(view, spec)
         fused = None
         if len(stages) == 1:
-            spare = [refs[r] for r in stages[0].ref_roles() if r in reusable] if refs else []
             fused = stages[0].decode_planes(planes, spec, refs or {}, spare[0] if spare else None)
         if fused is not None:  # planes joined and the array codec undone in one pass
             return fused
@@ -176,4 +176,19 @@ def decode(
         raise CodecError(f"decoded {words.size} elements, expected {spec.size}")
     for c in reversed(stages):
         words = c.decode(words, spec, refs or {})
+    # Without the fused kernel (not built, or another chain) the result is fresh: it still goes into the handed
+    # reference, so a chain decode keeps one buffer per tensor whichever path ran.
+    if spare and _fits(spare[0], words):
+        np.copyto(spare[0], words)
+        return spare[0]
     return words
+
+
+def _fits(buffer: np.ndarray, words: np.ndarray) -> bool:
+    return (
+        buffer is not words
+        and buffer.dtype == words.dtype
+        and buffer.shape == words.shape
+        and buffer.flags.c_contiguous
+        and buffer.flags.writeable
+    )
