@@ -41,7 +41,7 @@ register(XorBytes)
 def test_settings_are_recorded_and_used_by_later_writers(tmp_path: Path) -> None:
     create_store(tmp_path / "s", keyframe_interval=2, level=5)
     info = json.loads((tmp_path / "s" / "ckptstore.json").read_text())
-    assert info["settings"] == {"keyframe_interval": 2, "zstd_level": 5, "codec": "planes-zstd"}
+    assert info["settings"] == {"keyframe_interval": 2, "zstd_level": 5, "codec": "planes-zstd", "layout": "dense"}
     store = open_store(tmp_path / "s")  # a later process with no options of its own
     assert (store.keyframe_interval, store.level, store.codec) == (2, 5, "planes-zstd")
     assert open_store(tmp_path / "s", keyframe_interval=3).keyframe_interval == 3  # an explicit override wins
@@ -64,7 +64,7 @@ def test_init_flags_and_show_store(tmp_path: Path, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert ckpt(["show-store", "--store", s, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["settings"] == {"keyframe_interval": 8, "zstd_level": 3, "codec": "planes-zstd"}
+    assert out["settings"] == {"keyframe_interval": 8, "zstd_level": 3, "codec": "planes-zstd", "layout": "dense"}
     assert out["settings_recorded"] and out["version"] == 1
     assert ckpt(["show-store", "--store", s]) == 0
     assert "keyframe_interval" in capsys.readouterr().out
@@ -80,7 +80,7 @@ def test_a_store_without_settings_reads_with_the_defaults(tmp_path: Path) -> Non
     del info["settings"]  # as every store written before settings were recorded
     path.write_text(json.dumps(info))
     store = open_store(tmp_path / "s")
-    assert store.settings == {"keyframe_interval": 4, "zstd_level": 1, "codec": "planes-zstd"}
+    assert store.settings == {"keyframe_interval": 4, "zstd_level": 1, "codec": "planes-zstd", "layout": "dense"}
 
 
 def test_a_codec_registered_outside_the_package_round_trips_a_store(tmp_path: Path) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
+import threading
+import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +32,7 @@ from ckptstore.errors import (
     IntegrityError,
     InvalidStateError,
     StoreExistsError,
+    StoreLockedError,
     StoreNotFoundError,
     TensorNotFoundError,
     UnsupportedVersionError,
@@ -64,6 +68,12 @@ from ckptstore.storage import Storage, open_storage
 
 DEFAULT_KEYFRAME_INTERVAL = 4  # chains of at most 4 objects: docs/benchmarks.md weighs this against size
 DEFAULT_LEVEL = codecs.DEFAULT_LEVEL
+# "dense": every save delta-codes against its predecessor. "hot": a save writes its changed tensors raw (one
+# object per tensor, the fastest read), and compaction re-encodes them densely once they are no longer newest.
+LAYOUTS = ("dense", "hot")
+DEFAULT_LAYOUT = "dense"  # a store whose ckptstore.json records no layout was written dense
+
+log = logging.getLogger("ckptstore.store")
 
 
 def store_settings(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,8 +84,9 @@ def store_settings(info: Mapping[str, Any]) -> dict[str, Any]:
         "keyframe_interval": int(given.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL)),
         "zstd_level": int(given.get("zstd_level", DEFAULT_LEVEL)),
         "codec": str(given.get("codec", codecs.DEFAULT_BYTES_CODEC)),
+        "layout": str(given.get("layout", DEFAULT_LAYOUT)),
     }
-    if out["keyframe_interval"] < 1 or not 1 <= out["zstd_level"] <= 22:
+    if out["keyframe_interval"] < 1 or not 1 <= out["zstd_level"] <= 22 or out["layout"] not in LAYOUTS:
         raise FormatError(f"{STORE_FILE} holds invalid settings {given!r}")
     return out
 
@@ -103,6 +114,8 @@ class Store:
         threads: int | None = None,
         keyframe_interval: int | None = None,
         level: int | None = None,
+        layout: str | None = None,
+        compaction: str | None = None,
     ) -> None:
         self.storage = storage
         self.threads = threads or min(2, os.cpu_count() or 1)
@@ -113,6 +126,21 @@ class Store:
         self.keyframe_interval = max(1, int(kf))
         self.level = self.settings["zstd_level"] if level is None else int(level)
         self.codec: str = self.settings["codec"]  # the bytes codec ending every chain this Store writes
+        self.layout: str = self.settings["layout"] if layout is None else str(layout)
+        if self.layout not in LAYOUTS:
+            raise InvalidStateError(f"unknown layout {layout!r}", hint=f"use one of {', '.join(LAYOUTS)}")
+        # "background": after each hot save, a thread compacts the checkpoints that are no longer newest;
+        # "manual": only Store.compact / `ckpt compact` do.
+        self.compaction = compaction or ("background" if self.layout == "hot" else "manual")
+        if self.compaction not in ("background", "manual"):
+            raise InvalidStateError(f"unknown compaction {compaction!r}", hint="use 'background' or 'manual'")
+        self.compaction_error: BaseException | None = None  # the last background compaction's failure, if any
+        self._compactor: ThreadPoolExecutor | None = None
+        self._compact_pending: set[str] = set()
+        # Words of the checkpoint compacted last (run, step, object id -> words): the delta bases of the next one.
+        self._compact_head: tuple[str, int, dict[str, np.ndarray]] | None = None
+        # Threads of this process (a background compaction, an async save) queue here; processes on the store lock.
+        self._thread_lock = threading.Lock()
         # Private copies of the words of the last checkpoint this Store saved: the delta bases of the next save,
         # so a training loop never reads its own checkpoints back. About one checkpoint of memory.
         self._head: dict[str, np.ndarray] = {}
@@ -154,12 +182,16 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        self._head = {}
-        self.storage.close()
+        try:
+            self.wait_compaction()
+        finally:
+            self._head = {}
+            self._compact_head = None
+            self.storage.close()
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
-        with self.storage.lock(LOCK_FILE):
+        with self._thread_lock, self.storage.lock(LOCK_FILE):
             yield
 
     # ------------------------------------------------------------------ listing
@@ -262,10 +294,14 @@ class Store:
                     hint="delete it first (`ckpt rm`) or save under another step",
                 )
             earlier = [s for s in steps if s < step]
+            if earlier:  # read afresh: a compaction elsewhere may have moved its objects
+                self._manifests.pop((run, earlier[-1]), None)
             base = self.manifest(run, earlier[-1]) if earlier else None
             manifest = self._write_checkpoint(
                 run, step, skeleton, leaves, base, json.loads(meta_bytes), framework, progress
             )
+        if self.layout == "hot" and self.compaction == "background":
+            self._schedule_compaction(run)
         return manifest.info()
 
     def _write_checkpoint(
@@ -281,8 +317,9 @@ class Store:
     ) -> Manifest:
         logical = sum(lf.nbytes for lf in leaves.values())
         pack_key = new_pack_key(run, step)
-        tensors, objects, wrote, stored, new_head = self._write_objects(pack_key, leaves, base, progress)
-        data = {
+        hot = self.layout == "hot"
+        tensors, objects, wrote, stored, new_head = self._write_objects(pack_key, leaves, base, progress, hot=hot)
+        data: dict[str, Any] = {
             "kind": MANIFEST_KIND,
             "format_version": FORMAT_VERSION,
             "run": run,
@@ -296,6 +333,8 @@ class Store:
             "stats": {"logical_bytes": logical, "stored_bytes": stored},
             "metadata": metadata,
         }
+        if hot:
+            data["layout"] = "hot"  # format §4.7: compaction re-encodes this checkpoint's raw objects
         key = manifest_key(run, step)
         try:
             self.storage.create(key, manifest_bytes(data))
@@ -314,11 +353,20 @@ class Store:
         leaves: Mapping[str, tree.Leaf],
         base: Manifest | None,
         progress: Callable[[int, int], None] | None,
+        *,
+        hot: bool = False,
+        head: dict[str, np.ndarray] | None = None,
+        keep_heads: bool = True,
     ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], bool, int, dict[str, np.ndarray]]:
         """Hash ``leaves``, dedup them against ``base`` and encode the new objects into ``pack_key``: the one
         write path of :meth:`save` and :meth:`write_shards`. Returns the manifest's ``tensors`` and ``objects``,
         whether the pack was written, its stored bytes, and the delta heads for the next save (the caller sets
-        them once its checkpoint is safe)."""
+        them once its checkpoint is safe).
+
+        ``hot``: new objects are written raw, and an unchanged tensor reuses the base's record only if that is one
+        object (no ``refs``), so reading this checkpoint decodes one object per tensor; no delta heads are kept.
+        ``head`` replaces the Store's delta heads as the cache of base words (compaction keeps its own);
+        without ``keep_heads`` no copies of the new words are made."""
         names = list(leaves)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
             oids = list(ex.map(lambda n: object_id(leaves[n]), names))
@@ -330,17 +378,21 @@ class Store:
         todo: list[tuple[str, str]] = []  # (tensor name, object id) to encode, first occurrence of each id
         planned: set[str] = set()
         for n, o in zip(names, oids, strict=True):
-            if base is not None and o in base.objects:
+            if base is not None and o in base.objects and not (hot and base.objects[o].get("refs")):
                 for dep in base.chain(o):
                     objects[dep] = base.objects[dep]
             elif o not in planned:
                 planned.add(o)
                 todo.append((n, o))
         # unchanged tensors carry their words over; head entries are keyed by content, so they stay right
-        new_head = {o: self._head[o] for o in oids if o in self._head}
+        heads = self._head if head is None else head
+        track = keep_heads and not hot
+        new_head = {o: heads[o] for o in oids if o in heads} if track else {}
         stored = 0
         if todo:
-            records, stored = self._encode_into_pack(pack_key, todo, leaves, base, progress, new_head)
+            records, stored = self._encode_into_pack(
+                pack_key, todo, leaves, base, progress, new_head if track else None, hot=hot, head=head
+            )
             for o, rec in records.items():
                 objects[o] = rec
                 for dep in rec.get("refs", {}).values():
@@ -357,11 +409,15 @@ class Store:
         base: Manifest | None,
         progress: Callable[[int, int], None] | None,
         new_head: dict[str, np.ndarray] | None = None,
+        *,
+        hot: bool = False,
+        head: dict[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, dict[str, Any]], int]:
-        """Encode the new objects in parallel and stream them, in order, into one pack file."""
+        """Encode the new objects in parallel and stream them, in order, into one pack file (``hot``: raw)."""
         records: dict[str, dict[str, Any]] = {}
         total = len(todo)
-        history = [st for st in self.steps(base.run) if st <= base.step] if base is not None else []
+        heads = self._head if head is None else head
+        history = [st for st in self.steps(base.run) if st <= base.step] if base is not None and not hot else []
         # Base objects that other objects' chains pass through: another job may be reading those while decoding,
         # so their head arrays are never overwritten in place.
         referenced = {d for r in base.objects.values() for d in r.get("refs", {}).values()} if base else set()
@@ -371,6 +427,9 @@ class Store:
             leaf = leaves[name]
             spec = codecs.TensorSpec(leaf.dtype, leaf.shape)
             words = leaf.words
+            if hot:  # the fast layout: the bytes as they are, one object, nothing to decode but a copy
+                raw: list[bytes | memoryview] = [memoryview(np.ascontiguousarray(words)).cast("B")] if words.size else []
+                return oid, {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": [], "depth": 0}, raw
             refs: dict[str, np.ndarray] = {}
             base_oid = None
             depth = 0
@@ -380,7 +439,7 @@ class Store:
                 if chosen is not None:
                     base_oid, depth = chosen
                     # consumed once: dropping it keeps old head + new head near one checkpoint
-                    prev_words = self._head.pop(base_oid, None)
+                    prev_words = heads.pop(base_oid, None)
                     reusable = new_head is not None and base_oid not in new_head and base_oid not in referenced
                     if prev_words is not None and reusable:
                         spare = prev_words
@@ -615,6 +674,30 @@ class Store:
         known: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, tree.Leaf]:
         m = ref if isinstance(ref, Manifest) else self.resolve(ref)
+        names = None if names is None else list(names)
+        for _ in range(3):
+            try:
+                return self._load_leaves(m, names, known)
+            except IntegrityError:
+                # Compaction or gc may have replaced the manifest (same tensors, new objects) and freed the packs
+                # this one named: read it again and decode from the new objects alone, never a mix of both.
+                fresh = self._reread_manifest(m)
+                if fresh is None or fresh.objects == m.objects:
+                    raise
+                m = fresh
+        return self._load_leaves(m, names, known)
+
+    def _reread_manifest(self, m: Manifest) -> Manifest | None:
+        self._manifests.pop((m.run, m.step), None)
+        try:
+            fresh = self.manifest(m.run, m.step)
+        except CkptStoreError:
+            return None
+        return fresh if fresh.tensors == m.tensors else None
+
+    def _load_leaves(
+        self, m: Manifest, names: Iterable[str] | None, known: Mapping[str, np.ndarray] | None
+    ) -> dict[str, tree.Leaf]:
         wanted = list(m.tensors) if names is None else list(names)
         for n in wanted:
             if n not in m.tensors:
@@ -893,7 +976,8 @@ class Store:
                         seen.add(o)
                         todo.append((n, o))
                 pack_key = new_pack_key(run, s)
-                records, stored = self._encode_into_pack(pack_key, todo, fresh, prev, None)
+                hot = m.data.get("layout") == "hot"  # a hot checkpoint stays one object per tensor
+                records, stored = self._encode_into_pack(pack_key, todo, fresh, prev, None, hot=hot)
                 replaced.update(records)
             table = table_for(m)
             if table != m.objects:
@@ -913,6 +997,127 @@ class Store:
             if progress is not None:
                 progress(i + 1, len(steps))
         return rewritten
+
+    # ------------------------------------------------------------------ compaction (layout "hot")
+    def compact(
+        self,
+        run: str | None = None,
+        *,
+        newest: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Re-encode the raw objects of hot checkpoints (format §4.7) densely, as a dense save would have: each
+        changed tensor as a delta against its predecessor (or a keyframe), then gc.
+
+        Goes in step order, one checkpoint per hold of the write lock (a save waits for at most one), and leaves
+        the newest checkpoint hot unless ``newest`` (a finished run: the smallest store, but ``@latest`` then
+        decodes a chain). Each checkpoint's new objects go into a new pack, then its manifest is replaced
+        atomically: a crash leaves it either hot or compacted, and a reader holding the old manifest retries
+        with the new one if gc freed the old pack under it."""
+        if run is not None:
+            check_run_name(run)
+        runs = [run] if run is not None else self.runs()
+        t0 = time.perf_counter()
+        done: list[str] = []
+        logical = 0
+        before = self._stored_bytes()
+        for r in runs:
+            while True:
+                with self._write_lock():
+                    todo = self._hot_steps(r, newest)
+                    if not todo:
+                        break
+                    logical += self._compact_one(r, todo[0])
+                    done.append(f"{r}@{todo[0]}")
+                if progress is not None:
+                    progress(len(done), len(done) + len(todo) - 1)
+        encode_s = time.perf_counter() - t0
+        with self._write_lock():
+            removed = self._gc_locked()
+        seconds = time.perf_counter() - t0
+        return {
+            "compacted": done,
+            "logical_bytes": logical,
+            "seconds": seconds,
+            "bytes_per_second": logical / encode_s if done and encode_s > 0 else None,
+            "removed_packs": removed,
+            "freed_bytes": before - self._stored_bytes(),
+        }
+
+    def _hot_steps(self, run: str, newest: bool) -> list[int]:
+        """The steps of ``run`` whose manifests are hot, read afresh (another process may have written)."""
+        steps = self.steps(run)
+        out = []
+        for s in steps if newest else steps[:-1]:
+            self._manifests.pop((run, s), None)
+            if self.manifest(run, s).data.get("layout") == "hot":
+                out.append(s)
+        return out
+
+    def _compact_one(self, run: str, step: int) -> int:
+        """Compact ``run@step`` against its (dense) predecessor; call under the write lock. Returns the logical
+        bytes re-encoded."""
+        earlier = [s for s in self.steps(run) if s < step]
+        for s in [step, *earlier[-1:]]:
+            self._manifests.pop((run, s), None)  # read afresh under the lock
+        m = self.manifest(run, step)
+        p = self.manifest(run, earlier[-1]) if earlier else None
+        names, seen = [], set()
+        for n, t in m.tensors.items():
+            o = t["object"]
+            if (p is None or o not in p.objects) and o not in seen:
+                seen.add(o)
+                names.append(n)
+        leaves = self.load_leaves(m, names) if names else {}
+        cached = self._compact_head
+        head = dict(cached[2]) if cached is not None and p is not None and cached[:2] == (run, p.step) else {}
+        pack_key = new_pack_key(run, step)
+        _, table, wrote, stored, _ = self._write_objects(pack_key, leaves, p, None, head=head, keep_heads=False)
+        for t in m.tensors.values():
+            o = t["object"]
+            if o not in table:
+                assert p is not None  # every object not re-encoded is the predecessor's
+                for d in p.chain(o):
+                    table[d] = p.objects[d]
+        data = {k: v for k, v in m.data.items() if k != "layout"}
+        data["objects"] = table
+        live = {rec["pack"] for rec in table.values()}
+        data["packs"] = [k for k in m.data.get("packs", []) if k in live] + ([pack_key] if wrote else [])
+        data["stats"] = {**m.data.get("stats", {}), "stored_bytes": stored}
+        self.storage.write(m.key, manifest_bytes(data))
+        self._manifests[(run, step)] = Manifest(data, m.key)
+        # The words just read are this checkpoint's values: the bases of the next compaction, without a decode.
+        words = {o: head[o] for o in (t["object"] for t in m.tensors.values()) if o in head}
+        words.update({m.tensors[n]["object"]: lf.words for n, lf in leaves.items()})
+        self._compact_head = (run, step, words)
+        return sum(lf.nbytes for lf in leaves.values())
+
+    def _schedule_compaction(self, run: str) -> None:
+        if run in self._compact_pending:
+            return
+        if self._compactor is None:
+            self._compactor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-compact")
+        self._compact_pending.add(run)
+        self._compactor.submit(self._compact_background, run)
+
+    def _compact_background(self, run: str) -> None:
+        self._compact_pending.discard(run)  # a save from now on schedules another pass
+        try:
+            self.compact(run)
+        except StoreLockedError:
+            pass  # another process holds the store; the next save tries again
+        except Exception as exc:  # a background failure must not kill training: kept, logged, raised by wait
+            self.compaction_error = exc
+            log.warning("background compaction of run %s failed: %s", run, exc)
+
+    def wait_compaction(self) -> None:
+        """Wait for background compaction to finish; raise its failure, if one happened."""
+        if self._compactor is not None:
+            self._compactor.shutdown(wait=True)
+            self._compactor = None
+        err, self.compaction_error = self.compaction_error, None
+        if err is not None:
+            raise err
 
     def gc(self) -> dict[str, Any]:
         """Remove pack files no committed manifest references (left by deletes or by interrupted saves)."""
@@ -1035,16 +1240,18 @@ def create_store(
     keyframe_interval: int | None = None,
     level: int | None = None,
     codec: str | None = None,
+    layout: str | None = None,
     **options: Any,
 ) -> Store:
     """Create a new, empty store at a path or URL. ``keyframe_interval`` and ``level`` (zstd) are recorded in the
     store as its settings, used by every later writer that does not override them; so is ``codec``, the name of
-    the registered bytes codec that ends every chain (default ``planes-zstd``)."""
+    the registered bytes codec that ends every chain (default ``planes-zstd``), and ``layout`` (``"dense"``, the
+    default, or ``"hot"``: format §4.7)."""
     storage_options = options.pop("storage_options", {}) or {}
     storage = open_storage(location, **storage_options)
     if storage.exists(STORE_FILE):
         if exist_ok:
-            return Store(storage, keyframe_interval=keyframe_interval, level=level, **options)
+            return Store(storage, keyframe_interval=keyframe_interval, level=level, layout=layout, **options)
         raise StoreExistsError("a store already exists here", path=storage.url)
     if storage.list("") and not exist_ok:
         raise StoreExistsError("the directory is not empty", path=storage.url, hint="choose an empty or new directory")
@@ -1054,7 +1261,12 @@ def create_store(
         {
             "settings": {
                 k: v
-                for k, v in (("keyframe_interval", keyframe_interval), ("zstd_level", level), ("codec", codec))
+                for k, v in (
+                    ("keyframe_interval", keyframe_interval),
+                    ("zstd_level", level),
+                    ("codec", codec),
+                    ("layout", layout),
+                )
                 if v is not None
             }
         }
