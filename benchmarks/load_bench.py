@@ -1,0 +1,222 @@
+"""Benchmark: the hot layout (issue 11 items 2-3) against the dense layout, on a real open_clip_train trajectory.
+
+In one process, on the same disk:
+
+- stores the trajectory twice, ``layout="dense"`` (every save delta-codes, today's default) and ``layout="hot"``
+  (a save writes changed tensors raw; compaction re-encodes every checkpoint but the newest, timed separately
+  after each save, as the background thread does it);
+- sizes: each store's bytes, weights and weights + AdamW, against XOR + byte planes + zstd-3 (the baseline of
+  benchmarks/trajectory_bench.py), for the hot store as training leaves it (newest hot) and after
+  ``compact(newest=True)`` (a finished run);
+- compaction throughput (logical bytes re-encoded per second of compaction);
+- load times against torch.load of the same ``epoch_N.pt``, a fresh Store each time, alternating, medians: the
+  newest checkpoint, every single older checkpoint, every checkpoint in order (2 threads);
+- a bit-exact check of every tensor of every checkpoint of both stores, before and after compaction.
+
+    python benchmarks/load_bench.py --checkpoints DIR [--limit N] [--reps 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ckptstore import create_store, open_store
+from ckptstore.format.tree import flatten
+from ckptstore.integrations.openclip import epoch_files, read_checkpoint
+from ckptstore.store import Store
+from trajectory_bench import _torch_save_sync, is_weight, timed, zstd_planes
+
+
+def store_bytes(store: Store, run: str) -> dict[str, int]:
+    """Stored payload bytes of a run, split into weights and everything: each (pack, offset) counted once, for
+    the first checkpoint in step order that names it."""
+    seen: set[tuple[str, int]] = set()
+    w = a = 0
+    for s in store.steps(run):
+        m = store.manifest(run, s)
+        names = {t["object"]: n for n, t in m.tensors.items()}
+        for o, rec in m.objects.items():
+            loc = (rec["pack"], int(rec["offset"]))
+            if loc in seen:
+                continue
+            seen.add(loc)
+            a += int(rec["length"])
+            if is_weight(names.get(o, "")):
+                w += int(rec["length"])
+    return {"w": w, "all": a}
+
+
+def xor_baseline(files: list[Path]) -> dict[str, int]:
+    prev: dict[str, np.ndarray] = {}
+    out = {"w": 0, "all": 0}
+    for f in files:
+        _, leaves = flatten(read_checkpoint(f))
+        for n, lf in leaves.items():
+            words = lf.words
+            p = prev.get(n)
+            size = zstd_planes(np.bitwise_xor(words, p) if p is not None and p.shape == words.shape else words)
+            out["all"] += size
+            if is_weight(n):
+                out["w"] += size
+        prev = {n: np.array(lf.words, copy=True) for n, lf in leaves.items()}
+    return out
+
+
+def check_exact(store_dir: Path, files: list[Path], steps: list[int]) -> bool:
+    store = open_store(store_dir, threads=2)
+    for f, s in zip(files, steps, strict=True):
+        _, want = flatten(read_checkpoint(f))
+        got = store.load_leaves(f"bench@{s}")
+        if set(got) != set(want) or any(got[n].data.tobytes() != lf.data.tobytes() for n, lf in want.items()):
+            return False
+    return store.verify()["ok"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", type=Path, required=True, help="folder of epoch_N.pt")
+    ap.add_argument("--limit", type=int, help="only the first N checkpoints")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", type=Path, help="write all figures here")
+    ap.add_argument("--workdir", type=Path, help="scratch folder on the disk to measure (default: a temp dir)")
+    ap.add_argument("--skip-baseline", action="store_true", help="no XOR baseline (sizes of our stores only)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    files = epoch_files(a.checkpoints)[: a.limit]
+    work = Path(tempfile.mkdtemp(prefix="loadbench-", dir=a.workdir))
+    rep: dict[str, Any] = {"checkpoints": str(a.checkpoints), "files": len(files), "reps": a.reps}
+    try:
+        dense = create_store(work / "dense", layout="dense", threads=2)
+        hot = create_store(work / "hot", layout="hot", threads=2, compaction="manual")
+        steps: list[int] = []
+        save: dict[str, list[float]] = {"dense": [], "hot": [], "compact": [], "torch_save": []}
+        (work / "pt").mkdir()
+        compact_bytes = 0
+        for f in files:
+            ckpt = read_checkpoint(f)
+            step = int(ckpt.get("epoch", len(steps)))
+            steps.append(step)
+            t0 = time.perf_counter()
+            _torch_save_sync(ckpt, work / "pt" / f.name)  # a new file, fsync'd, as a training loop writes
+            save["torch_save"].append(time.perf_counter() - t0)
+            (work / "pt" / f.name).unlink()
+            t0 = time.perf_counter()
+            dense.save("bench", step, ckpt)
+            save["dense"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            hot.save("bench", step, ckpt)
+            save["hot"].append(time.perf_counter() - t0)
+            res = hot.compact("bench")  # what the background thread does after this save
+            if res["compacted"]:
+                save["compact"].append(res["seconds"])
+                compact_bytes += res["logical_bytes"]
+            del ckpt
+            print(f"  stored {f.name}", file=sys.stderr)
+        rep["save_seconds"] = save
+        rep["compaction"] = {
+            "logical_bytes": compact_bytes,
+            "seconds": sum(save["compact"]),
+            "bytes_per_second": compact_bytes / sum(save["compact"]) if save["compact"] else None,
+        }
+        sizes = {"dense": store_bytes(dense, "bench"), "hot_newest_hot": store_bytes(hot, "bench")}
+        hot.close()
+        dense.close()
+        pt_dir = Path(files[0]).parent
+        newest = steps[-1]
+        times: dict[str, Any] = {}
+
+        def pair(name: str, ours: Any, theirs: Any, reps: int) -> None:
+            o, t = [], []
+            for _ in range(reps):  # alternating, so both sides see the same machine state
+                o.append(timed(ours, 1)[0])
+                t.append(timed(theirs, 1)[0])
+            times[name] = {"ours": statistics.median(o), "torch": statistics.median(t)}
+            times[name]["ratio"] = times[name]["ours"] / times[name]["torch"]
+
+        for label, d in (("dense", work / "dense"), ("hot", work / "hot")):
+            fresh = lambda d=d: open_store(d, threads=2)  # noqa: E731 - a cold Store each time
+            pair(
+                f"{label}_newest",
+                lambda f=fresh: f().load(f"bench@{newest}"),
+                lambda: torch.load(pt_dir / files[-1].name, weights_only=True),
+                a.reps,
+            )
+            pair(
+                f"{label}_in_order",
+                lambda f=fresh: [x for _, x in f().iter_load("bench")],
+                lambda: [torch.load(p, weights_only=True) for p in files],
+                max(1, a.reps // 2),
+            )
+            singles = {}
+            for s, f in zip(steps, files, strict=True):
+                ours = lambda s=s, fr=fresh: fr().load(f"bench@{s}")  # noqa: E731
+                pair("_one", ours, lambda f=f: torch.load(f, weights_only=True), max(1, a.reps // 2))
+                singles[s] = times.pop("_one")
+            times[f"{label}_single"] = singles
+            times[f"{label}_single_worst"] = max(v["ratio"] for s, v in singles.items() if s != newest)
+            print(f"  timed {label}", file=sys.stderr)
+        rep["load"] = times
+        rep["bit_exact_hot_newest_hot"] = check_exact(work / "hot", files, steps)
+        full = open_store(work / "hot", threads=2)
+        res = full.compact("bench", newest=True)
+        sizes["hot_all_compacted"] = store_bytes(full, "bench")
+        rep["bit_exact_hot_all_compacted"] = check_exact(work / "hot", files, steps)
+        rep["bit_exact_dense"] = check_exact(work / "dense", files, steps)
+        if not a.skip_baseline:
+            sizes["xor"] = xor_baseline(files)
+            for k in ("dense", "hot_newest_hot", "hot_all_compacted"):
+                sizes[k]["vs_xor_w"] = 1 - sizes[k]["w"] / sizes["xor"]["w"]
+                sizes[k]["vs_xor_all"] = 1 - sizes[k]["all"] / sizes["xor"]["all"]
+        rep["sizes"] = sizes
+        _print(rep)
+        if a.json:
+            a.json.write_text(json.dumps(rep, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _print(rep: dict[str, Any]) -> None:
+    med = statistics.median
+    s = rep["save_seconds"]
+    print(f"{rep['files']} checkpoints of {rep['checkpoints']}")
+    compact = med(s["compact"]) if s["compact"] else 0.0
+    print(
+        f"save, median s: torch.save {med(s['torch_save']):.3f}, dense {med(s['dense']):.3f}, "
+        f"hot {med(s['hot']):.3f}; compaction per checkpoint {compact:.3f} s"
+    )
+    c = rep["compaction"]
+    if c["bytes_per_second"]:
+        print(f"compaction throughput: {c['bytes_per_second'] / 1e6:.0f} MB/s of logical bytes")
+    for k, v in rep["sizes"].items():
+        extra = (
+            f"  below XOR: weights {v['vs_xor_w'] * 100:.1f} %, all {v['vs_xor_all'] * 100:.1f} %"
+            if "vs_xor_w" in v
+            else ""
+        )
+        print(f"bytes {k:<18} weights {v['w'] / 1e6:9.2f} MB  all {v['all'] / 1e6:9.2f} MB{extra}")  # fmt: skip
+    for k, v in rep["load"].items():
+        if isinstance(v, dict) and "ratio" in v:
+            print(f"load {k:<16} {v['ours']:.3f} s vs torch.load {v['torch']:.3f} s = {v['ratio']:.2f}x")
+        elif k.endswith("_worst"):
+            print(f"load {k:<16} {v:.2f}x (single older checkpoint, worst)")
+    print(
+        f"bit-exact: dense {rep['bit_exact_dense']}, hot {rep['bit_exact_hot_newest_hot']}, "
+        f"hot fully compacted {rep['bit_exact_hot_all_compacted']}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
