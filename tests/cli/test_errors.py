@@ -24,6 +24,7 @@ COMMANDS: dict[str, list[str]] = {
     "show": ["alpha@latest"],
     "rm": ["alpha@0"],
     "gc": [],
+    "compact": ["alpha"],
     "verify": [],
     "du": [],
     "ingest": ["{tmp}/none.pt"],
@@ -43,7 +44,7 @@ COMMANDS: dict[str, list[str]] = {
     "analyze transfer": ["alpha"],
     "report": ["alpha"],
 }
-RUN_COMMANDS = ["ls", "verify", "metrics", "release", "thin", "archive", "select", "analyze weights",
+RUN_COMMANDS = ["ls", "compact", "verify", "metrics", "release", "thin", "archive", "select", "analyze weights",
                 "analyze stability", "report"]  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Store commands: init, ls, show, rm, gc, verify, du."""
+"""Store commands: init, ls, show, rm, gc, compact, verify, du."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ckptstore.cli.common import (
     require_run,
     training_step,
 )
-from ckptstore.store import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_LEVEL, create_store
+from ckptstore.store import DEFAULT_KEYFRAME_INTERVAL, DEFAULT_LAYOUT, DEFAULT_LEVEL, LAYOUTS, create_store
 from ckptstore.util import human_bytes as human
 
 
@@ -49,6 +49,12 @@ def register(sub: Any) -> None:
         "--codec",
         metavar="NAME",
         help="registered bytes codec that ends every codec chain (default: planes-zstd; see docs/format.md §10)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help=f"how saves are written (default: {DEFAULT_LAYOUT}): dense delta-codes every save; hot writes the "
+        "changed tensors raw (the newest checkpoint reads like torch.load) and compacts older ones in the background",
     )
     p.set_defaults(func=cmd_init)
 
@@ -101,6 +107,19 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser(
+        "compact",
+        help="re-encode hot checkpoints densely",
+        description="Re-encode the raw objects of a run's hot checkpoints (layout hot, docs/format.md §4.7) as "
+        "deltas, as a dense save would have, then free the space. The newest checkpoint stays hot (fast to "
+        "resume from) unless --newest.",
+    )
+    add_store_arg(p)
+    p.add_argument("run", help="the run")
+    p.add_argument("--newest", action="store_true", help="compact the newest checkpoint too (a finished run)")
+    add_json_arg(p, "what was compacted")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser(
         "verify",
         help="decode everything and check every hash",
         description="Decode every stored object and compare it with its content hash.",
@@ -127,6 +146,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         keyframe_interval=args.keyframe_interval,
         level=args.level,
         codec=args.codec,
+        layout=args.layout,
     )
     if args.json:
         print_json({"store": store.url, "created": True, "settings": store.settings})
@@ -302,6 +322,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print_json(res)
     else:
         print(f"removed {res['removed_packs']} unreferenced pack(s); freed {human(res['freed_bytes'])}")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    store = get_store(args)
+    require_run(store, args.run)
+    with progress_bar("compacting") as prog:
+        res = store.compact(args.run, newest=args.newest, progress=prog)
+    if args.json:
+        print_json(res)
+    else:
+        rate = f" ({human(res['bytes_per_second'])}/s)" if res["bytes_per_second"] else ""
+        print(
+            f"compacted {len(res['compacted'])} checkpoint(s), {human(res['logical_bytes'])}{rate}; "
+            f"freed {human(res['freed_bytes'])}"
+        )
     return 0
 
 
