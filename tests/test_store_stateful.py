@@ -1,4 +1,5 @@
-"""The Store against a plain dict model, through random save / delete / gc / verify / reopen sequences."""
+"""The Store against a plain dict model, through random save / delete / thin / compact / gc / verify / reopen
+sequences, in both layouts (dense, and hot with compaction: docs/format.md §4.7)."""
 
 from __future__ import annotations
 
@@ -60,9 +61,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.last: dict[str, dict[str, Any]] = {}  # the last state saved per run: the next one evolves from it
         self.store: ckptstore.Store | None = None
 
-    @initialize(interval=st.sampled_from([2, 3, 3, 4, 8]))
-    def create(self, interval: int) -> None:
-        self.store = ckptstore.create_store(self.dir / "store", keyframe_interval=interval)
+    @initialize(interval=st.sampled_from([2, 3, 3, 4, 8]), layout=st.sampled_from(["dense", "hot"]))
+    def create(self, interval: int, layout: str) -> None:
+        # compaction by the rule below only: the background thread would make the steps depend on timing
+        self.store = ckptstore.create_store(
+            self.dir / "store", keyframe_interval=interval, layout=layout, compaction="manual"
+        )
 
     def teardown(self) -> None:
         if self.store is not None:
@@ -155,10 +159,20 @@ class StoreMachine(RuleBasedStateMachine):
         assert res["ok"], res["problems"]
         assert res["checkpoints"] == len(self.model)
 
+    @rule(run=st.sampled_from([*RUNS, None]), newest=st.booleans())
+    def compact(self, run: str | None, newest: bool) -> None:
+        """Hot checkpoints re-encoded densely (all but each run's newest unless ``newest``); values unchanged."""
+        self.s.compact(run, newest=newest)
+        for r in [run] if run else RUNS:
+            steps = self.s.steps(r)
+            left = [s for s in steps if self.s.manifest(r, s).data.get("layout") == "hot"]
+            assert set(left) <= (set() if newest else set(steps[-1:])), (r, left)
+        assert self.s.compact(run, newest=newest)["compacted"] == []  # nothing left to do
+
     @rule(interval=st.sampled_from([2, 3, 8]))
     def reopen(self, interval: int) -> None:
         self.s.close()
-        self.store = ckptstore.open_store(self.dir / "store", keyframe_interval=interval)
+        self.store = ckptstore.open_store(self.dir / "store", keyframe_interval=interval, compaction="manual")
 
     @precondition(lambda self: bool(self.model))
     @rule(data=st.data())
@@ -176,6 +190,15 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.s.runs() == sorted(r for r in RUNS if want[r])
         for r in RUNS:
             assert self.s.steps(r) == want[r]
+
+    @invariant()
+    def hot_checkpoints_read_one_object_per_tensor(self) -> None:
+        if self.store is None:
+            return
+        for run, step in self.model:
+            m = self.s.manifest(run, step)
+            if m.data.get("layout") == "hot":
+                assert all(len(m.chain(t["object"])) == 1 for t in m.tensors.values()), (run, step)
 
     @invariant()
     def every_checkpoint_loads_bit_exactly(self) -> None:

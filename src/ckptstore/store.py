@@ -946,15 +946,18 @@ class Store:
 
         for i, s in enumerate(steps):
             m = self.manifest(run, s)
+            # A hot checkpoint (format §4.7) keeps its own one-object records; only those in doomed places are
+            # written again, raw. It never takes records re-encoded for others, which may be deltas.
+            hot = m.data.get("layout") == "hot"
             # An object the (rebased) predecessor already holds is reused as it is: re-encoding it "against
             # the predecessor" would make it a delta of itself.
-            if prev is not None:
+            if prev is not None and not hot:
                 for t in m.tensors.values():
                     o = t["object"]
                     if o in prev.objects and o not in replaced:
                         for d in prev.chain(o):
                             replaced.setdefault(d, prev.objects[d])
-            view = Manifest({**m.data, "objects": table_for(m)}, m.key)
+            view = m if hot else Manifest({**m.data, "objects": table_for(m)}, m.key)
             touched = [
                 n
                 for n, t in view.tensors.items()
@@ -967,6 +970,7 @@ class Store:
             ]
             pack_key = None
             stored = 0
+            mine: dict[str, dict[str, Any]] = {}
             if touched:
                 fresh = self.load_leaves(view, touched)
                 todo, seen = [], set()
@@ -976,10 +980,13 @@ class Store:
                         seen.add(o)
                         todo.append((n, o))
                 pack_key = new_pack_key(run, s)
-                hot = m.data.get("layout") == "hot"  # a hot checkpoint stays one object per tensor
                 records, stored = self._encode_into_pack(pack_key, todo, fresh, prev, None, hot=hot)
                 replaced.update(records)
-            table = table_for(m)
+                mine = records
+            if hot:
+                table = with_true_depths({o: mine.get(o, r) for o, r in m.objects.items()})
+            else:
+                table = table_for(m)
             if table != m.objects:
                 data = dict(m.data)
                 data["objects"] = table
