@@ -428,7 +428,7 @@ class Store:
             spec = codecs.TensorSpec(leaf.dtype, leaf.shape)
             words = leaf.words
             if hot:  # the fast layout: the bytes as they are, one object, nothing to decode but a copy
-                raw: list[bytes | memoryview] = [memoryview(np.ascontiguousarray(words)).cast("B")] if words.size else []
+                raw: list[bytes | memoryview] = [np.ascontiguousarray(words).view(np.uint8).data] if words.size else []
                 return oid, {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": [], "depth": 0}, raw
             refs: dict[str, np.ndarray] = {}
             base_oid = None
@@ -983,10 +983,7 @@ class Store:
                 records, stored = self._encode_into_pack(pack_key, todo, fresh, prev, None, hot=hot)
                 replaced.update(records)
                 mine = records
-            if hot:
-                table = with_true_depths({o: mine.get(o, r) for o, r in m.objects.items()})
-            else:
-                table = table_for(m)
+            table = with_true_depths({o: mine.get(o, r) for o, r in m.objects.items()}) if hot else table_for(m)
             if table != m.objects:
                 data = dict(m.data)
                 data["objects"] = table
@@ -1262,6 +1259,8 @@ def create_store(
         raise StoreExistsError("a store already exists here", path=storage.url)
     if storage.list("") and not exist_ok:
         raise StoreExistsError("the directory is not empty", path=storage.url, hint="choose an empty or new directory")
+    if layout is not None and layout not in LAYOUTS:
+        raise InvalidStateError(f"unknown layout {layout!r}", hint=f"use one of {', '.join(LAYOUTS)}")
     if keyframe_interval is not None:
         keyframe_interval = max(1, int(keyframe_interval))  # as Store(keyframe_interval=...) always took it
     settings = store_settings(

@@ -220,7 +220,8 @@ def test_store_reads_the_golden_store_bit_exactly(tmp_path: Path) -> None:
     shutil.copytree(GOLDEN, copy)  # reading takes the store's lock file: never write into tests/
     store = open_store(copy)
     assert store.steps(RUN) == KEPT
-    assert store.settings == {"keyframe_interval": 4, "zstd_level": 1, "codec": "planes-zstd", "layout": "dense"}  # the defaults
+    defaults = {"keyframe_interval": 4, "zstd_level": 1, "codec": "planes-zstd", "layout": "dense"}
+    assert store.settings == defaults
     for step in KEPT:
         state = store.load(f"{RUN}@{step}")
         assert state["epoch"] == step and state["lr"] == 0.1 / step and state["flags"] == [True, None]
