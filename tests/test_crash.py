@@ -1,4 +1,5 @@
-"""Crash safety with real processes: a child saves (or deletes) checkpoints and is SIGKILLed at random moments.
+"""Crash safety with real processes: a child saves (or deletes, or compacts) checkpoints and is SIGKILLed at random
+moments. Saves run in both layouts; in the hot one a background thread compacts while the next save comes.
 
 Afterwards every committed checkpoint loads bit-exactly (the parent recomputes the child's deterministic
 states), every save the child reported as finished is committed, verify() is ok, gc() removes the leftovers and
@@ -75,6 +76,16 @@ store.delete(sys.argv[2:])
 print("deleted", flush=True)
 """
 
+CHILD_COMPACT = """
+import sys
+import ckptstore
+
+store = ckptstore.open_store(sys.argv[1], compaction="manual")
+print("start", flush=True)
+store.compact("run", newest=sys.argv[2] == "1")
+print("compacted", flush=True)
+"""
+
 _ns: dict[str, Any] = {}
 exec(STATE_SRC, _ns)
 state_for = _ns["state_for"]
@@ -141,9 +152,10 @@ def _gc_and_check_clean(path: Path) -> None:
     assert store.gc()["removed_packs"] == 0
 
 
-def test_sigkill_during_saves(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["dense", "hot"])
+def test_sigkill_during_saves(tmp_path: Path, layout: str) -> None:
     path = tmp_path / "store"
-    ckptstore.create_store(path)
+    ckptstore.create_store(path, layout=layout)
     seed = 1234
     rnd = random.Random(seed)
     reported: set[int] = set()
@@ -205,4 +217,27 @@ def test_sigkill_during_delete(tmp_path: Path, delay: float) -> None:
     if left:
         store.delete([f"run@{s}" for s in left])
     assert _check_store(path, seed, keep, set()) == sorted(keep)
+    _gc_and_check_clean(path)
+
+
+@pytest.mark.parametrize(("delay", "newest"), [(0.0, False), (0.15, False), (0.5, True), (1.0, False)])
+def test_sigkill_during_compaction(tmp_path: Path, delay: float, newest: bool) -> None:
+    path = tmp_path / "store"
+    seed = 7
+    store = ckptstore.create_store(path, keyframe_interval=3, layout="hot", compaction="manual")
+    for i in range(6):
+        store.save("run", i, state_for(seed, i))
+    store.close()
+    proc = _spawn(CHILD_COMPACT, path, int(newest))
+    lines = _kill_after(proc, "start", delay)
+    hot = [s for s in range(6) if ckptstore.open_store(path).manifest("run", s).data.get("layout") == "hot"]
+    if "compacted" in lines:
+        assert hot == ([] if newest else [5])
+    _check_store(path, seed, set(range(6)), set())  # every checkpoint intact, hot or compacted
+    _gc_and_check_clean(path)
+    # finishing the interrupted compaction works and leaves every checkpoint bit-exact
+    store = ckptstore.open_store(path, compaction="manual")
+    store.compact("run", newest=newest)
+    assert [s for s in range(6) if store.manifest("run", s).data.get("layout") == "hot"] == ([] if newest else [5])
+    _check_store(path, seed, set(range(6)), set())
     _gc_and_check_clean(path)
