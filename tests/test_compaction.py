@@ -52,7 +52,7 @@ def test_hot_saves_compact_to_exactly_what_dense_saves_write(tmp_path: Path) -> 
         dense.save("r", i, st)
         hot.save("r", i, st)
         assert hot.manifest("r", i).data["layout"] == "hot"
-        assert all(not r["codecs"] for r in hot.manifest("r", i).objects.values())  # raw: nothing to decode
+        assert all(not r.get("refs") for r in hot.manifest("r", i).objects.values())  # one object each
     for i, st in enumerate(states):  # before compaction
         _assert_same(hot.load(f"r@{i}"), st)
     res = hot.compact("r")
@@ -188,3 +188,19 @@ def test_background_failure_is_raised_by_close(tmp_path: Path, monkeypatch: pyte
     for i in range(2):
         _assert_same(fresh.load(f"r@{i}"), states[i])
     assert fresh.compact("r")["compacted"] == ["r@0"]
+
+
+def test_a_hot_save_codes_mostly_zero_tensors_and_writes_the_rest_raw(tmp_path: Path) -> None:
+    """AdamW moments of never-seen token rows are mostly zeros: a hot save codes such a tensor as a keyframe (one
+    object, fast to decode); a dense-valued tensor is written raw."""
+    z = np.zeros(100_000, np.float32)
+    z[::97] = 1.5
+    r = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+    store = ckptstore.create_store(tmp_path / "s", layout="hot", compaction="manual")
+    store.save("r", 0, {"z": z, "r": r})
+    m = store.manifest("r", 0)
+    rec = {n: m.objects[t["object"]] for n, t in m.tensors.items()}
+    assert rec["z"]["codecs"] and not rec["z"].get("refs") and rec["z"]["length"] < z.nbytes // 10
+    assert rec["r"]["codecs"] == [] and rec["r"]["length"] == r.nbytes
+    got = ckptstore.open_store(tmp_path / "s").load("r@0")
+    assert got["z"].tobytes() == z.tobytes() and got["r"].tobytes() == r.tobytes()

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ckptstore import codecs
+from ckptstore.codecs.planes import estimate_bits
 from ckptstore.codecs.planner import delta_base
 from ckptstore.errors import (
     CheckpointExistsError,
@@ -92,6 +93,15 @@ def store_settings(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _WINDOW = 4  # tensors being encoded ahead of the writer, per worker
+# A hot save (layout "hot") codes a tensor as a keyframe only when it is at least this large and its byte planes'
+# entropy estimate promises at most half its size (AdamW moments of never-seen token rows are mostly zeros), and
+# keeps the result only below this fraction of the raw size: everything else is written raw, the fastest to read.
+HOT_MIN_BYTES = 1 << 16
+HOT_MAX_RATIO = 0.6
+
+
+def _compresses_well(words: np.ndarray) -> bool:
+    return words.nbytes >= HOT_MIN_BYTES and estimate_bits(words) < 0.5 * 8 * words.dtype.itemsize
 
 
 def _now() -> str:
@@ -427,9 +437,14 @@ class Store:
             leaf = leaves[name]
             spec = codecs.TensorSpec(leaf.dtype, leaf.shape)
             words = leaf.words
-            if hot:  # the fast layout: the bytes as they are, one object, nothing to decode but a copy
+            if hot:  # the fast layout: one object, raw unless it is mostly redundant (a cheap, fast keyframe then)
+                fast: dict[str, Any] = {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": [], "depth": 0}
+                if _compresses_well(words):
+                    enc = codecs.encode(words, spec, None, level=self.level, codec=self.codec)
+                    if enc.nbytes < HOT_MAX_RATIO * words.nbytes:
+                        return oid, {**fast, "codecs": enc.codecs}, enc.parts
                 raw: list[bytes | memoryview] = [np.ascontiguousarray(words).view(np.uint8).data] if words.size else []
-                return oid, {"dtype": leaf.dtype, "shape": list(leaf.shape), "codecs": [], "depth": 0}, raw
+                return oid, fast, raw
             refs: dict[str, np.ndarray] = {}
             base_oid = None
             depth = 0
