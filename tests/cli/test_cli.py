@@ -100,6 +100,36 @@ def test_init(tmp_path: Path, ckpt: CkptRunner) -> None:
     _one_line_error(rc, err, "init")
 
 
+def test_init_hot_then_compact(tmp_path: Path, ckpt: CkptRunner) -> None:
+    path = tmp_path / "s"
+    rc, out, err = ckpt("init", "--store", path, "--layout", "hot", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["settings"]["layout"] == "hot"
+    store = ckptstore.open_store(path, compaction="manual")
+    for i in range(4):
+        store.save("alpha", i, _state(i))
+    store.close()
+    rc, out, err = ckpt("compact", "alpha", "--store", path, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["compacted"] == ["alpha@0", "alpha@1", "alpha@2"] and res["logical_bytes"] > 0
+    assert res["bytes_per_second"] > 0 and res["freed_bytes"] > 0
+    rc, out, err = ckpt("compact", "alpha", "--store", path, "--newest")
+    assert rc == 0, err
+    assert out.startswith("compacted 1 checkpoint(s)"), out
+    fresh = ckptstore.open_store(path)
+    assert all(fresh.manifest("alpha", i).data.get("layout") is None for i in range(4))
+    for i in range(4):
+        assert fresh.load(f"alpha@{i}")["w"].tobytes() == _state(i)["w"].tobytes()
+    rc, out, _ = ckpt("compact", "alpha", "--store", path, "--json")
+    assert rc == 0 and json.loads(out)["compacted"] == []
+    rc, _, err = ckpt("compact", "nosuchrun", "--store", path)
+    assert "no run 'nosuchrun'" in _one_line_error(rc, err, "compact")
+    with pytest.raises(SystemExit) as exc:
+        ckpt("init", "--store", tmp_path / "t", "--layout", "warm")
+    assert exc.value.code == EXIT_ERROR and not (tmp_path / "t").exists()
+
+
 def test_init_on_non_empty_dir(tmp_path: Path, ckpt: CkptRunner) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("x")
