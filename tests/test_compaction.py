@@ -175,10 +175,10 @@ def test_bad_layout_and_compaction_settings(tmp_path: Path) -> None:
 def test_background_failure_is_raised_by_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = ckptstore.create_store(tmp_path / "s", layout="hot")
 
-    def boom(*_: Any) -> int:
+    def boom(*_: Any) -> Any:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(store, "_compact_one", boom)
+    monkeypatch.setattr(store, "_compact_encode", boom)
     states = _states(2, seed=6)
     store.save("r", 0, states[0])
     store.save("r", 1, states[1])  # the background pass fails; the save itself succeeded
@@ -204,3 +204,34 @@ def test_a_hot_save_codes_mostly_zero_tensors_and_writes_the_rest_raw(tmp_path: 
     assert rec["r"]["codecs"] == [] and rec["r"]["length"] == r.nbytes
     got = ckptstore.open_store(tmp_path / "s").load("r@0")
     assert got["z"].tobytes() == z.tobytes() and got["r"].tobytes() == r.tobytes()
+
+
+def test_a_checkpoint_changed_during_its_compaction_is_compacted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding runs outside the write lock; the commit checks the manifest is unchanged, else drops the pack and
+    tries again (here a metadata edit by another Store lands while step 0 is being encoded)."""
+    states = _states(3, seed=7)
+    store = ckptstore.create_store(tmp_path / "s", layout="hot", compaction="manual")
+    for i, st in enumerate(states):
+        store.save("r", i, st, {"epoch": i})
+    other = ckptstore.open_store(tmp_path / "s")
+    real = store._compact_encode
+    packs: list[str | None] = []
+
+    def encode_then_edit(m: Any, p: Any) -> Any:
+        out = real(m, p)
+        packs.append(out[1])
+        if len(packs) == 1:
+            other.update_metadata("r@0", lambda md: md.update(notes="edited meanwhile"))
+        return out
+
+    monkeypatch.setattr(store, "_compact_encode", encode_then_edit)
+    res = store.compact("r")
+    assert res["compacted"] == ["r@0", "r@1"] and len(packs) == 3  # step 0 encoded twice
+    assert packs[0] is not None and not store.storage.exists(packs[0])  # the first attempt's pack was dropped
+    fresh = ckptstore.open_store(tmp_path / "s")
+    assert fresh.manifest("r", 0).metadata["notes"] == "edited meanwhile"  # the edit survived
+    for i, st in enumerate(states):
+        _assert_same(fresh.load(f"r@{i}"), st)
+    assert fresh.verify()["ok"]

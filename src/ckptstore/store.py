@@ -27,6 +27,7 @@ from ckptstore.codecs.planes import estimate_bits
 from ckptstore.codecs.planner import delta_base
 from ckptstore.errors import (
     CheckpointExistsError,
+    CheckpointNotFoundError,
     CkptStoreError,
     ConcurrentCommitError,
     FormatError,
@@ -230,8 +231,6 @@ class Store:
         try:
             raw = self.storage.read(key)
         except (FileNotFoundError, OSError):
-            from ckptstore.errors import CheckpointNotFoundError
-
             raise CheckpointNotFoundError(f"no checkpoint {run}@{step}", ref=f"{run}@{step}") from None
         if len(raw) > MAX_MANIFEST_BYTES:
             raise FormatError("manifest larger than the format's limit", path=key)
@@ -1025,39 +1024,54 @@ class Store:
         newest: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
-        """Re-encode the raw objects of hot checkpoints (format §4.7) densely, as a dense save would have: each
+        """Re-encode the objects of hot checkpoints (format §4.7) densely, as a dense save would have: each
         changed tensor as a delta against its predecessor (or a keyframe), then gc.
 
-        Goes in step order, one checkpoint per hold of the write lock (a save waits for at most one), and leaves
-        the newest checkpoint hot unless ``newest`` (a finished run: the smallest store, but ``@latest`` then
-        decodes a chain). Each checkpoint's new objects go into a new pack, then its manifest is replaced
-        atomically: a crash leaves it either hot or compacted, and a reader holding the old manifest retries
-        with the new one if gc freed the old pack under it."""
+        Goes in step order and leaves the newest checkpoint hot unless ``newest`` (a finished run: the smallest
+        store, but ``@latest`` then decodes a chain). Each checkpoint is decoded and re-encoded into a new pack
+        *outside* the write lock (a save meanwhile does not wait for it), then committed under it: its manifest
+        is replaced atomically if it and its predecessor are still as they were, else the pack is dropped and the
+        checkpoint tried again. A crash leaves it either hot or compacted, and a reader holding the old manifest
+        retries with the new one if gc freed the old pack under it."""
         if run is not None:
             check_run_name(run)
         runs = [run] if run is not None else self.runs()
         t0 = time.perf_counter()
         done: list[str] = []
         logical = 0
+        encode_s = 0.0
         before = self._stored_bytes()
         for r in runs:
-            while True:
+            misses = 0
+            while misses < 3:
                 with self._write_lock():
                     todo = self._hot_steps(r, newest)
                     if not todo:
                         break
-                    logical += self._compact_one(r, todo[0])
-                    done.append(f"{r}@{todo[0]}")
+                    m, p = self._fresh_pair(r, todo[0])
+                t1 = time.perf_counter()
+                try:
+                    data, pack_key, words, nbytes = self._compact_encode(m, p)
+                except (CheckpointNotFoundError, IntegrityError):  # deleted or rebased meanwhile: look again
+                    misses += 1
+                    continue
+                encode_s += time.perf_counter() - t1
+                with self._write_lock():
+                    committed = self._compact_commit(m, p, data, pack_key)
+                if not committed:  # the checkpoint or its predecessor changed meanwhile: try again
+                    misses += 1
+                    continue
+                self._compact_head = (r, m.step, words)
+                logical += nbytes
+                done.append(m.ref)
                 if progress is not None:
                     progress(len(done), len(done) + len(todo) - 1)
-        encode_s = time.perf_counter() - t0
         with self._write_lock():
             removed = self._gc_locked()
-        seconds = time.perf_counter() - t0
         return {
             "compacted": done,
             "logical_bytes": logical,
-            "seconds": seconds,
+            "seconds": time.perf_counter() - t0,
             "bytes_per_second": logical / encode_s if done and encode_s > 0 else None,
             "removed_packs": removed,
             "freed_bytes": before - self._stored_bytes(),
@@ -1073,14 +1087,19 @@ class Store:
                 out.append(s)
         return out
 
-    def _compact_one(self, run: str, step: int) -> int:
-        """Compact ``run@step`` against its (dense) predecessor; call under the write lock. Returns the logical
-        bytes re-encoded."""
+    def _fresh_pair(self, run: str, step: int) -> tuple[Manifest, Manifest | None]:
+        """``run@step`` and its predecessor, read from storage (not the cache)."""
         earlier = [s for s in self.steps(run) if s < step]
         for s in [step, *earlier[-1:]]:
-            self._manifests.pop((run, s), None)  # read afresh under the lock
-        m = self.manifest(run, step)
-        p = self.manifest(run, earlier[-1]) if earlier else None
+            self._manifests.pop((run, s), None)
+        return self.manifest(run, step), (self.manifest(run, earlier[-1]) if earlier else None)
+
+    def _compact_encode(
+        self, m: Manifest, p: Manifest | None
+    ) -> tuple[dict[str, Any], str | None, dict[str, np.ndarray], int]:
+        """Encode ``m`` against ``p`` into a new pack (an orphan until committed); returns the new manifest, the
+        pack (None if nothing was written), the words of ``m`` (the next compaction's bases) and the logical
+        bytes re-encoded."""
         names, seen = [], set()
         for n, t in m.tensors.items():
             o = t["object"]
@@ -1089,8 +1108,8 @@ class Store:
                 names.append(n)
         leaves = self.load_leaves(m, names) if names else {}
         cached = self._compact_head
-        head = dict(cached[2]) if cached is not None and p is not None and cached[:2] == (run, p.step) else {}
-        pack_key = new_pack_key(run, step)
+        head = dict(cached[2]) if cached is not None and p is not None and cached[:2] == (m.run, p.step) else {}
+        pack_key = new_pack_key(m.run, m.step)
         _, table, wrote, stored, _ = self._write_objects(pack_key, leaves, p, None, head=head, keep_heads=False)
         for t in m.tensors.values():
             o = t["object"]
@@ -1103,13 +1122,31 @@ class Store:
         live = {rec["pack"] for rec in table.values()}
         data["packs"] = [k for k in m.data.get("packs", []) if k in live] + ([pack_key] if wrote else [])
         data["stats"] = {**m.data.get("stats", {}), "stored_bytes": stored}
-        self.storage.write(m.key, manifest_bytes(data))
-        self._manifests[(run, step)] = Manifest(data, m.key)
         # The words just read are this checkpoint's values: the bases of the next compaction, without a decode.
         words = {o: head[o] for o in (t["object"] for t in m.tensors.values()) if o in head}
         words.update({m.tensors[n]["object"]: lf.words for n, lf in leaves.items()})
-        self._compact_head = (run, step, words)
-        return sum(lf.nbytes for lf in leaves.values())
+        return data, (pack_key if wrote else None), words, sum(lf.nbytes for lf in leaves.values())
+
+    def _compact_commit(self, m: Manifest, p: Manifest | None, data: dict[str, Any], pack_key: str | None) -> bool:
+        """Replace ``m``'s manifest by ``data`` if ``m`` and its predecessor are unchanged and the new pack is still
+        there (a gc meanwhile removes orphans); call under the write lock. On a miss the new pack is deleted."""
+        try:
+            m2, p2 = self._fresh_pair(m.run, m.step)
+        except CkptStoreError:
+            m2, p2 = None, None
+        same = (
+            m2 is not None
+            and m2.data == m.data
+            and (p2.data if p2 is not None else None) == (p.data if p is not None else None)
+            and (pack_key is None or self.storage.exists(pack_key))
+        )
+        if not same:
+            if pack_key is not None:
+                self.storage.delete(pack_key)
+            return False
+        self.storage.write(m.key, manifest_bytes(data))
+        self._manifests[(m.run, m.step)] = Manifest(data, m.key)
+        return True
 
     def _schedule_compaction(self, run: str) -> None:
         if run in self._compact_pending:
