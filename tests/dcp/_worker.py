@@ -7,7 +7,9 @@ WORLD new interpreters per stage on a small machine); if a rank fails or dies, i
 ``rank R exited with C`` and exits 3.
 
 ACTION: save | async_save | load | kill (save, but this rank SIGKILLs itself after writing its pack) | fsdp_save |
-fsdp_load | clip_save (an open_clip_train-style checkpoint, :func:`clip_state`, as run ``clip``). LAYOUT picks
+fsdp_load | clip_save (an open_clip_train-style checkpoint, :func:`clip_state`, as run ``clip``) | fs_save /
+fs_zsave (plain DCP FileSystemWriter, without / with ZStandard, into STORE/step_N) | fs_load (FileSystemReader of
+STORE/export_N). LAYOUT picks
 the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another sharding than the save.
 Every rank rebuilds the full tensors from the step number and compares bytes.
 Environment: MASTER_PORT, DIE_RANK (for kill).
@@ -86,6 +88,25 @@ def clip_state(step: int) -> dict:
         }
     ]
     return {"epoch": step, "name": "tiny-clip", "state_dict": sd, "optimizer": {"state": opt, "param_groups": groups}}
+
+
+def empty_clip() -> dict:
+    """:func:`clip_state`'s structure, zeroed: what a rank hands ``dcp.load`` to fill."""
+    st = clip_state(0)
+
+    def zero(x):
+        if isinstance(x, torch.Tensor):
+            return torch.zeros_like(x)
+        if isinstance(x, dict):
+            return {k: zero(v) for k, v in x.items()}
+        return x
+
+    out = zero(st)
+    out["epoch"], out["name"] = -1, ""
+    out["optimizer"]["param_groups"] = [
+        {k: (0.0 if isinstance(v, float) else v) for k, v in g.items()} for g in out["optimizer"]["param_groups"]
+    ]
+    return out
 
 
 def distribute_clip(mesh, state: dict, layout: str) -> dict:
@@ -169,6 +190,26 @@ def main(store: str, options: dict | None, action: str, step: int, layout: str) 
             dcp.save(state, storage_writer=writer)
     elif action == "clip_save":
         dcp.save(distribute_clip(mesh, clip_state(step), layout), storage_writer=StoreWriter(store, "clip", step))
+    elif action in ("fs_save", "fs_zsave"):  # plain DCP: FileSystemWriter into STORE/step_N (STORE: a folder)
+        from torch.distributed.checkpoint._extension import ZStandard
+
+        ext = [ZStandard()] if action == "fs_zsave" else None
+        writer = dcp.FileSystemWriter(f"{store}/step_{step}", _extensions=ext)
+        dcp.save(distribute_clip(mesh, clip_state(step), layout), storage_writer=writer)
+    elif action == "fs_load":  # plain DCP: FileSystemReader of STORE/export_N, resharded onto this world
+        state = distribute_clip(mesh, empty_clip(), layout)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(f"{store}/export_{step}"))
+        want = clip_state(step)
+        for k, v in state["state_dict"].items():
+            assert torch.equal(
+                v.full_tensor().view(-1).view(torch.uint8), want["state_dict"][k].view(-1).view(torch.uint8)
+            ), k
+        for i, st in state["optimizer"]["state"].items():
+            for k, v in st.items():
+                full = v.full_tensor() if isinstance(v, DTensor) else v
+                assert torch.equal(full, want["optimizer"]["state"][i][k]), (i, k)
+        assert state["epoch"] == step and state["name"] == "tiny-clip"
+        assert state["optimizer"]["param_groups"] == want["optimizer"]["param_groups"]
     elif action == "load":
         state = make_state(mesh, step, layout, empty=True)
         dcp.load(state, storage_reader=StoreReader(store, f"run@{step}", storage_options=options))

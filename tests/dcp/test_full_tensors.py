@@ -1,6 +1,6 @@
-"""A DCP checkpoint saved by 4 ranks is a normal checkpoint for everything that reads full tensors: ``Store.load_leaves``
-resolves the full names of its ``dcp`` section, so ``ckpt export`` (safetensors and the open_clip_train ``.pt``),
-``ckpt analyze`` and ``ckpt thin`` work on it, bit-exactly against the original (unsharded) state."""
+"""A DCP checkpoint saved by 4 ranks is a normal checkpoint for everything that reads full tensors:
+``Store.load_leaves`` resolves the full names of its ``dcp`` section, so ``ckpt export`` (safetensors and the
+open_clip_train ``.pt``), ``ckpt analyze`` and ``ckpt thin`` work on it, bit-exactly against the original state."""
 
 from __future__ import annotations
 
@@ -63,9 +63,10 @@ def test_load_leaves_resolves_full_names(clip_store: str) -> None:
     # a replicated tensor's full-tensor object is its shard's content hash; a sharded one's a hash of its chunks
     assert m.full_tensors["state_dict/logit_scale"]["object"].startswith("xxh128:")
     assert m.full_tensors["state_dict/visual.proj"]["object"].startswith("dcp:")
-    assert store.manifest("clip", 1).full_tensors["state_dict/visual.proj"]["object"] != m.full_tensors[
-        "state_dict/visual.proj"
-    ]["object"]
+    assert (
+        store.manifest("clip", 1).full_tensors["state_dict/visual.proj"]["object"]
+        != m.full_tensors["state_dict/visual.proj"]["object"]
+    )
     with pytest.raises(TensorNotFoundError):
         store.load_leaves(m, ["state_dict/nothing"])
     # the whole state: the original nesting and key types (optimizer state keyed by int, lists as lists)
