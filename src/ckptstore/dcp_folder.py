@@ -191,7 +191,7 @@ def ingest_folder(
     earlier = [s for s in steps if s < step]
     base = earlier[-1] if earlier else None
     paths = md.planner_data if isinstance(md.planner_data, dict) else {}
-    storage: dict[Any, Any] = md.storage_data  # type: ignore[assignment]
+    storage: dict[Any, Any] = md.storage_data
     # every chunk of the metadata and where it lies: file -> [(fqn, chunk or None, offset, length, transforms)]
     per_file: dict[str, list[tuple[str, Any, int, int, list[str]]]] = {}
     for fqn, item in md.state_dict_metadata.items():
