@@ -11,8 +11,10 @@ its ``ZStandard`` extension), on an open_clip model's full training state (weigh
    own memory, and saves the ``--saves`` checkpoints one after the other with ``dcp.save`` (then, for ``async``
    rows, with ``dcp.async_save``: the time until it returns is its blocking part).
 3. Reported per (world, writer): median total save time (barrier to barrier, the slowest rank), median blocking
-   part of ``async_save``, bytes on disk after all saves, each rank's peak RSS during a save above its RSS just
-   before it (``VmHWM`` reset through ``/proc/self/clear_refs``) and its shard size.
+   part of ``async_save``, bytes on disk after all saves, each rank's peak RSS during a save (``VmHWM``, reset
+   through ``/proc/self/clear_refs`` before each save), its RSS just before a save (its shard, plus what the writer
+   keeps between saves: ``StoreWriter`` keeps the previous checkpoint's shards as delta bases), the difference of
+   the two, and its shard size.
 
 Timings on a shared machine are noisy: compare the ratios within one run.
 """
@@ -235,6 +237,7 @@ def summarize(per_rank: list[list[dict[str, Any]]], disk: int) -> dict[str, Any]
         "blocking_s_median": statistics.median(blocking) if blocking else None,
         "bytes": disk,
         "extra_peak_mib_per_rank": [round(max(x["extra_kib"] for x in r) / 1024, 1) for r in per_rank],
+        "peak_mib_per_rank": [round(max(x["peak_kib"] for x in r) / 1024, 1) for r in per_rank],
         "rss_before_mib_per_rank": [round(max(x["rss_before_kib"] for x in r) / 1024, 1) for r in per_rank],
         "held_mib_per_rank": [round(r[0]["held_bytes"] / 2**20, 1) for r in per_rank],
         "hwm_reset": all(x["hwm_reset"] for r in per_rank for x in r),
@@ -298,7 +301,8 @@ def main() -> int:
                           f"{args.saves})"
                           + (f", blocking {row['blocking_s_median']:.2f} s" if mode == "async" else "")
                           + f", {row['bytes'] / 2**30:.3f} GiB on disk, extra peak per rank "
-                          f"{row['extra_peak_mib_per_rank']} MiB (shard {row['held_mib_per_rank']} MiB)",
+                          f"{row['extra_peak_mib_per_rank']} MiB (shard {row['held_mib_per_rank']} MiB), peak RSS "
+                          f"{row['peak_mib_per_rank']} MiB, RSS before a save {row['rss_before_mib_per_rank']} MiB",
                           flush=True)  # fmt: skip
                     shutil.rmtree(root)
         for world in args.worlds:
