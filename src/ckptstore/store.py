@@ -705,6 +705,8 @@ class Store:
             leaves = self.load_leaves(m, known=known)
             # private copies: the caller may change the tensors it gets, the next delta must not see that
             known = {m.tensors[n]["object"]: lf.data.copy() for n, lf in leaves.items()}
+            if "dcp" in m.data:  # a sharded checkpoint's tree names full tensors: put them together
+                leaves = {n: sharded.assemble_one(n, rec, leaves) for n, rec in m.full_tensors.items()}
             convert = _converter(tensors or m.data.get("framework", "numpy"))
             yield m, tree.unflatten(m.data["tree"], lambda n, lv=leaves, c=convert: c(lv[n]))  # type: ignore[misc]
 

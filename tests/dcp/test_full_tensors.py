@@ -73,6 +73,10 @@ def test_load_leaves_resolves_full_names(clip_store: str) -> None:
         store.load_leaves(m, ["state_dict/nothing"])
     # the whole state: the original nesting and key types (optimizer state keyed by int, lists as lists)
     same_state(store.load("clip@2", tensors="torch"), clip_state(2))
+    walked = [(m.step, state) for m, state in store.iter_load("clip", tensors="torch")]
+    assert [s for s, _ in walked] == [1, 2, 3]
+    for s, state in walked:
+        same_state(state, clip_state(s))
 
 
 def test_damaged_layout_is_a_format_error(clip_store: str) -> None:
