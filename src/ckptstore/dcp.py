@@ -180,36 +180,8 @@ class StoreWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         parts = [r.storage_data["part"] for rs in results for r in rs if "part" in r.storage_data]
-        written = {r.index.fqn: r.storage_data for rs in results for r in rs}
-        paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-        layout: dict[str, Any] = {}
-        tree: dict[str, Any] = {}
-        for fqn, md in metadata.state_dict_metadata.items():
-            name = _tensor_name(fqn, paths.get(fqn))
-            if isinstance(md, TensorStorageMetadata):
-                dtype = _TORCH_TO_NAME.get(md.properties.dtype)
-                if dtype is None:
-                    raise InvalidStateError(f"unsupported dtype {md.properties.dtype} of {fqn!r}")
-                layout[fqn] = {
-                    "kind": "tensor",
-                    "name": name,
-                    "dtype": dtype,
-                    "shape": list(md.size),
-                    "requires_grad": bool(md.properties.requires_grad),
-                    "chunks": [
-                        {
-                            "offsets": list(c.offsets),
-                            "sizes": list(c.sizes),
-                            "tensor": sharded.shard_name(name, c.offsets),
-                        }
-                        for c in md.chunks
-                    ],
-                }
-                value: Any = {"$tensor": name}
-            else:
-                layout[fqn] = {"kind": "bytes", "name": name, "tensor": sharded.bytes_name(name)}
-                value = written.get(fqn, {}).get("value")
-            _set_path(tree, [str(p) for p in paths.get(fqn, [fqn])], value)
+        written = {r.index.fqn: r.storage_data.get("value") for rs in results for r in rs}
+        layout, tree = layout_and_tree(metadata, written)
         extra = {"dcp": {"version": sharded.LAYOUT_VERSION, "items": layout}}
         self._store().commit_shards(self.run, self.step, parts, tree, self.metadata, extra=extra)
 
@@ -223,14 +195,84 @@ def planner_paths(planner: Any) -> dict[str, Any]:
     return mappings if isinstance(mappings, dict) else {}
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
+class _Value:
+    """A leaf of the state tree being rebuilt from DCP keys (so the walk does not descend into it)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: Any) -> None:
+        self.v = v
+
+
+def layout_and_tree(metadata: Metadata, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest's ``dcp`` items and the state tree of a DCP checkpoint described by ``metadata``; ``values``
+    maps the fqn of a plain byte item to its JSON skeleton (``None``: not a plain value).
+
+    The tree has the original nesting (DCP's planner mappings): list indices become lists again, and an optimizer's
+    ``state`` (a dict beside ``param_groups`` keyed by digits) gets back its int keys, as ``Optimizer.state_dict``
+    has them; DCP itself turns every dict key into a string."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    layout: dict[str, Any] = {}
+    root: dict[Any, Any] = {}
+    order = [f for f in paths if f in metadata.state_dict_metadata]  # the planner's: the state dict's own order
+    order += [f for f in metadata.state_dict_metadata if f not in paths]
+    for fqn in order:
+        md = metadata.state_dict_metadata[fqn]
+        path = list(paths.get(fqn) or [fqn])
+        name = _tensor_name(fqn, path)
+        if isinstance(md, TensorStorageMetadata):
+            dtype = _TORCH_TO_NAME.get(md.properties.dtype)
+            if dtype is None:
+                raise InvalidStateError(f"unsupported dtype {md.properties.dtype} of {fqn!r}")
+            layout[fqn] = {
+                "kind": "tensor",
+                "name": name,
+                "dtype": dtype,
+                "shape": list(md.size),
+                "requires_grad": bool(md.properties.requires_grad),
+                "chunks": [
+                    {"offsets": list(c.offsets), "sizes": list(c.sizes), "tensor": sharded.shard_name(name, c.offsets)}
+                    for c in md.chunks
+                ],
+            }
+            value: Any = {"$tensor": name}
+        else:
+            layout[fqn] = {"kind": "bytes", "name": name, "tensor": sharded.bytes_name(name)}
+            value = values.get(fqn)
+        _insert(root, path, _Value(value), fqn)
+    tree = _encode(root, [])
+    if not isinstance(tree, dict):
+        raise InvalidStateError("the DCP state dict is not a dict at its top level")
+    return layout, tree
+
+
+def _insert(root: dict[Any, Any], path: list[Any], value: _Value, fqn: str) -> None:
+    node = root
     for p in path[:-1]:
         nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict) or "$tensor" in nxt:
-            raise InvalidStateError(f"state dict key {'.'.join(path)!r} collides with another key")
+        if not isinstance(nxt, dict):
+            raise InvalidStateError(f"state dict key {fqn!r} collides with another key")
         node = nxt
+    if path[-1] in node:
+        raise InvalidStateError(f"state dict key {fqn!r} collides with another key")
     node[path[-1]] = value
+
+
+def _encode(node: Any, where: list[str], int_keys: bool = False) -> Any:
+    if isinstance(node, _Value):
+        return node.v
+    keys = list(node)
+    here = "/".join(where) or "the top level"
+    if keys and all(isinstance(k, int) for k in keys):  # list elements
+        if sorted(keys) != list(range(len(keys))):
+            raise InvalidStateError(f"list at {here} has items {sorted(keys)}, not 0..{len(keys) - 1}")
+        return [_encode(node[i], [*where, str(i)]) for i in range(len(keys))]
+    if not all(isinstance(k, str) and not k.startswith("$") for k in keys):
+        raise InvalidStateError(f"state dict keys at {here} mix list indices and names, or start with '$'")
+    if int_keys and keys and all(k.isdigit() for k in keys):
+        return {"$dict": [[int(k), _encode(node[k], [*where, k])] for k in keys]}
+    optimizer = "param_groups" in node  # torch.optim's state_dict: its "state" is keyed by int
+    return {k: _encode(v, [*where, k], optimizer and k == "state") for k, v in node.items()}
 
 
 class StoreReader(StorageReader):
@@ -321,8 +363,10 @@ class StoreReader(StorageReader):
             tensor = narrow_tensor_by_index(leaf_to_tensor(leaf), req.storage_offsets, req.lengths)
             target = planner.resolve_tensor(req).detach()
             if target.size() != tensor.size():
-                raise FormatError(f"chunk {req.storage_index.fqn} has size {tuple(tensor.size())}, expected "
-                                  f"{tuple(target.size())}", path=m.key)
+                raise FormatError(
+                    f"chunk {req.storage_index.fqn} has size {tuple(tensor.size())}, expected {tuple(target.size())}",
+                    path=m.key,
+                )
             target.copy_(tensor)
             planner.commit_tensor(req, target)
         fut: Future[None] = Future()

@@ -687,6 +687,9 @@ class Store:
         *,
         known: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, tree.Leaf]:
+        """Decode the named tensors (default: every stored tensor), each checked against its content hash. For a
+        sharded (DCP) checkpoint a name may also be a *full* tensor of :attr:`Manifest.full_tensors`: its shards
+        are decoded and put together bit-exactly, one full tensor at a time (its shards freed once copied)."""
         m = ref if isinstance(ref, Manifest) else self.resolve(ref)
         names = None if names is None else list(names)
         for _ in range(3):
@@ -713,13 +716,14 @@ class Store:
         self, m: Manifest, names: Iterable[str] | None, known: Mapping[str, np.ndarray] | None
     ) -> dict[str, tree.Leaf]:
         wanted = list(m.tensors) if names is None else list(names)
+        full = m.full_tensors if "dcp" in m.data else {}
         for n in wanted:
-            if n not in m.tensors:
+            if n not in m.tensors and n not in full:
                 raise TensorNotFoundError(
                     f"no tensor {n!r}", ref=m.ref, tensor=n, hint=f"`ckpt show {m.ref}` lists the tensors"
                 )
 
-        def one(n: str) -> tuple[str, tree.Leaf]:
+        def stored(n: str) -> tree.Leaf:
             t = m.tensors[n]
             words, _ = self._decode_chain(m, t["object"], known=known)
             leaf = tree.Leaf(t["dtype"], tuple(t["shape"]), words)
@@ -732,10 +736,20 @@ class Store:
                 )
             if (known is not None and t["object"] in known) or t["object"] in self._head:
                 words = words.copy()  # never hand out the arrays we keep as delta bases
-            return n, tree.Leaf(t["dtype"], tuple(t["shape"]), words)
+            return tree.Leaf(t["dtype"], tuple(t["shape"]), words)
 
+        def one(n: str) -> tuple[str, tree.Leaf]:
+            if n in m.tensors:
+                return n, stored(n)
+            rec = full[n]
+            shards = {c["tensor"]: stored(c["tensor"]) for c in rec["chunks"]}
+            return n, sharded.assemble_one(n, rec, shards)
+
+        stored_names: list[str] = []
+        for n in wanted:
+            stored_names.extend([n] if n in m.tensors else [c["tensor"] for c in full[n]["chunks"]])
         with (
-            self.storage.prefetch(self._ranges_to_read(m, wanted, known)),
+            self.storage.prefetch(self._ranges_to_read(m, stored_names, known)),
             ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode") as ex,
         ):
             return dict(ex.map(one, wanted))
@@ -768,9 +782,8 @@ class Store:
         one the checkpoint was saved from. bfloat16/float8 come back to numpy as raw unsigned words.
         """
         m = self.resolve(ref)
-        leaves = self.load_leaves(m)
-        if "dcp" in m.data:  # a sharded checkpoint: put the full tensors back together (docs/dcp.md)
-            leaves = sharded.assemble(m.data["dcp"], leaves)
+        # a sharded (DCP) checkpoint's tree names full tensors, put back together from their shards (docs/dcp.md)
+        leaves = self.load_leaves(m, list(m.full_tensors) if "dcp" in m.data else None)
         kind = tensors or m.data.get("framework", "numpy")
         convert = _converter(kind)
         return tree.unflatten(m.data["tree"], lambda n: convert(leaves[n]))
@@ -778,11 +791,7 @@ class Store:
     def load_tensor(self, ref: str | Ref, name: str, *, tensors: str | None = None) -> Any:
         """Read one tensor without decoding the rest of the checkpoint."""
         m = self.resolve(ref)
-        full = sharded.full_names(m.data["dcp"]) if "dcp" in m.data else {}
-        if name in full:
-            leaf = sharded.assemble(m.data["dcp"], self.load_leaves(m, full[name]), [name])[name]
-        else:
-            leaf = self.load_leaves(m, [name])[name]
+        leaf = self.load_leaves(m, [name])[name]
         return _converter(tensors or m.data.get("framework", "numpy"))(leaf)
 
     def iter_load(self, run: str, *, tensors: str | None = None) -> Iterator[tuple[Manifest, Any]]:
@@ -793,6 +802,8 @@ class Store:
             leaves = self.load_leaves(m, known=known)
             # private copies: the caller may change the tensors it gets, the next delta must not see that
             known = {m.tensors[n]["object"]: lf.data.copy() for n, lf in leaves.items()}
+            if "dcp" in m.data:  # a sharded checkpoint's tree names full tensors: put them together
+                leaves = {n: sharded.assemble_one(n, rec, leaves) for n, rec in m.full_tensors.items()}
             convert = _converter(tensors or m.data.get("framework", "numpy"))
             yield m, tree.unflatten(m.data["tree"], lambda n, lv=leaves, c=convert: c(lv[n]))  # type: ignore[misc]
 

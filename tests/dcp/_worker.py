@@ -7,8 +7,11 @@ WORLD new interpreters per stage on a small machine); if a rank fails or dies, i
 ``rank R exited with C`` and exits 3.
 
 ACTION: save | async_save | load | kill (save, but this rank SIGKILLs itself after writing its pack) | fsdp_save |
-fsdp_load. LAYOUT picks the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another
-sharding than the save. Every rank rebuilds the full tensors from the step number and compares bytes.
+fsdp_load | clip_save (an open_clip_train-style checkpoint, :func:`clip_state`, as run ``clip``) | fs_save /
+fs_zsave (plain DCP FileSystemWriter, without / with ZStandard, into STORE/step_N) | fs_load (FileSystemReader of
+STORE/export_N). LAYOUT picks
+the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another sharding than the save.
+Every rank rebuilds the full tensors from the step number and compares bytes.
 Environment: MASTER_PORT, DIE_RANK (for kill).
 """
 
@@ -44,9 +47,86 @@ def full_state(step: int) -> dict[str, torch.Tensor]:
         if k == "frozen":
             out[k] = v
         else:  # a small training step between checkpoints: the delta codec's case
-            out[k] = (v.float() + 1e-3 * step * torch.sin(torch.arange(v.numel()).reshape(v.shape).float())).to(
-                v.dtype
-            )
+            out[k] = (v.float() + 1e-3 * step * torch.sin(torch.arange(v.numel()).reshape(v.shape).float())).to(v.dtype)
+    return out
+
+
+CLIP_SHAPES = {  # an open_clip-like model, small: names as open_clip_train's state_dict has them
+    "visual.conv1.weight": (16, 3, 4, 4),
+    "visual.ln_pre.weight": (16,),
+    "visual.proj": (16, 8),
+    "token_embedding.weight": (50, 16),
+    "text_projection": (16, 8),
+    "logit_scale": (),
+    "ln_final.bias": (3,),  # fewer rows than ranks: replicated
+}
+
+
+def clip_state(step: int) -> dict:
+    """An open_clip_train-style checkpoint (``epoch``, ``state_dict``, ``optimizer`` with AdamW state) after
+    ``step`` small updates; no matmuls, so every process builds the same bits."""
+    g = torch.Generator().manual_seed(99)
+    sd, opt = {}, {}
+    for i, (k, shape) in enumerate(CLIP_SHAPES.items()):
+        base = torch.randn(shape, generator=g)
+        drift = torch.sin(torch.arange(base.numel(), dtype=torch.float32).reshape(shape) * 0.37 + i)
+        w = base + 1e-3 * step * drift
+        sd[k] = w.to(torch.bfloat16) if k == "text_projection" else w
+        opt[i] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": 1e-2 * step * drift,
+            "exp_avg_sq": 1e-5 * step * drift * drift,
+        }
+    groups = [
+        {
+            "lr": 1e-3,
+            "betas": [0.9, 0.98],
+            "eps": 1e-6,
+            "weight_decay": 0.2,
+            "amsgrad": False,
+            "params": list(range(len(CLIP_SHAPES))),
+        }
+    ]
+    return {"epoch": step, "name": "tiny-clip", "state_dict": sd, "optimizer": {"state": opt, "param_groups": groups}}
+
+
+def empty_clip() -> dict:
+    """:func:`clip_state`'s structure, zeroed: what a rank hands ``dcp.load`` to fill."""
+    st = clip_state(0)
+
+    def zero(x):
+        if isinstance(x, torch.Tensor):
+            return torch.zeros_like(x)
+        if isinstance(x, dict):
+            return {k: zero(v) for k, v in x.items()}
+        return x
+
+    out = zero(st)
+    out["epoch"], out["name"] = -1, ""
+    out["optimizer"]["param_groups"] = [
+        {k: (0.0 if isinstance(v, float) else v) for k, v in g.items()} for g in out["optimizer"]["param_groups"]
+    ]
+    return out
+
+
+def distribute_clip(mesh, state: dict, layout: str) -> dict:
+    world = mesh.size()
+
+    def dist_one(t: torch.Tensor) -> DTensor:
+        if t.dim() == 0 or t.shape[0] < world:
+            return distribute_tensor(t, mesh, [Replicate()])
+        dim = 1 if layout == "b" and t.dim() > 1 and t.shape[1] >= world else 0
+        return distribute_tensor(t, mesh, [Shard(dim)])
+
+    out = dict(state)
+    out["state_dict"] = {k: dist_one(v) for k, v in state["state_dict"].items()}
+    out["optimizer"] = {
+        "state": {
+            i: {k: dist_one(v) if v.dim() else v for k, v in st.items()}
+            for i, st in state["optimizer"]["state"].items()
+        },
+        "param_groups": state["optimizer"]["param_groups"],
+    }
     return out
 
 
@@ -67,8 +147,11 @@ def make_state(mesh, step: int, layout: str, empty: bool) -> dict:
     m = torch.zeros_like(full["m"]) if empty else full["m"]
     return {
         "model": model,
-        "optim": {"m": distribute_tensor(m, mesh, placements(layout, "m")), "step": 0 if empty else step,
-                  "lr": 0.0 if empty else 0.5},
+        "optim": {
+            "m": distribute_tensor(m, mesh, placements(layout, "m")),
+            "step": 0 if empty else step,
+            "lr": 0.0 if empty else 0.5,
+        },
         "plain": torch.zeros(3) if empty else torch.arange(3.0) + step,
     }
 
@@ -77,8 +160,9 @@ def check(state: dict, step: int) -> None:
     full = full_state(step)
     for k in ("w", "b", "h", "frozen"):
         got = state["model"][k].full_tensor()
-        assert got.dtype == full[k].dtype and torch.equal(got.view(-1).view(torch.uint8),
-                                                          full[k].view(-1).view(torch.uint8)), k
+        assert got.dtype == full[k].dtype and torch.equal(
+            got.view(-1).view(torch.uint8), full[k].view(-1).view(torch.uint8)
+        ), k
     assert torch.equal(state["optim"]["m"].full_tensor(), full["m"])
     assert state["optim"]["step"] == step and state["optim"]["lr"] == 0.5, state["optim"]
     assert torch.equal(state["plain"], torch.arange(3.0) + step)
@@ -104,6 +188,28 @@ def main(store: str, options: dict | None, action: str, step: int, layout: str) 
             fut.result()
         else:
             dcp.save(state, storage_writer=writer)
+    elif action == "clip_save":
+        dcp.save(distribute_clip(mesh, clip_state(step), layout), storage_writer=StoreWriter(store, "clip", step))
+    elif action in ("fs_save", "fs_zsave"):  # plain DCP: FileSystemWriter into STORE/step_N (STORE: a folder)
+        from torch.distributed.checkpoint._extension import ZStandard
+
+        ext = [ZStandard()] if action == "fs_zsave" else None
+        writer = dcp.FileSystemWriter(f"{store}/step_{step}", _extensions=ext)
+        dcp.save(distribute_clip(mesh, clip_state(step), layout), storage_writer=writer)
+    elif action == "fs_load":  # plain DCP: FileSystemReader of STORE/export_N, resharded onto this world
+        state = distribute_clip(mesh, empty_clip(), layout)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(f"{store}/export_{step}"))
+        want = clip_state(step)
+        for k, v in state["state_dict"].items():
+            assert torch.equal(
+                v.full_tensor().view(-1).view(torch.uint8), want["state_dict"][k].view(-1).view(torch.uint8)
+            ), k
+        for i, st in state["optimizer"]["state"].items():
+            for k, v in st.items():
+                full = v.full_tensor() if isinstance(v, DTensor) else v
+                assert torch.equal(full, want["optimizer"]["state"][i][k]), (i, k)
+        assert state["epoch"] == step and state["name"] == "tiny-clip"
+        assert state["optimizer"]["param_groups"] == want["optimizer"]["param_groups"]
     elif action == "load":
         state = make_state(mesh, step, layout, empty=True)
         dcp.load(state, storage_reader=StoreReader(store, f"run@{step}", storage_options=options))

@@ -32,13 +32,15 @@ from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server
 WORKER = Path(__file__).with_name("_worker.py")
 
 
-def ranks(url: str, *stages: str, options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-          ok: bool = True) -> str:
+def ranks(
+    url: str, *stages: str, options: dict[str, Any] | None = None, env: dict[str, str] | None = None, ok: bool = True
+) -> str:
     """Run the stages (``WORLD:ACTION:STEP:LAYOUT``) one after the other, each on its own gloo group of forked
     rank processes (``_worker.py``), and return their output."""
     argv = [sys.executable, str(WORKER), url, json.dumps(options), *stages]
-    proc = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
-                          timeout=180)
+    proc = subprocess.run(
+        argv, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, timeout=180
+    )
     text = (proc.stdout + proc.stderr).decode(errors="replace")
     if ok:
         assert proc.returncode == 0, text[-3000:]
@@ -131,8 +133,7 @@ def test_two_jobs_committing_the_same_checkpoint(tmp_path: Path) -> None:
     leaf = Leaf.from_numpy(np.arange(6, dtype=np.float32))
     skeleton = {"x": {"$tensor": "x"}}
     first = store.write_shards("run", 3, {"x/@0": leaf}, None, writer="r0-aaaa")
-    second = store.write_shards("run", 3, {"x/@0": Leaf.from_numpy(np.ones(6, np.float32))}, None,
-                                writer="r0-bbbb")
+    second = store.write_shards("run", 3, {"x/@0": Leaf.from_numpy(np.ones(6, np.float32))}, None, writer="r0-bbbb")
     store.commit_shards("run", 3, [first], skeleton)
     with pytest.raises(CheckpointExistsError, match="another job"):
         store.commit_shards("run", 3, [second], skeleton)

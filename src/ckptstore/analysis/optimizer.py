@@ -109,7 +109,7 @@ def optimizer_layout(traj: StoreTrajectory, index: int = 0) -> tuple[dict[str, S
     def v_shape(pid: int) -> tuple[int, ...] | None:
         st = state.get(pid) if isinstance(state, Mapping) else None
         name = st.get("exp_avg_sq") if isinstance(st, Mapping) else None
-        return tuple(m.tensors[name]["shape"]) if isinstance(name, str) else None
+        return tuple(m.full_tensors[name]["shape"]) if isinstance(name, str) else None
 
     def exclude(name: str, shape: tuple[int, ...]) -> bool:  # open_clip_train/main.py's weight-decay split
         return len(shape) < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
@@ -139,12 +139,12 @@ def iter_state_tensor(traj: StoreTrajectory, index_name: Callable[[int], str | N
     known: dict[str, np.ndarray] = {}
     for i, m in enumerate(traj.manifests):
         name = index_name(i)
-        if name is None or name not in m.tensors:
+        if name is None or name not in m.full_tensors:
             yield None
             continue
         leaf = traj.store.load_leaves(m, [name], known=known)[name]
         known.clear()
-        known[m.tensors[name]["object"]] = leaf.data
+        known[m.full_tensors[name]["object"]] = leaf.data
         yield leaf_values(leaf) if leaf.dtype in ("float16", "bfloat16", "float32", "float64") else leaf.to_numpy()
 
 

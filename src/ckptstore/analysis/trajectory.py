@@ -175,7 +175,7 @@ class StoreTrajectory(Trajectory):
             self._names.append(names)
             if i == 0:
                 for param, tname in names.items():
-                    t = m.tensors[tname]
+                    t = m.full_tensors[tname]
                     infos[param] = (t["dtype"], tuple(t["shape"]))
         points = [
             Point(
@@ -207,7 +207,7 @@ class StoreTrajectory(Trajectory):
         m = self._manifests[index]
         tname = self._stored_name(index, name)
         leaf = self.store.load_leaves(m, [tname], known=self._known)[tname]
-        oid = m.tensors[tname]["object"]
+        oid = m.full_tensors[tname]["object"]
         self._known[oid] = leaf.data
         self._known.move_to_end(oid)
         while len(self._known) > 1:  # walking in order, a delta's base is the object read just before

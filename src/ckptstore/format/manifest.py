@@ -24,7 +24,7 @@ import numpy as np
 import xxhash
 
 from ckptstore.errors import FormatError, InvalidStateError, UnsupportedVersionError
-from ckptstore.format import parts, tree
+from ckptstore.format import parts, sharded, tree
 from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, RUNS_DIR
 
 MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
@@ -126,6 +126,7 @@ class Manifest:
         for field in ("run", "step", "tree", "tensors", "objects"):
             if field not in data:
                 raise FormatError(f"manifest lacks {field!r}", path=key)
+        self._full: dict[str, dict[str, Any]] | None = None
 
     @property
     def run(self) -> str:
@@ -139,6 +140,20 @@ class Manifest:
     def tensors(self) -> dict[str, dict[str, Any]]:
         tensors: dict[str, dict[str, Any]] = self.data["tensors"]
         return tensors
+
+    @property
+    def full_tensors(self) -> dict[str, dict[str, Any]]:
+        """The checkpoint's tensors by the names its state tree uses: :attr:`tensors`, except for a sharded (DCP)
+        checkpoint, whose tree names full tensors that are put together from shard tensors (each record then has
+        ``chunks``; :func:`ckptstore.format.sharded.full_tensors`). ``Store.load_leaves`` reads both kinds."""
+        if "dcp" not in self.data:
+            return self.tensors
+        if self._full is None:
+            try:
+                self._full = sharded.full_tensors(self.data["dcp"], self.tensors)
+            except FormatError as exc:
+                raise FormatError(exc.message, path=self.key, hint=exc.hint) from None
+        return self._full
 
     @property
     def objects(self) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from ckptstore.errors import FormatError
 from ckptstore.format.tree import Leaf
@@ -38,40 +39,64 @@ def items(layout: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def full_names(layout: Mapping[str, Any]) -> dict[str, list[str]]:
-    """Full tensor name -> the shard tensors it is assembled from."""
-    return {
-        it["name"]: [c["tensor"] for c in it["chunks"]] for it in items(layout).values() if it["kind"] == "tensor"
-    }
-
-
-def assemble(layout: Mapping[str, Any], shards: Mapping[str, Leaf], names: Iterable[str] | None = None) -> dict[
-    str, Leaf
-]:
-    """The full tensors (by full name) put together from their shard leaves, bit-exactly."""
-    wanted = None if names is None else set(names)
-    out: dict[str, Leaf] = {}
-    for fqn, it in items(layout).items():
-        if it["kind"] != "tensor" or (wanted is not None and it["name"] not in wanted):
+def full_tensors(layout: Mapping[str, Any], shards: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The full tensors of a sharded checkpoint as the manifest's ``tensors`` table lists plain ones: name ->
+    ``dtype``, ``shape``, ``object`` and ``chunks`` (each: the shard's ``tensor`` name, ``offsets``, ``sizes``).
+    ``object`` identifies the content: the shard's own object id when one chunk covers the whole tensor (then it
+    *is* the full tensor's content hash), else ``dcp:`` + a hash over the chunks' offsets and object ids (equal
+    ids: equal tensors; a re-sharded equal tensor gets another id)."""
+    out: dict[str, dict[str, Any]] = {}
+    for it in items(layout).values():
+        if it["kind"] != "tensor":
             continue
-        shape = tuple(int(s) for s in it["shape"])
+        shape = [int(s) for s in it["shape"]]
         chunks = it["chunks"]
-        if len(chunks) == 1 and tuple(chunks[0]["sizes"]) == shape:
-            leaf = shards[chunks[0]["tensor"]]
-            out[it["name"]] = Leaf(it["dtype"], shape, leaf.data, "torch")
-            continue
-        first = shards[chunks[0]["tensor"]].data
-        full = np.empty(shape, dtype=first.dtype)
-        covered = 0
-        for c in chunks:
-            part = shards[c["tensor"]].data
-            sizes = tuple(int(s) for s in c["sizes"])
-            if part.size != math.prod(sizes) or part.dtype != first.dtype:
-                raise FormatError(f"shard {c['tensor']!r} of {fqn!r} does not match its recorded size")
-            sl = tuple(slice(int(o), int(o) + s) for o, s in zip(c["offsets"], sizes, strict=True))
-            full[sl] = part.reshape(sizes)
-            covered += part.size
-        if covered != math.prod(shape):
-            raise FormatError(f"the shards of {fqn!r} do not cover the tensor exactly once")
-        out[it["name"]] = Leaf(it["dtype"], shape, full.reshape(-1), "torch")
+        try:
+            oids = [str(shards[c["tensor"]]["object"]) for c in chunks]
+        except KeyError as exc:
+            raise FormatError(f"the 'dcp' section names shard {exc.args[0]!r}, which the manifest lacks") from None
+        if len(chunks) == 1 and [int(s) for s in chunks[0]["sizes"]] == shape:
+            oid = oids[0]
+        else:
+            h = xxhash.xxh3_128()
+            for c, o in zip(chunks, oids, strict=True):
+                h.update(f"{','.join(str(int(x)) for x in c['offsets'])}={o};".encode())
+            oid = "dcp:" + h.hexdigest()
+        out[it["name"]] = {
+            "dtype": it["dtype"],
+            "shape": shape,
+            "object": oid,
+            "chunks": [
+                {"tensor": c["tensor"], "offsets": [int(o) for o in c["offsets"]],
+                 "sizes": [int(z) for z in c["sizes"]]}
+                for c in chunks
+            ],
+        }  # fmt: skip
     return out
+
+
+def assemble_one(name: str, full: Mapping[str, Any], shards: Mapping[str, Leaf]) -> Leaf:
+    """Full tensor ``name`` (a :func:`full_tensors` record) put together from its shard leaves, bit-exactly."""
+    shape = tuple(int(s) for s in full["shape"])
+    chunks = full["chunks"]
+    if len(chunks) == 1 and tuple(int(s) for s in chunks[0]["sizes"]) == shape:
+        leaf = shards[chunks[0]["tensor"]]
+        return Leaf(full["dtype"], shape, leaf.data, "torch")
+    if not chunks:
+        raise FormatError(f"sharded tensor {name!r} has no chunks")
+    first = shards[chunks[0]["tensor"]].data
+    out = np.empty(shape, dtype=first.dtype)
+    covered = 0
+    for c in chunks:
+        part = shards[c["tensor"]].data
+        sizes = tuple(int(s) for s in c["sizes"])
+        if part.size != math.prod(sizes) or part.dtype != first.dtype:
+            raise FormatError(f"shard {c['tensor']!r} of {name!r} does not match its recorded size")
+        sl = tuple(slice(int(o), int(o) + s) for o, s in zip(c["offsets"], sizes, strict=True))
+        if any(s.start < 0 or s.stop > n for s, n in zip(sl, shape, strict=True)):
+            raise FormatError(f"shard {c['tensor']!r} of {name!r} lies outside the tensor's shape {list(shape)}")
+        out[sl] = part.reshape(sizes)
+        covered += part.size
+    if covered != math.prod(shape):
+        raise FormatError(f"the shards of {name!r} do not cover the tensor exactly once")
+    return Leaf(full["dtype"], shape, out.reshape(-1), "torch")

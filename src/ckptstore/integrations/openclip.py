@@ -322,7 +322,7 @@ def export_safetensors(store: Store, ref: str, out: str | Path, *, key: str = "s
 
     m = store.resolve(ref)
     prefix = f"{key}/"
-    names = [n for n in m.tensors if n.startswith(prefix)] or list(m.tensors)
+    names = [n for n in m.full_tensors if n.startswith(prefix)] or list(m.full_tensors)
     tensors = {}
     from ckptstore.torch import leaf_to_tensor
 

@@ -69,7 +69,7 @@ def weight_names(names_dtypes: Mapping[str, str], prefix: str | None = None) -> 
 
 
 def _dtypes_of(m: Manifest) -> dict[str, str]:
-    return {n: t["dtype"] for n, t in m.tensors.items()}
+    return {n: t["dtype"] for n, t in m.full_tensors.items()}
 
 
 def as_float(leaf: Leaf) -> np.ndarray | None:
@@ -147,7 +147,7 @@ def compute_paths(
             p, cur = _load_weights(store, m, prefix)
             unchanged = {
                 n for n in cur
-                if n in prev_m.tensors and prev_m.tensors[n]["object"] == m.tensors[n]["object"]
+                if n in prev_m.full_tensors and prev_m.full_tensors[n]["object"] == m.full_tensors[n]["object"]
             }  # fmt: skip
             d = distance({n: v for n, v in cur.items() if n not in unchanged}, prev_weights)
             base = float(out[prev_m.step]["path_length"])
