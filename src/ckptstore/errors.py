@@ -116,6 +116,10 @@ class IntegrityError(CkptStoreError, ValueError):
     """Decoded bytes do not match their content hash: the store is damaged."""
 
 
+class DamagedManifestError(IntegrityError, FormatError):
+    """A manifest's bytes are damaged (bad checksum, not JSON): its checkpoint cannot be read."""
+
+
 class ForeignCheckpointError(CkptStoreError, ValueError):
     """A foreign checkpoint file (``.pt``) cannot be read safely or is not what it claims to be."""
 

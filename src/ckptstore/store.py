@@ -43,10 +43,11 @@ from ckptstore.format.manifest import (
     manifest_bytes,
     manifest_key,
     object_id,
+    parse_manifest,
     with_true_depths,
 )
 from ckptstore.format.names import check_run_name, check_step, check_tensor_name
-from ckptstore.format.pack import PackWriter, check_pack_key, copy_spans, new_pack_key, repacked_key
+from ckptstore.format.pack import PackWriter, check_pack_key, copy_spans, new_pack_key, pack_header, repacked_key
 from ckptstore.format.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -193,13 +194,7 @@ class Store:
             raise CheckpointNotFoundError(f"no checkpoint {run}@{step}", ref=f"{run}@{step}") from None
         if len(raw) > MAX_MANIFEST_BYTES:
             raise FormatError("manifest larger than the format's limit", path=key)
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise FormatError("manifest is not valid JSON", path=key) from None
-        if not isinstance(data, dict):
-            raise FormatError("manifest is not a JSON object", path=key)
-        m = Manifest(data, key)
+        m = Manifest(parse_manifest(bytes(raw), key), key)
         self._manifests[(run, step)] = m
         return m
 
@@ -707,8 +702,7 @@ class Store:
             data = json.loads(json.dumps(m.data))
             update(data.setdefault("metadata", {}))  # "absent means {}" (docs/format.md)
             data["metadata"] = validate_metadata(data["metadata"])
-            raw = json_bytes(data)
-            self.storage.write(m.key, raw)
+            self.storage.write(m.key, manifest_bytes(data))
             new = Manifest(data, m.key)
             self._manifests[(new.run, new.step)] = new
             return new
@@ -979,30 +973,71 @@ class Store:
 
     # ------------------------------------------------------------------ checking
     def verify(self, run: str | None = None, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Decode every object of every checkpoint and check it against its content hash."""
+        """Decode every object of every checkpoint and check it against its content hash; check every manifest's
+        checksum and every pack's header. Goes on past damage: ``problems`` has one line per damaged tensor (or
+        manifest, or pack header) and ``affected`` maps each damaged checkpoint to its damaged tensors (``[]``
+        when its manifest itself cannot be read)."""
         self._manifests.clear()
         checked: set[str] = set()
         problems: list[str] = []
+        affected: dict[str, list[str]] = {}
         ckpts = [(r, s) for r in ([run] if run else self.runs()) for s in self.steps(r)]
+        packs: dict[str, list[str]] = {}  # pack -> the checkpoints reading it
         known: dict[str, np.ndarray] = {}  # the previous checkpoint's objects: bases of the next one's deltas
         for i, (r, s) in enumerate(ckpts):
             current: dict[str, np.ndarray] = {}
             try:
                 m = self.manifest(r, s)
                 problems.extend(f"{r}@{s}: {p}" for p in _parts.lossy_problems(m.data))
-                for t in m.tensors.values():
+            except CkptStoreError as exc:
+                problems.append(f"{r}@{s}: {exc}")
+                affected[f"{r}@{s}"] = []
+                known = {}
+                if progress is not None:
+                    progress(i + 1, len(ckpts))
+                continue
+            for name, t in m.tensors.items():
+                try:
                     for o in reversed(m.chain(t["object"])):  # bases first
                         if o not in checked:
                             current[o] = self._decode_chain(m, o, known=ChainMap(current, known), verify=True)[0]
                             checked.add(o)
                         elif o in known:
                             current[o] = known[o]
-            except CkptStoreError as exc:
-                problems.append(f"{r}@{s}: {exc}")
+                except CkptStoreError as exc:
+                    problems.append(f"{r}@{s}: tensor {name!r}: {exc}")
+                    affected.setdefault(f"{r}@{s}", []).append(name)
+            for rec in m.objects.values():
+                packs.setdefault(str(rec.get("pack")), []).append(f"{r}@{s}")
             known = current
             if progress is not None:
                 progress(i + 1, len(ckpts))
-        return {"checkpoints": len(ckpts), "objects": len(checked), "problems": problems, "ok": not problems}
+        for pack, refs in sorted(packs.items()):
+            why = self._pack_header_problem(pack)
+            if why is not None:
+                users = sorted(set(refs))
+                problems.append(f"{pack}: {why} (read by {', '.join(users)})")
+                for ref in users:
+                    affected.setdefault(ref, [])
+        return {
+            "checkpoints": len(ckpts),
+            "objects": len(checked),
+            "problems": problems,
+            "affected": {ref: sorted(names) for ref, names in affected.items()},
+            "ok": not problems,
+        }
+
+    def _pack_header_problem(self, pack: str) -> str | None:
+        """Why ``pack``'s 16-byte header is not a valid one (format §4), or ``None``."""
+        try:
+            head = bytes(self.storage.read_range(pack, 0, PACK_HEADER_SIZE))
+        except (OSError, EOFError, ValueError) as exc:
+            return f"cannot read the pack header: {exc}"
+        if len(head) != PACK_HEADER_SIZE or head[:8] != pack_header()[:8] or head[12:] != b"\0" * 4:
+            return "pack header is damaged"
+        if not 1 <= int.from_bytes(head[8:12], "little") <= FORMAT_VERSION:
+            return "pack header names an unknown format version (damaged)"
+        return None
 
     def stats(self, run: str | None = None) -> dict[str, Any]:
         infos = self.checkpoints(run)

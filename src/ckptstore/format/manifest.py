@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ckptstore.errors import FormatError, InvalidStateError, UnsupportedVersionError
+from ckptstore.errors import DamagedManifestError, FormatError, InvalidStateError, UnsupportedVersionError
 from ckptstore.format import parts, tree
 from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, RUNS_DIR
 
@@ -37,6 +37,7 @@ __all__ = [
     "manifest_bytes",
     "manifest_key",
     "object_id",
+    "parse_manifest",
     "with_true_depths",
 ]
 
@@ -54,9 +55,57 @@ def manifest_key(run: str, step: int) -> str:
     return f"{RUNS_DIR}/{run}/ckpt/{step:020d}.json"
 
 
+CHECKSUM_PREFIX = b'{"checksum":"xxh128:'
+_CHECKSUM_HEX = 32
+
+
 def manifest_bytes(data: dict[str, Any]) -> bytes:
-    """A manifest's bytes as committed: compact JSON, no NaN (the one place manifests are serialised)."""
-    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    """A manifest's bytes as committed (the one place manifests are serialised): compact JSON, no NaN, opening
+    with ``"checksum"``, the xxh3-128 of the same document without it (format §5.1), so any damage to a manifest
+    is detected on read instead of silently changing a shape, a name, a location or a metadata value."""
+    body = json.dumps({k: v for k, v in data.items() if k != "checksum"}, separators=(",", ":"), allow_nan=False)
+    raw = body.encode()
+    return CHECKSUM_PREFIX + xxhash.xxh3_128(raw).hexdigest().encode() + b'",' + raw[1:]
+
+
+def _damaged(key: str, why: str) -> DamagedManifestError:
+    return DamagedManifestError(
+        f"manifest is damaged: {why}",
+        path=key,
+        hint="this checkpoint cannot be read; run `ckpt verify` to see everything affected, restore the file "
+        "from a backup or delete the checkpoint",
+    )
+
+
+def _near_checksum(k: str) -> bool:
+    """``k`` is ``"checksum"`` or one bit away from it (a damaged first key of a checksummed manifest)."""
+    b = k.encode()
+    return len(b) == 8 and sum(bin(x ^ y).count("1") for x, y in zip(b, b"checksum", strict=True)) <= 1
+
+
+def parse_manifest(raw: bytes, key: str) -> dict[str, Any]:
+    """The document of a committed manifest, its checksum checked (and removed). Manifests written before the
+    checksum (format §5.1) have none and are read as they are; one whose checksum is damaged is never taken for
+    one of those. Damage is a :class:`~ckptstore.errors.DamagedManifestError`."""
+    if raw.startswith(CHECKSUM_PREFIX):
+        n = len(CHECKSUM_PREFIX)
+        want, rest = raw[n : n + _CHECKSUM_HEX], raw[n + _CHECKSUM_HEX :]
+        if not rest.startswith(b'",'):
+            raise _damaged(key, "its checksum field is cut or malformed")
+        body = b"{" + rest[2:]
+        if xxhash.xxh3_128(body).hexdigest().encode() != want:
+            raise _damaged(key, "its content does not match its checksum")
+    else:
+        body = raw
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _damaged(key, "not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _damaged(key, "not a JSON object")
+    if body is raw and any(_near_checksum(k) for k in list(data)[:1]):
+        raise _damaged(key, "its checksum field is damaged")
+    return data
 
 
 def json_bytes(obj: Any) -> bytes:
