@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,12 +24,14 @@ from ckptstore import codecs
 from ckptstore.codecs.planner import delta_base
 from ckptstore.errors import (
     CheckpointExistsError,
+    CheckpointNotFoundError,
     CkptStoreError,
     ConcurrentCommitError,
     FormatError,
     IntegrityError,
     InvalidStateError,
     StoreExistsError,
+    StoreLockedError,
     StoreNotFoundError,
     TensorNotFoundError,
     UnsupportedVersionError,
@@ -44,6 +47,7 @@ from ckptstore.format.manifest import (
     manifest_key,
     object_id,
     parse_manifest,
+    run_lock_key,
     with_true_depths,
 )
 from ckptstore.format.names import check_run_name, check_step, check_tensor_name
@@ -104,8 +108,10 @@ class Store:
         threads: int | None = None,
         keyframe_interval: int | None = None,
         level: int | None = None,
+        lock_wait: float = 0.0,
     ) -> None:
         self.storage = storage
+        self.lock_wait = float(lock_wait)  # seconds a writer waits for a held lock (0: fail at once)
         self.threads = threads or min(2, os.cpu_count() or 1)
         self.info = self._read_store_file()
         # The store's recorded settings, unless this process overrides them (then only for its own writes).
@@ -160,8 +166,49 @@ class Store:
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
-        with self.storage.lock(LOCK_FILE):
+        """The store-wide lock (gc, repack, archive): exclusive against every writer of every run."""
+        with self._locked(lambda st: st.enter_context(self.storage.lock(LOCK_FILE))):
             yield
+
+    @contextlib.contextmanager
+    def _run_lock(self, *runs: str) -> Iterator[None]:
+        """The lock of a write that touches only ``runs`` (save, delete, thin, metadata edits): the store-wide
+        lock shared, then each run's lock (``runs/RUN/.lock``) exclusive, so writers of different runs go on at
+        once and two writers of one run do not; gc and repack wait for all of them (docs/format.md §9)."""
+
+        def take(st: contextlib.ExitStack) -> None:
+            st.enter_context(self.storage.lock(LOCK_FILE, shared=True))
+            for run in sorted(set(runs)):
+                try:
+                    st.enter_context(self.storage.lock(run_lock_key(run)))
+                except StoreLockedError as exc:
+                    raise StoreLockedError(
+                        f"another writer is writing run {run!r}",
+                        path=exc.path,
+                        hint="two jobs must not write the same run; wait for the other one, or open the store "
+                        "with lock_wait=SECONDS (`--lock-wait`) to wait for it",
+                    ) from None
+
+        with self._locked(take):
+            yield
+
+    @contextlib.contextmanager
+    def _locked(self, take: Callable[[contextlib.ExitStack], None]) -> Iterator[None]:
+        deadline = time.monotonic() + self.lock_wait
+        pause = 0.02
+        while True:
+            with contextlib.ExitStack() as st:
+                try:
+                    take(st)
+                except StoreLockedError:
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    st.close()
+                    time.sleep(pause)
+                    pause = min(0.5, pause * 1.5)
+                    continue
+                yield
+                return
 
     # ------------------------------------------------------------------ listing
     def runs(self) -> list[str]:
@@ -189,8 +236,6 @@ class Store:
         try:
             raw = self.storage.read(key)
         except (FileNotFoundError, OSError):
-            from ckptstore.errors import CheckpointNotFoundError
-
             raise CheckpointNotFoundError(f"no checkpoint {run}@{step}", ref=f"{run}@{step}") from None
         if len(raw) > MAX_MANIFEST_BYTES:
             raise FormatError("manifest larger than the format's limit", path=key)
@@ -248,7 +293,7 @@ class Store:
         meta = validate_metadata(metadata)  # docs/metadata.md; refuse bad metadata before touching the store
         meta_bytes = json_bytes(meta)
         framework = "torch" if any(lf.framework == "torch" for lf in leaves.values()) else "numpy"
-        with self._write_lock():
+        with self._run_lock(run):
             steps = self.steps(run)
             if step in steps:
                 raise CheckpointExistsError(
@@ -697,7 +742,7 @@ class Store:
     # ------------------------------------------------------------------ metadata edits
     def update_metadata(self, ref: str | Ref, update: Callable[[dict[str, Any]], None]) -> Manifest:
         """Edit a checkpoint's metadata (tags, notes) in place; tensors are not touched."""
-        with self._write_lock():
+        with self._run_lock(_run_of(ref)):
             m = self.resolve(ref)
             data = json.loads(json.dumps(m.data))
             update(data.setdefault("metadata", {}))  # "absent means {}" (docs/format.md)
@@ -713,10 +758,11 @@ class Store:
     ) -> dict[str, Any]:
         """Delete checkpoints. Remaining checkpoints stay bit-exact: those whose delta chains ran through a
         deleted checkpoint's objects are re-encoded against their new predecessor before anything is freed."""
-        with self._write_lock():
+        refs = list(refs)
+        with self._run_lock(*map(_run_of, refs)):
             doomed = {(m.run, m.step): m for m in (self.resolve(r) for r in refs)}
             runs = sorted({r for r, _ in doomed})
-            before = self._stored_bytes()
+            before = self._stored_bytes(runs)
             rewritten = 0
             for run in runs:
                 doomed_packs = {p for (r, _), m in doomed.items() if r == run for p in m.data.get("packs", [])}
@@ -725,8 +771,8 @@ class Store:
                         self.storage.delete(m.key)
                         self._manifests.pop((r, s), None)
                 rewritten += self._rebase(run, doomed_packs, progress)
-            freed_packs = self._gc_locked()
-            after = self._stored_bytes()
+            freed_packs = self._gc_locked(runs=runs)
+            after = self._stored_bytes(runs)
         return {
             "deleted": sorted(f"{r}@{s}" for r, s in doomed),
             "rewritten": rewritten,
@@ -747,8 +793,10 @@ class Store:
         the checkpoints whose chains ran through objects only the dropped tensors owned are rebased, then gc
         frees the space. Checkpoints that do not hold a part are left as they are."""
         wanted = list(parts)
-        with self._write_lock():
-            before = self._stored_bytes()
+        refs = list(refs)
+        runs = sorted(set(map(_run_of, refs)))
+        with self._run_lock(*runs):
+            before = self._stored_bytes(runs)
             targets = {(m.run, m.step): m for m in (self.resolve(r) for r in refs)}
             changed: list[str] = []
             dropped_tensors = 0
@@ -789,7 +837,7 @@ class Store:
                 changed.append(m.ref)
                 dropped_tensors += len(gone)
             rewritten, removed = self._free_locations(doomed, progress)
-            after = self._stored_bytes()
+            after = self._stored_bytes(runs)
         return {
             "changed": changed,
             "dropped_tensors": dropped_tensors,
@@ -812,7 +860,7 @@ class Store:
                     if first_drop.get(loc, -1) >= s:
                         del first_drop[loc]
             rewritten += self._rebase(run, set(), progress, doomed_locs=set(first_drop))
-        return rewritten, self._gc_locked()
+        return rewritten, self._gc_locked(runs=sorted(doomed))
 
     def _rebase(
         self,
@@ -923,24 +971,45 @@ class Store:
                     live.add(rec["pack"])
         return live
 
-    def _gc_locked(self, *, repack_below: float = 0.9) -> int:
-        """Delete unreferenced packs; copy the live objects out of mostly-dead packs (no re-encoding)."""
+    def _gc_locked(self, *, repack_below: float = 0.9, runs: Iterable[str] | None = None) -> int:
+        """Delete unreferenced packs; copy the live objects out of mostly-dead packs (no re-encoding).
+
+        Under the store-wide lock (``runs`` None) the whole store. Under the run locks of ``runs`` (a delete or
+        a thin) only those runs' packs (``packs/RUN/``, where their saves write) and temp files: other runs'
+        writers may have packs not yet named by a manifest, which are not ours to judge. Every manifest still
+        counts as a reference, and a pack another run's manifest names is never moved."""
         self._manifests.clear()
-        manifests = [self.manifest(r, s) for r in self.runs() for s in self.steps(r)]
+        mine = None if runs is None else sorted(set(runs))
+        manifests: list[Manifest] = []
+        for r in self.runs():
+            for s in self.steps(r):
+                try:
+                    manifests.append(self.manifest(r, s))
+                except CheckpointNotFoundError:  # deleted meanwhile by another run's writer: no references
+                    if mine is None or r in mine:
+                        raise
         live: dict[str, dict[tuple[int, int], list[str]]] = {}  # pack -> (offset, length) -> object ids
+        foreign: set[str] = set()  # packs named by manifests of runs we do not hold
         for m in manifests:
             for o, rec in m.objects.items():
                 check_pack_key(rec.get("pack"), m.key)
                 live.setdefault(rec["pack"], {}).setdefault((int(rec["offset"]), int(rec["length"])), []).append(o)
+                if mine is not None and m.run not in mine:
+                    foreign.add(rec["pack"])
+        prefixes = [PACKS_DIR] if mine is None else [f"{PACKS_DIR}/{r}/" for r in mine]
         removed = 0
-        for key in self.storage.list(PACKS_DIR):
-            if key not in live:
-                self.storage.delete(key)
-                removed += 1
-        for key in self.storage.list(RUNS_DIR):
-            if ".tmp-" in key.rsplit("/", 1)[-1]:
-                self.storage.delete(key)
+        for prefix in prefixes:
+            for key in self.storage.list(prefix):
+                if key not in live:
+                    self.storage.delete(key)
+                    removed += 1
+        for prefix in [RUNS_DIR] if mine is None else [f"{RUNS_DIR}/{r}/" for r in mine]:
+            for key in self.storage.list(prefix):
+                if ".tmp-" in key.rsplit("/", 1)[-1]:
+                    self.storage.delete(key)
         for pack, spans in live.items():
+            if pack in foreign or not any(pack.startswith(p) for p in prefixes):
+                continue
             size = self.storage.size(pack)
             used = PACK_HEADER_SIZE + sum(length for _, length in spans)
             if used >= size * repack_below:
@@ -968,8 +1037,9 @@ class Store:
         self._manifests.clear()
         return removed
 
-    def _stored_bytes(self) -> int:
-        return sum(self.storage.size(k) for k in self.storage.list(PACKS_DIR))
+    def _stored_bytes(self, runs: Iterable[str] | None = None) -> int:
+        prefixes = [PACKS_DIR] if runs is None else [f"{PACKS_DIR}/{r}/" for r in sorted(set(runs))]
+        return sum(self.storage.size(k) for p in prefixes for k in self.storage.list(p))
 
     # ------------------------------------------------------------------ checking
     def verify(self, run: str | None = None, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -1051,6 +1121,11 @@ class Store:
             "pack_bytes": packs,
             "ratio": logical / packs if packs else None,
         }
+
+
+def _run_of(ref: str | Ref) -> str:
+    """The run a reference names (before resolving it: the run's lock is taken first)."""
+    return (parse_ref(ref) if isinstance(ref, str) else ref).run
 
 
 def _converter(kind: str) -> Callable[[tree.Leaf], Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "manifest_key",
     "object_id",
     "parse_manifest",
+    "run_lock_key",
     "with_true_depths",
 ]
 
@@ -57,6 +58,11 @@ def manifest_key(run: str, step: int) -> str:
 
 CHECKSUM_PREFIX = b'{"checksum":"xxh128:'
 _CHECKSUM_HEX = 32
+
+
+def run_lock_key(run: str) -> str:
+    """The lock object of one run's writers (format §9)."""
+    return f"{RUNS_DIR}/{run}/.lock"
 
 
 def manifest_bytes(data: dict[str, Any]) -> bytes:

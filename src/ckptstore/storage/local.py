@@ -148,12 +148,12 @@ class LocalStorage(Storage):
             self._path(key).unlink()
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # flock: per open file, so two threads of one process exclude each other as processes do
+                fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise StoreLockedError(
