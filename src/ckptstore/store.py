@@ -655,6 +655,23 @@ class Store:
         known: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, tree.Leaf]:
         m = ref if isinstance(ref, Manifest) else self.resolve(ref)
+        names = None if names is None else list(names)
+        for _ in range(4):
+            try:
+                return self._load_leaves_once(m, names, known)
+            except IntegrityError:
+                # A gc, repack or delete may have moved this checkpoint's objects after we read its manifest
+                # (readers take no lock): read the manifest again; only if it is the same is the damage real.
+                self._manifests.pop((m.run, m.step), None)
+                fresh = self.manifest(m.run, m.step)  # CheckpointNotFoundError if it was deleted meanwhile
+                if fresh.data.get("objects") == m.data.get("objects"):
+                    raise
+                m = fresh
+        return self._load_leaves_once(m, names, known)
+
+    def _load_leaves_once(
+        self, m: Manifest, names: Iterable[str] | None, known: Mapping[str, np.ndarray] | None
+    ) -> dict[str, tree.Leaf]:
         wanted = list(m.tensors) if names is None else list(names)
         for n in wanted:
             if n not in m.tensors:
