@@ -177,7 +177,14 @@ class Store:
         once and two writers of one run do not; gc and repack wait for all of them (docs/format.md §9)."""
 
         def take(st: contextlib.ExitStack) -> None:
-            st.enter_context(self.storage.lock(LOCK_FILE, shared=True))
+            try:
+                st.enter_context(self.storage.lock(LOCK_FILE, shared=True))
+            except StoreLockedError as exc:
+                raise StoreLockedError(
+                    "a store-wide operation (gc, repack, archive) holds the store's lock",
+                    path=exc.path,
+                    hint="wait for it to finish, or open the store with lock_wait=SECONDS (`--lock-wait`)",
+                ) from None
             for run in sorted(set(runs)):
                 try:
                     st.enter_context(self.storage.lock(run_lock_key(run)))
