@@ -147,3 +147,12 @@ class RemoteStorageError(CkptStoreError):
 class OutputPathError(CkptStoreError, OSError):
     """An output file or folder that cannot be written (a folder where a file is wanted, a missing parent, no
     permission); raised before any work is done."""
+
+
+class StorageWriteError(CkptStoreError, OSError):
+    """Writing a key failed (disk full, I/O error, a short write): the operation stopped, nothing half-written
+    is visible, and what was committed before is intact. ``errno`` is the system's error number where known."""
+
+    def __init__(self, message: str, *, errno: int | None = None, **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.errno = errno
