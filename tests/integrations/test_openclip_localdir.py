@@ -149,3 +149,14 @@ def test_an_uncaptured_config_is_a_clear_error_and_a_skipped_section(
         assert blob["weights"] is not None
     finally:
         shutil.move(str(tmp_path / "moved"), str(train_dir))
+
+
+def test_watch_captures_the_config_too(train_dir: Path, elsewhere: Path, tmp_path: Path) -> None:
+    from ckptstore.integrations.watch import Watcher
+
+    store = ckptstore.create_store(tmp_path / "store")
+    w = Watcher(store, train_dir / "logs" / RUN, settle=0.0)
+    w.scan(final=True)
+    assert store.steps(RUN), [str(e) for e in w.events]
+    for step in store.steps(RUN):
+        assert store.manifest(RUN, step).metadata["model_config"] == config_file()
