@@ -181,7 +181,7 @@ class Store:
                 st.enter_context(self.storage.lock(LOCK_FILE, shared=True))
             except StoreLockedError as exc:
                 raise StoreLockedError(
-                    "a store-wide operation (gc, repack, archive) holds the store's lock",
+                    f"a store-wide operation (gc, repack, archive) holds the store's lock ({exc.message})",
                     path=exc.path,
                     hint="wait for it to finish, or open the store with lock_wait=SECONDS (`--lock-wait`)",
                 ) from None
