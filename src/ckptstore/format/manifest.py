@@ -25,7 +25,7 @@ import xxhash
 
 from ckptstore.errors import DamagedManifestError, FormatError, InvalidStateError, UnsupportedVersionError
 from ckptstore.format import parts, tree
-from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, RUNS_DIR
+from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, MAX_NDIM, RUNS_DIR
 
 MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
 
@@ -33,6 +33,7 @@ __all__ = [
     "MAX_CHAIN",
     "CheckpointInfo",
     "Manifest",
+    "check_structure",
     "json_bytes",
     "manifest_bytes",
     "manifest_key",
@@ -164,6 +165,70 @@ class CheckpointInfo:
         }
 
 
+_MAX_INT = 2**62  # offsets, lengths and element counts beyond this can only be forged (and overflow C longs)
+
+
+def _is_int(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= _MAX_INT
+
+
+def _shape_ok(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) <= MAX_NDIM and all(_is_int(d) for d in v)
+            and math.prod(v) <= _MAX_INT)  # fmt: skip
+
+
+def check_structure(data: dict[str, Any], key: str) -> None:
+    """Every field a reader acts on has its documented type (format §4.2, §8, §14): so a forged or damaged manifest
+    (one whose checksum was recomputed) is a :class:`FormatError` naming the field, never a ``KeyError`` or a
+    ``TypeError`` from deep inside a load."""
+
+    def bad(where: str, what: str) -> FormatError:
+        return FormatError(f"manifest is malformed: {where} {what}", path=key,
+                           hint="the file is damaged or was not written by ckptstore; restore it or delete the "
+                           "checkpoint")  # fmt: skip
+
+    if not isinstance(data["run"], str) or not _is_int(data["step"]):
+        raise bad("run/step", "must be a string and a non-negative integer")
+    if data.get("framework", "numpy") not in ("torch", "numpy"):
+        raise bad("framework", "must be 'torch' or 'numpy'")
+    objects, tensors = data["objects"], data["tensors"]
+    if not isinstance(objects, dict) or not isinstance(tensors, dict):
+        raise bad("tensors/objects", "must be objects")
+    for oid, rec in objects.items():
+        where = f"object {oid[:20]}"
+        if not isinstance(rec, dict):
+            raise bad(where, "is not an object")
+        if not isinstance(rec.get("dtype"), str) or not _shape_ok(rec.get("shape")):
+            raise bad(where, "needs a dtype string and a shape of non-negative integers")
+        if not isinstance(rec.get("pack"), str) or not _is_int(rec.get("offset")) or not _is_int(rec.get("length")):
+            raise bad(where, "needs a pack key and a non-negative offset and length")
+        codecs = rec.get("codecs")
+        if not isinstance(codecs, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("config", {}), dict)
+            for c in codecs
+        ):
+            raise bad(where, "has a malformed codec chain")  # fmt: skip
+        refs = rec.get("refs", {})
+        if not isinstance(refs, dict) or not all(isinstance(r, str) and r in objects for r in refs.values()):
+            raise bad(where, "has references that are not objects of this manifest")
+        if "depth" in rec and not _is_int(rec["depth"]):
+            raise bad(where, "has a malformed depth")
+    for name, t in tensors.items():
+        if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or not _shape_ok(t.get("shape")):
+            raise bad(f"tensor {name!r}", "needs a dtype string and a shape of non-negative integers")
+        if not isinstance(t.get("object"), str) or t["object"] not in objects:
+            raise bad(f"tensor {name!r}", "names an object this manifest does not list")
+    packs = data.get("packs", [])
+    if not isinstance(packs, list) or not all(isinstance(p, str) for p in packs):
+        raise bad("packs", "must be a list of pack keys")
+    stats = data.get("stats", {})
+    if not isinstance(stats, dict) or not all(_is_int(v) for v in stats.values()):
+        raise bad("stats", "must map names to non-negative integers")
+    for field, kind in (("metadata", dict), ("dropped", list), ("created", str)):
+        if field in data and not isinstance(data[field], kind):
+            raise bad(field, f"must be a {kind.__name__}")
+
+
 class Manifest:
     """A committed checkpoint's manifest (parsed and validated)."""
 
@@ -172,6 +237,8 @@ class Manifest:
         self.key = key
         if data.get("kind") != MANIFEST_KIND:
             raise FormatError("not a ckptstore manifest", path=key)
+        if not _is_int(data.get("format_version", 0)):
+            raise FormatError("manifest is malformed: format_version must be an integer", path=key)
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise UnsupportedVersionError(
                 f"manifest format version {data['format_version']} is newer than {FORMAT_VERSION}",
@@ -181,6 +248,7 @@ class Manifest:
         for field in ("run", "step", "tree", "tensors", "objects"):
             if field not in data:
                 raise FormatError(f"manifest lacks {field!r}", path=key)
+        check_structure(data, key)
 
     @property
     def run(self) -> str:
