@@ -1083,6 +1083,7 @@ class Store:
             try:
                 m = self.manifest(r, s)
                 problems.extend(f"{r}@{s}: {p}" for p in _parts.lossy_problems(m.data))
+                tree.unflatten(m.data["tree"], lambda n: None)  # the skeleton reads back too
             except CkptStoreError as exc:
                 problems.append(f"{r}@{s}: {exc}")
                 affected[f"{r}@{s}"] = []
