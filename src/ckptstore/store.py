@@ -643,6 +643,13 @@ class Store:
             raise IntegrityError(
                 f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"), ref=manifest.ref
             ) from None
+        except MemoryError:  # a shape no real checkpoint here has: a forged or damaged manifest, or too little memory
+            raise IntegrityError(
+                f"object {oid[:20]}… of shape {list(spec.shape)[:4]} does not fit in memory",
+                path=rec.get("pack"),
+                ref=manifest.ref,
+                hint="if the checkpoint is real, read it on a machine with more memory; else the manifest is damaged",
+            ) from None
         if verify:
             leaf = tree.Leaf(rec["dtype"], spec.shape, words)
             if object_id(leaf) != oid:
