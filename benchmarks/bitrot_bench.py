@@ -4,7 +4,7 @@ wrong bytes (``ckptstore.testing.bitrot``).
 
     PYTHONPATH=src python benchmarks/bitrot_bench.py [--trials 2000] [--seed 0] [--legacy-manifests] [--json OUT]
 
-``--legacy-manifests`` rewrites the manifests as they were before format §5.1 (no checksum) first: the figures
+``--legacy-manifests`` rewrites the manifests as they were before format §4.1 (no checksum) first: the figures
 then show what the checksum buys. Exit status 1 when any trial failed.
 """
 

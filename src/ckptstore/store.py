@@ -174,7 +174,7 @@ class Store:
     def _run_lock(self, *runs: str) -> Iterator[None]:
         """The lock of a write that touches only ``runs`` (save, delete, thin, metadata edits): the store-wide
         lock shared, then each run's lock (``runs/RUN/.lock``) exclusive, so writers of different runs go on at
-        once and two writers of one run do not; gc and repack wait for all of them (docs/format.md §9)."""
+        once and two writers of one run do not; gc and repack wait for all of them (docs/format.md §12.3)."""
 
         def take(st: contextlib.ExitStack) -> None:
             try:

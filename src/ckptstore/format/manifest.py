@@ -62,13 +62,13 @@ _CHECKSUM_HEX = 32
 
 
 def run_lock_key(run: str) -> str:
-    """The lock object of one run's writers (format §9)."""
+    """The lock object of one run's writers (format §2, §12.3)."""
     return f"{RUNS_DIR}/{run}/.lock"
 
 
 def manifest_bytes(data: dict[str, Any]) -> bytes:
     """A manifest's bytes as committed (the one place manifests are serialised): compact JSON, no NaN, opening
-    with ``"checksum"``, the xxh3-128 of the same document without it (format §5.1), so any damage to a manifest
+    with ``"checksum"``, the xxh3-128 of the same document without it (format §4.1), so any damage to a manifest
     is detected on read instead of silently changing a shape, a name, a location or a metadata value."""
     body = json.dumps({k: v for k, v in data.items() if k != "checksum"}, separators=(",", ":"), allow_nan=False)
     raw = body.encode()
@@ -92,7 +92,7 @@ def _near_checksum(k: str) -> bool:
 
 def parse_manifest(raw: bytes, key: str) -> dict[str, Any]:
     """The document of a committed manifest, its checksum checked (and removed). Manifests written before the
-    checksum (format §5.1) have none and are read as they are; one whose checksum is damaged is never taken for
+    checksum (format §4.1) have none and are read as they are; one whose checksum is damaged is never taken for
     one of those. Damage is a :class:`~ckptstore.errors.DamagedManifestError`."""
     if raw.startswith(CHECKSUM_PREFIX):
         n = len(CHECKSUM_PREFIX)
