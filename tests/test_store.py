@@ -764,7 +764,7 @@ def test_gc_removes_orphans_only(store: Store, rng: np.random.Generator, assert_
 
 def test_gc_on_empty_store(store: Store) -> None:
     assert store.gc()["removed_packs"] == 0
-    assert store.verify() == {"checkpoints": 0, "objects": 0, "problems": [], "ok": True}
+    assert store.verify() == {"checkpoints": 0, "objects": 0, "problems": [], "affected": {}, "ok": True}
 
 
 # ---------------------------------------------------------------------------------------------- verify
@@ -811,7 +811,11 @@ def test_verify_detects_missing_and_truncated_packs(store: Store, rng: np.random
     assert not res["ok"] and any("r@20" in p for p in res["problems"])
     os.remove(root / packs[0])
     res = ckptstore.open_store(store.url).verify()
-    assert len(res["problems"]) == 3  # every checkpoint depends on the first pack
+    assert sorted(res["affected"]) == ["r@0", "r@10", "r@20"]  # every checkpoint depends on the first pack
+    m0 = ckptstore.open_store(store.url).manifest("r", 0)
+    assert res["affected"]["r@0"] == sorted(m0.tensors)  # each damaged tensor by name, one problem line each
+    assert sum(p.startswith("r@0: tensor ") for p in res["problems"]) == len(m0.tensors)
+    assert any(p.startswith(packs[0]) and "r@0, r@10, r@20" in p for p in res["problems"])  # its header too
     assert res["checkpoints"] == 3
 
 

@@ -116,6 +116,10 @@ class IntegrityError(CkptStoreError, ValueError):
     """Decoded bytes do not match their content hash: the store is damaged."""
 
 
+class DamagedManifestError(IntegrityError, FormatError):
+    """A manifest's bytes are damaged (bad checksum, not JSON): its checkpoint cannot be read."""
+
+
 class ForeignCheckpointError(CkptStoreError, ValueError):
     """A foreign checkpoint file (``.pt``) cannot be read safely or is not what it claims to be."""
 
@@ -143,3 +147,12 @@ class RemoteStorageError(CkptStoreError):
 class OutputPathError(CkptStoreError, OSError):
     """An output file or folder that cannot be written (a folder where a file is wanted, a missing parent, no
     permission); raised before any work is done."""
+
+
+class StorageWriteError(CkptStoreError, OSError):
+    """Writing a key failed (disk full, I/O error, a short write): the operation stopped, nothing half-written
+    is visible, and what was committed before is intact. ``errno`` is the system's error number where known."""
+
+    def __init__(self, message: str, *, errno: int | None = None, **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.errno = errno

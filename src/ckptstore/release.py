@@ -45,6 +45,7 @@ from ckptstore.errors import (
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.pack import check_pack_key
 from ckptstore.format.spec import STORE_FILE
+from ckptstore.integrations.openclip import LOCAL_DIR, local_dir_config, run_dir_of
 from ckptstore.store import Store
 from ckptstore.util import human_bytes
 
@@ -166,7 +167,10 @@ def _open_clip_config(name: str) -> dict[str, Any] | None:
         import open_clip
     except ImportError:
         return None
-    cfg = open_clip.get_model_config(name)
+    try:
+        cfg = open_clip.get_model_config(name)
+    except (OSError, ValueError):  # an hf-hub: name offline, a malformed schema: not a registered model
+        return None
     return dict(cfg) if cfg else None
 
 
@@ -192,17 +196,38 @@ def resolve_model_config(
         if isinstance(given, Mapping):
             cfg, source = dict(given), "given"
         else:
-            cfg, source = json.loads(Path(given).read_text()), str(given)
+            try:
+                cfg, source = json.loads(Path(given).read_text()), str(given)
+            except (OSError, ValueError) as exc:
+                raise ReleaseError(
+                    f"cannot read the model config {str(given)!r}: {getattr(exc, 'strerror', None) or exc}",
+                    path=str(given),
+                    hint="--model-config takes a JSON file: an open_clip_config.json or a bare model config",
+                ) from None
         return _bare(cfg), source
     stored = meta.get("model_config")
     if isinstance(stored, Mapping):
         return _bare(dict(stored)), "metadata.model_config"
     name = model_name_of(meta)
+    src = (meta.get("source") or {}).get("file")
+    if name and name.startswith(LOCAL_DIR):
+        # Never open_clip's own lookup: it reads the folder relative to *this* process's cwd.
+        run_dir = run_dir_of(Path(src)) if isinstance(src, str) else None
+        found = local_dir_config(name, run_dir, meta.get("hparams") or {}) if run_dir else None
+        if found is not None:
+            return _bare(found[0]), str(found[1])
+        raise ReleaseError(
+            f"no open_clip model config for {ref}: its model {name!r} is a folder relative to where training "
+            f"ran, its {CONFIG_FILE} was not captured when the checkpoint was stored and is not found now"
+            + (f" (looked beside the run folder {run_dir})" if run_dir else ""),
+            ref=ref,
+            hint="pass --model-config FILE (that folder's open_clip_config.json), or re-ingest the run while the "
+            "training folder still exists so the config is stored with it",
+        )
     if name:
         registered = _open_clip_config(name)
         if registered:
             return registered, f"open_clip.get_model_config({name!r})"
-        src = (meta.get("source") or {}).get("file")
         if isinstance(src, str):
             for parent in list(Path(src).parents)[:5]:
                 candidate = parent / "model_configs" / f"{name}.json"

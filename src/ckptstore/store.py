@@ -49,10 +49,12 @@ from ckptstore.format.manifest import (
     manifest_bytes,
     manifest_key,
     object_id,
+    parse_manifest,
+    run_lock_key,
     with_true_depths,
 )
 from ckptstore.format.names import check_run_name, check_step, check_tensor_name
-from ckptstore.format.pack import PackWriter, check_pack_key, copy_spans, new_pack_key, repacked_key
+from ckptstore.format.pack import PackWriter, check_pack_key, copy_spans, new_pack_key, pack_header, repacked_key
 from ckptstore.format.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -127,8 +129,10 @@ class Store:
         level: int | None = None,
         layout: str | None = None,
         compaction: str | None = None,
+        lock_wait: float = 0.0,
     ) -> None:
         self.storage = storage
+        self.lock_wait = float(lock_wait)  # seconds a writer waits for a held lock (0: fail at once)
         self.threads = threads or min(2, os.cpu_count() or 1)
         self.info = self._read_store_file()
         # The store's recorded settings, unless this process overrides them (then only for its own writes).
@@ -202,8 +206,57 @@ class Store:
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
-        with self._thread_lock, self.storage.lock(LOCK_FILE):
+        """The store-wide lock (gc, repack, archive, compaction's gc): exclusive against every writer of every run.
+        Threads of this Store (background compaction, async saves) queue on an in-process lock first."""
+        with self._thread_lock, self._locked(lambda st: st.enter_context(self.storage.lock(LOCK_FILE))):
             yield
+
+    @contextlib.contextmanager
+    def _run_lock(self, *runs: str) -> Iterator[None]:
+        """The lock of a write that touches only ``runs`` (save, delete, thin, metadata edits): the store-wide
+        lock shared, then each run's lock (``runs/RUN/.lock``) exclusive, so writers of different runs go on at
+        once and two writers of one run do not; gc and repack wait for all of them (docs/format.md §12.3)."""
+
+        def take(st: contextlib.ExitStack) -> None:
+            try:
+                st.enter_context(self.storage.lock(LOCK_FILE, shared=True))
+            except StoreLockedError as exc:
+                raise StoreLockedError(
+                    f"a store-wide operation (gc, repack, archive) holds the store's lock ({exc.message})",
+                    path=exc.path,
+                    hint="wait for it to finish, or open the store with lock_wait=SECONDS (`--lock-wait`)",
+                ) from None
+            for run in sorted(set(runs)):
+                try:
+                    st.enter_context(self.storage.lock(run_lock_key(run)))
+                except StoreLockedError as exc:
+                    raise StoreLockedError(
+                        f"another writer is writing run {run!r}",
+                        path=exc.path,
+                        hint="two jobs must not write the same run; wait for the other one, or open the store "
+                        "with lock_wait=SECONDS (`--lock-wait`) to wait for it",
+                    ) from None
+
+        with self._thread_lock, self._locked(take):
+            yield
+
+    @contextlib.contextmanager
+    def _locked(self, take: Callable[[contextlib.ExitStack], None]) -> Iterator[None]:
+        deadline = time.monotonic() + self.lock_wait
+        pause = 0.02
+        while True:
+            with contextlib.ExitStack() as st:
+                try:
+                    take(st)
+                except StoreLockedError:
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    st.close()
+                    time.sleep(pause)
+                    pause = min(0.5, pause * 1.5)
+                    continue
+                yield
+                return
 
     # ------------------------------------------------------------------ listing
     def runs(self) -> list[str]:
@@ -234,13 +287,7 @@ class Store:
             raise CheckpointNotFoundError(f"no checkpoint {run}@{step}", ref=f"{run}@{step}") from None
         if len(raw) > MAX_MANIFEST_BYTES:
             raise FormatError("manifest larger than the format's limit", path=key)
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise FormatError("manifest is not valid JSON", path=key) from None
-        if not isinstance(data, dict):
-            raise FormatError("manifest is not a JSON object", path=key)
-        m = Manifest(data, key)
+        m = Manifest(parse_manifest(bytes(raw), key), key)
         self._manifests[(run, step)] = m
         return m
 
@@ -294,7 +341,7 @@ class Store:
         meta = validate_metadata(metadata)  # docs/metadata.md; refuse bad metadata before touching the store
         meta_bytes = json_bytes(meta)
         framework = "torch" if any(lf.framework == "torch" for lf in leaves.values()) else "numpy"
-        with self._write_lock():
+        with self._run_lock(run):
             steps = self.steps(run)
             if step in steps:
                 raise CheckpointExistsError(
@@ -669,6 +716,13 @@ class Store:
             raise IntegrityError(
                 f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"), ref=manifest.ref
             ) from None
+        except MemoryError:  # a shape no real checkpoint here has: a forged or damaged manifest, or too little memory
+            raise IntegrityError(
+                f"object {oid[:20]}… of shape {list(spec.shape)[:4]} does not fit in memory",
+                path=rec.get("pack"),
+                ref=manifest.ref,
+                hint="if the checkpoint is real, read it on a machine with more memory; else the manifest is damaged",
+            ) from None
         if verify:
             leaf = tree.Leaf(rec["dtype"], spec.shape, words)
             if object_id(leaf) != oid:
@@ -692,7 +746,7 @@ class Store:
         are decoded and put together bit-exactly, one full tensor at a time (its shards freed once copied)."""
         m = ref if isinstance(ref, Manifest) else self.resolve(ref)
         names = None if names is None else list(names)
-        for _ in range(3):
+        for _ in range(4):
             try:
                 return self._load_leaves(m, names, known)
             except IntegrityError:
@@ -705,11 +759,10 @@ class Store:
         return self._load_leaves(m, names, known)
 
     def _reread_manifest(self, m: Manifest) -> Manifest | None:
+        """The checkpoint's manifest read again (CheckpointNotFoundError if it was deleted meanwhile); None if
+        it now describes other tensors."""
         self._manifests.pop((m.run, m.step), None)
-        try:
-            fresh = self.manifest(m.run, m.step)
-        except CkptStoreError:
-            return None
+        fresh = self.manifest(m.run, m.step)
         return fresh if fresh.tensors == m.tensors else None
 
     def _load_leaves(
@@ -810,13 +863,12 @@ class Store:
     # ------------------------------------------------------------------ metadata edits
     def update_metadata(self, ref: str | Ref, update: Callable[[dict[str, Any]], None]) -> Manifest:
         """Edit a checkpoint's metadata (tags, notes) in place; tensors are not touched."""
-        with self._write_lock():
+        with self._run_lock(_run_of(ref)):
             m = self.resolve(ref)
             data = json.loads(json.dumps(m.data))
             update(data.setdefault("metadata", {}))  # "absent means {}" (docs/format.md)
             data["metadata"] = validate_metadata(data["metadata"])
-            raw = json_bytes(data)
-            self.storage.write(m.key, raw)
+            self.storage.write(m.key, manifest_bytes(data))
             new = Manifest(data, m.key)
             self._manifests[(new.run, new.step)] = new
             return new
@@ -827,10 +879,11 @@ class Store:
     ) -> dict[str, Any]:
         """Delete checkpoints. Remaining checkpoints stay bit-exact: those whose delta chains ran through a
         deleted checkpoint's objects are re-encoded against their new predecessor before anything is freed."""
-        with self._write_lock():
+        refs = list(refs)
+        with self._run_lock(*map(_run_of, refs)):
             doomed = {(m.run, m.step): m for m in (self.resolve(r) for r in refs)}
             runs = sorted({r for r, _ in doomed})
-            before = self._stored_bytes()
+            before = self._stored_bytes(runs)
             rewritten = 0
             for run in runs:
                 doomed_packs = {p for (r, _), m in doomed.items() if r == run for p in m.data.get("packs", [])}
@@ -839,8 +892,8 @@ class Store:
                         self.storage.delete(m.key)
                         self._manifests.pop((r, s), None)
                 rewritten += self._rebase(run, doomed_packs, progress)
-            freed_packs = self._gc_locked()
-            after = self._stored_bytes()
+            freed_packs = self._gc_locked(runs=runs)
+            after = self._stored_bytes(runs)
         return {
             "deleted": sorted(f"{r}@{s}" for r, s in doomed),
             "rewritten": rewritten,
@@ -861,8 +914,10 @@ class Store:
         the checkpoints whose chains ran through objects only the dropped tensors owned are rebased, then gc
         frees the space. Checkpoints that do not hold a part are left as they are."""
         wanted = list(parts)
-        with self._write_lock():
-            before = self._stored_bytes()
+        refs = list(refs)
+        runs = sorted(set(map(_run_of, refs)))
+        with self._run_lock(*runs):
+            before = self._stored_bytes(runs)
             targets = {(m.run, m.step): m for m in (self.resolve(r) for r in refs)}
             changed: list[str] = []
             dropped_tensors = 0
@@ -903,7 +958,7 @@ class Store:
                 changed.append(m.ref)
                 dropped_tensors += len(gone)
             rewritten, removed = self._free_locations(doomed, progress)
-            after = self._stored_bytes()
+            after = self._stored_bytes(runs)
         return {
             "changed": changed,
             "dropped_tensors": dropped_tensors,
@@ -926,7 +981,7 @@ class Store:
                     if first_drop.get(loc, -1) >= s:
                         del first_drop[loc]
             rewritten += self._rebase(run, set(), progress, doomed_locs=set(first_drop))
-        return rewritten, self._gc_locked()
+        return rewritten, self._gc_locked(runs=sorted(doomed))
 
     def _rebase(
         self,
@@ -1055,7 +1110,7 @@ class Store:
         for r in runs:
             misses = 0
             while misses < 3:
-                with self._write_lock():
+                with self._run_lock(r):
                     todo = self._hot_steps(r, newest)
                     if not todo:
                         break
@@ -1067,7 +1122,7 @@ class Store:
                     misses += 1
                     continue
                 encode_s += time.perf_counter() - t1
-                with self._write_lock():
+                with self._run_lock(r):
                     committed = self._compact_commit(m, p, data, pack_key)
                 if not committed:  # the checkpoint or its predecessor changed meanwhile: try again
                     misses += 1
@@ -1077,8 +1132,9 @@ class Store:
                 done.append(m.ref)
                 if progress is not None:
                     progress(len(done), len(done) + len(todo) - 1)
-        with self._write_lock():
-            removed = self._gc_locked()
+        # Only the compacted runs' packs: writers of other runs go on meanwhile (format §12.3).
+        with self._run_lock(*runs):
+            removed = self._gc_locked(runs=runs)
         return {
             "compacted": done,
             "logical_bytes": logical,
@@ -1201,24 +1257,45 @@ class Store:
                     live.add(rec["pack"])
         return live
 
-    def _gc_locked(self, *, repack_below: float = 0.9) -> int:
-        """Delete unreferenced packs; copy the live objects out of mostly-dead packs (no re-encoding)."""
+    def _gc_locked(self, *, repack_below: float = 0.9, runs: Iterable[str] | None = None) -> int:
+        """Delete unreferenced packs; copy the live objects out of mostly-dead packs (no re-encoding).
+
+        Under the store-wide lock (``runs`` None) the whole store. Under the run locks of ``runs`` (a delete or
+        a thin) only those runs' packs (``packs/RUN/``, where their saves write) and temp files: other runs'
+        writers may have packs not yet named by a manifest, which are not ours to judge. Every manifest still
+        counts as a reference, and a pack another run's manifest names is never moved."""
         self._manifests.clear()
-        manifests = [self.manifest(r, s) for r in self.runs() for s in self.steps(r)]
+        mine = None if runs is None else sorted(set(runs))
+        manifests: list[Manifest] = []
+        for r in self.runs():
+            for s in self.steps(r):
+                try:
+                    manifests.append(self.manifest(r, s))
+                except CheckpointNotFoundError:  # deleted meanwhile by another run's writer: no references
+                    if mine is None or r in mine:
+                        raise
         live: dict[str, dict[tuple[int, int], list[str]]] = {}  # pack -> (offset, length) -> object ids
+        foreign: set[str] = set()  # packs named by manifests of runs we do not hold
         for m in manifests:
             for o, rec in m.objects.items():
                 check_pack_key(rec.get("pack"), m.key)
                 live.setdefault(rec["pack"], {}).setdefault((int(rec["offset"]), int(rec["length"])), []).append(o)
+                if mine is not None and m.run not in mine:
+                    foreign.add(rec["pack"])
+        prefixes = [PACKS_DIR] if mine is None else [f"{PACKS_DIR}/{r}/" for r in mine]
         removed = 0
-        for key in self.storage.list(PACKS_DIR):
-            if key not in live:
-                self.storage.delete(key)
-                removed += 1
-        for key in self.storage.list(RUNS_DIR):
-            if ".tmp-" in key.rsplit("/", 1)[-1]:
-                self.storage.delete(key)
+        for prefix in prefixes:
+            for key in self.storage.list(prefix):
+                if key not in live:
+                    self.storage.delete(key)
+                    removed += 1
+        for prefix in [RUNS_DIR] if mine is None else [f"{RUNS_DIR}/{r}/" for r in mine]:
+            for key in self.storage.list(prefix):
+                if ".tmp-" in key.rsplit("/", 1)[-1]:
+                    self.storage.delete(key)
         for pack, spans in live.items():
+            if pack in foreign or not any(pack.startswith(p) for p in prefixes):
+                continue
             size = self.storage.size(pack)
             used = PACK_HEADER_SIZE + sum(length for _, length in spans)
             if used >= size * repack_below:
@@ -1246,35 +1323,78 @@ class Store:
         self._manifests.clear()
         return removed
 
-    def _stored_bytes(self) -> int:
-        return sum(self.storage.size(k) for k in self.storage.list(PACKS_DIR))
+    def _stored_bytes(self, runs: Iterable[str] | None = None) -> int:
+        prefixes = [PACKS_DIR] if runs is None else [f"{PACKS_DIR}/{r}/" for r in sorted(set(runs))]
+        return sum(self.storage.size(k) for p in prefixes for k in self.storage.list(p))
 
     # ------------------------------------------------------------------ checking
     def verify(self, run: str | None = None, *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        """Decode every object of every checkpoint and check it against its content hash."""
+        """Decode every object of every checkpoint and check it against its content hash; check every manifest's
+        checksum and every pack's header. Goes on past damage: ``problems`` has one line per damaged tensor (or
+        manifest, or pack header) and ``affected`` maps each damaged checkpoint to its damaged tensors (``[]``
+        when its manifest itself cannot be read)."""
         self._manifests.clear()
         checked: set[str] = set()
         problems: list[str] = []
+        affected: dict[str, list[str]] = {}
         ckpts = [(r, s) for r in ([run] if run else self.runs()) for s in self.steps(r)]
+        packs: dict[str, list[str]] = {}  # pack -> the checkpoints reading it
         known: dict[str, np.ndarray] = {}  # the previous checkpoint's objects: bases of the next one's deltas
         for i, (r, s) in enumerate(ckpts):
             current: dict[str, np.ndarray] = {}
             try:
                 m = self.manifest(r, s)
                 problems.extend(f"{r}@{s}: {p}" for p in _parts.lossy_problems(m.data))
-                for t in m.tensors.values():
+                tree.unflatten(m.data["tree"], lambda n: None)  # the skeleton reads back too
+            except CkptStoreError as exc:
+                problems.append(f"{r}@{s}: {exc}")
+                affected[f"{r}@{s}"] = []
+                known = {}
+                if progress is not None:
+                    progress(i + 1, len(ckpts))
+                continue
+            for name, t in m.tensors.items():
+                try:
                     for o in reversed(m.chain(t["object"])):  # bases first
                         if o not in checked:
                             current[o] = self._decode_chain(m, o, known=ChainMap(current, known), verify=True)[0]
                             checked.add(o)
                         elif o in known:
                             current[o] = known[o]
-            except CkptStoreError as exc:
-                problems.append(f"{r}@{s}: {exc}")
+                except CkptStoreError as exc:
+                    problems.append(f"{r}@{s}: tensor {name!r}: {exc}")
+                    affected.setdefault(f"{r}@{s}", []).append(name)
+            for rec in m.objects.values():
+                packs.setdefault(str(rec.get("pack")), []).append(f"{r}@{s}")
             known = current
             if progress is not None:
                 progress(i + 1, len(ckpts))
-        return {"checkpoints": len(ckpts), "objects": len(checked), "problems": problems, "ok": not problems}
+        for pack, refs in sorted(packs.items()):
+            why = self._pack_header_problem(pack)
+            if why is not None:
+                users = sorted(set(refs))
+                problems.append(f"{pack}: {why} (read by {', '.join(users)})")
+                for ref in users:
+                    affected.setdefault(ref, [])
+        return {
+            "checkpoints": len(ckpts),
+            "objects": len(checked),
+            "problems": problems,
+            "affected": {ref: sorted(names) for ref, names in affected.items()},
+            "ok": not problems,
+        }
+
+    def _pack_header_problem(self, pack: str) -> str | None:
+        """Why ``pack``'s 16-byte header is not a valid one (format §4), or ``None``."""
+        try:
+            head = bytes(self.storage.read_range(pack, 0, PACK_HEADER_SIZE))
+        except (OSError, EOFError, ValueError) as exc:
+            return f"cannot read the pack header: {exc}"
+        if len(head) != PACK_HEADER_SIZE or head[:8] != pack_header()[:8] or head[12:] != b"\0" * 4:
+            return "pack header is damaged"
+        if not 1 <= int.from_bytes(head[8:12], "little") <= FORMAT_VERSION:
+            return "pack header names an unknown format version (damaged)"
+        return None
 
     def stats(self, run: str | None = None) -> dict[str, Any]:
         infos = self.checkpoints(run)
@@ -1288,6 +1408,11 @@ class Store:
             "pack_bytes": packs,
             "ratio": logical / packs if packs else None,
         }
+
+
+def _run_of(ref: str | Ref) -> str:
+    """The run a reference names (before resolving it: the run's lock is taken first)."""
+    return (parse_ref(ref) if isinstance(ref, str) else ref).run
 
 
 def _converter(kind: str) -> Callable[[tree.Leaf], Any]:

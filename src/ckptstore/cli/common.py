@@ -42,6 +42,13 @@ def add_store_arg(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="option for a remote filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)",
     )
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for a run (or the store) that another job is writing, instead of failing at once",
+    )
 
 
 def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
@@ -100,6 +107,8 @@ def get_store(args: argparse.Namespace, *, create: bool = False) -> Store:
     kwargs: dict[str, Any] = {"storage_options": storage_options(args)}
     if getattr(args, "threads", None):
         kwargs["threads"] = args.threads
+    if getattr(args, "lock_wait", 0):
+        kwargs["lock_wait"] = max(0.0, args.lock_wait)
     return open_store(args.store, create=create, **kwargs)
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ckptstore.errors import FormatError, InvalidStateError, UnsupportedVersionError
+from ckptstore.errors import DamagedManifestError, FormatError, InvalidStateError, UnsupportedVersionError
 from ckptstore.format import parts, sharded, tree
-from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, RUNS_DIR
+from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, MAX_NDIM, RUNS_DIR
 
 MAX_CHAIN = 256  # readers refuse longer delta chains (they can only come from damage)
 
@@ -33,10 +33,13 @@ __all__ = [
     "MAX_CHAIN",
     "CheckpointInfo",
     "Manifest",
+    "check_structure",
     "json_bytes",
     "manifest_bytes",
     "manifest_key",
     "object_id",
+    "parse_manifest",
+    "run_lock_key",
     "with_true_depths",
 ]
 
@@ -54,9 +57,62 @@ def manifest_key(run: str, step: int) -> str:
     return f"{RUNS_DIR}/{run}/ckpt/{step:020d}.json"
 
 
+CHECKSUM_PREFIX = b'{"checksum":"xxh128:'
+_CHECKSUM_HEX = 32
+
+
+def run_lock_key(run: str) -> str:
+    """The lock object of one run's writers (format §2, §12.3)."""
+    return f"{RUNS_DIR}/{run}/.lock"
+
+
 def manifest_bytes(data: dict[str, Any]) -> bytes:
-    """A manifest's bytes as committed: compact JSON, no NaN (the one place manifests are serialised)."""
-    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    """A manifest's bytes as committed (the one place manifests are serialised): compact JSON, no NaN, opening
+    with ``"checksum"``, the xxh3-128 of the same document without it (format §4.1), so any damage to a manifest
+    is detected on read instead of silently changing a shape, a name, a location or a metadata value."""
+    body = json.dumps({k: v for k, v in data.items() if k != "checksum"}, separators=(",", ":"), allow_nan=False)
+    raw = body.encode()
+    return CHECKSUM_PREFIX + xxhash.xxh3_128(raw).hexdigest().encode() + b'",' + raw[1:]
+
+
+def _damaged(key: str, why: str) -> DamagedManifestError:
+    return DamagedManifestError(
+        f"manifest is damaged: {why}",
+        path=key,
+        hint="this checkpoint cannot be read; run `ckpt verify` to see everything affected, restore the file "
+        "from a backup or delete the checkpoint",
+    )
+
+
+def _near_checksum(k: str) -> bool:
+    """``k`` is ``"checksum"`` or one bit away from it (a damaged first key of a checksummed manifest)."""
+    b = k.encode()
+    return len(b) == 8 and sum(bin(x ^ y).count("1") for x, y in zip(b, b"checksum", strict=True)) <= 1
+
+
+def parse_manifest(raw: bytes, key: str) -> dict[str, Any]:
+    """The document of a committed manifest, its checksum checked (and removed). Manifests written before the
+    checksum (format §4.1) have none and are read as they are; one whose checksum is damaged is never taken for
+    one of those. Damage is a :class:`~ckptstore.errors.DamagedManifestError`."""
+    if raw.startswith(CHECKSUM_PREFIX):
+        n = len(CHECKSUM_PREFIX)
+        want, rest = raw[n : n + _CHECKSUM_HEX], raw[n + _CHECKSUM_HEX :]
+        if not rest.startswith(b'",'):
+            raise _damaged(key, "its checksum field is cut or malformed")
+        body = b"{" + rest[2:]
+        if xxhash.xxh3_128(body).hexdigest().encode() != want:
+            raise _damaged(key, "its content does not match its checksum")
+    else:
+        body = raw
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _damaged(key, "not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _damaged(key, "not a JSON object")
+    if body is raw and any(_near_checksum(k) for k in list(data)[:1]):
+        raise _damaged(key, "its checksum field is damaged")
+    return data
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -109,6 +165,70 @@ class CheckpointInfo:
         }
 
 
+_MAX_INT = 2**62  # offsets, lengths and element counts beyond this can only be forged (and overflow C longs)
+
+
+def _is_int(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= _MAX_INT
+
+
+def _shape_ok(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) <= MAX_NDIM and all(_is_int(d) for d in v)
+            and math.prod(v) <= _MAX_INT)  # fmt: skip
+
+
+def check_structure(data: dict[str, Any], key: str) -> None:
+    """Every field a reader acts on has its documented type (format §4.2, §8, §14): so a forged or damaged manifest
+    (one whose checksum was recomputed) is a :class:`FormatError` naming the field, never a ``KeyError`` or a
+    ``TypeError`` from deep inside a load."""
+
+    def bad(where: str, what: str) -> FormatError:
+        return FormatError(f"manifest is malformed: {where} {what}", path=key,
+                           hint="the file is damaged or was not written by ckptstore; restore it or delete the "
+                           "checkpoint")  # fmt: skip
+
+    if not isinstance(data["run"], str) or not _is_int(data["step"]):
+        raise bad("run/step", "must be a string and a non-negative integer")
+    if data.get("framework", "numpy") not in ("torch", "numpy"):
+        raise bad("framework", "must be 'torch' or 'numpy'")
+    objects, tensors = data["objects"], data["tensors"]
+    if not isinstance(objects, dict) or not isinstance(tensors, dict):
+        raise bad("tensors/objects", "must be objects")
+    for oid, rec in objects.items():
+        where = f"object {oid[:20]}"
+        if not isinstance(rec, dict):
+            raise bad(where, "is not an object")
+        if not isinstance(rec.get("dtype"), str) or not _shape_ok(rec.get("shape")):
+            raise bad(where, "needs a dtype string and a shape of non-negative integers")
+        if not isinstance(rec.get("pack"), str) or not _is_int(rec.get("offset")) or not _is_int(rec.get("length")):
+            raise bad(where, "needs a pack key and a non-negative offset and length")
+        codecs = rec.get("codecs")
+        if not isinstance(codecs, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("config", {}), dict)
+            for c in codecs
+        ):
+            raise bad(where, "has a malformed codec chain")  # fmt: skip
+        refs = rec.get("refs", {})
+        if not isinstance(refs, dict) or not all(isinstance(r, str) and r in objects for r in refs.values()):
+            raise bad(where, "has references that are not objects of this manifest")
+        if "depth" in rec and not _is_int(rec["depth"]):
+            raise bad(where, "has a malformed depth")
+    for name, t in tensors.items():
+        if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or not _shape_ok(t.get("shape")):
+            raise bad(f"tensor {name!r}", "needs a dtype string and a shape of non-negative integers")
+        if not isinstance(t.get("object"), str) or t["object"] not in objects:
+            raise bad(f"tensor {name!r}", "names an object this manifest does not list")
+    packs = data.get("packs", [])
+    if not isinstance(packs, list) or not all(isinstance(p, str) for p in packs):
+        raise bad("packs", "must be a list of pack keys")
+    stats = data.get("stats", {})
+    if not isinstance(stats, dict) or not all(_is_int(v) for v in stats.values()):
+        raise bad("stats", "must map names to non-negative integers")
+    for field, kind in (("metadata", dict), ("dropped", list), ("created", str)):
+        if field in data and not isinstance(data[field], kind):
+            raise bad(field, f"must be a {kind.__name__}")
+
+
 class Manifest:
     """A committed checkpoint's manifest (parsed and validated)."""
 
@@ -117,6 +237,8 @@ class Manifest:
         self.key = key
         if data.get("kind") != MANIFEST_KIND:
             raise FormatError("not a ckptstore manifest", path=key)
+        if not _is_int(data.get("format_version", 0)):
+            raise FormatError("manifest is malformed: format_version must be an integer", path=key)
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise UnsupportedVersionError(
                 f"manifest format version {data['format_version']} is newer than {FORMAT_VERSION}",
@@ -126,6 +248,7 @@ class Manifest:
         for field in ("run", "step", "tree", "tensors", "objects"):
             if field not in data:
                 raise FormatError(f"manifest lacks {field!r}", path=key)
+        check_structure(data, key)
         self._full: dict[str, dict[str, Any]] | None = None
 
     @property

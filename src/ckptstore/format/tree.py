@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore.errors import FormatError, InvalidNameError, InvalidStateError
+from ckptstore.errors import CkptStoreError, FormatError, InvalidNameError, InvalidStateError
 from ckptstore.format import dtypes
 from ckptstore.format.names import check_component
 from ckptstore.format.spec import MAX_NDIM
@@ -208,4 +208,9 @@ def unflatten(skeleton: Any, get_tensor: Callable[[str], Any]) -> Any:
             return [walk(v) for v in node]
         return node
 
-    return walk(skeleton)
+    try:
+        return walk(skeleton)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        if isinstance(exc, CkptStoreError):
+            raise
+        raise FormatError(f"malformed state skeleton: {type(exc).__name__}: {exc}") from None

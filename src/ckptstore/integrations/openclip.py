@@ -195,6 +195,9 @@ def checkpoint_metadata(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
         meta["hparams"] = hp
         if isinstance(hp.get("model"), str):
             meta["model"] = hp["model"]
+            found = local_dir_config(hp["model"], run_dir, hp)
+            if found is not None:  # the config is training state: keep it, the folder may move or go
+                meta["model_config"], meta["source"]["model_config"] = found[0], str(found[1])
         world = hp.get("world_size")
         if isinstance(world, int) and world >= 1:
             device = hp.get("device")
@@ -217,6 +220,53 @@ def checkpoint_metadata(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
     if metrics:
         meta["metrics"] = metrics
     return meta
+
+
+LOCAL_DIR = "local-dir:"
+CONFIG_FILE = "open_clip_config.json"
+MAX_CONFIG_BYTES = 256 * 1024  # a model config is a few kB; anything larger is not one
+
+
+def trainer_dirs(run_dir: Path, hp: Mapping[str, Any]) -> list[Path]:
+    """Where ``open_clip_train`` may have been started for the run in ``run_dir`` (``logs/NAME``), most likely
+    first: the folder its relative ``log_path``/``checkpoint_path``/``logs`` (params.txt) resolve from, then the
+    run dir's own ancestors (a launcher that started it a few levels up), then the current folder."""
+    out: list[Path] = []
+    name = hp.get("name") if isinstance(hp.get("name"), str) else run_dir.name
+    for key, below in (("log_path", run_dir / "out.log"), ("checkpoint_path", run_dir / "checkpoints"),
+                       ("logs", run_dir)):  # fmt: skip
+        rel = hp.get(key)
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+            continue
+        parts = Path(os.path.normpath(rel)).parts + ((name,) if key == "logs" else ())
+        if ".." in parts or len(parts) > len(below.parts) or below.parts[-len(parts) :] != parts:
+            continue
+        out.append(Path(*below.parts[: -len(parts)]))
+    out += list(run_dir.parents)[:4]
+    out.append(Path.cwd())
+    return list(dict.fromkeys(out))
+
+
+def local_dir_config(model: str, run_dir: Path, hp: Mapping[str, Any]) -> tuple[dict[str, Any], Path] | None:
+    """The content of ``open_clip_config.json`` for a ``--model local-dir:DIR`` run, and the file it came from;
+    ``None`` for another model name or when no candidate folder (:func:`trainer_dirs`) holds a readable config.
+    A relative ``DIR`` is resolved against the folder the trainer ran in, not against where ingest runs."""
+    if not model.startswith(LOCAL_DIR) or not model[len(LOCAL_DIR) :]:
+        return None
+    target = Path(model[len(LOCAL_DIR) :]).expanduser()
+    bases = [Path("/")] if target.is_absolute() else trainer_dirs(run_dir, hp)
+    for base in bases:
+        f = base / target / CONFIG_FILE
+        try:
+            if not f.is_file() or f.stat().st_size > MAX_CONFIG_BYTES:
+                continue
+            cfg = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        inner = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else None
+        if isinstance(inner, dict) and "vision_cfg" in inner and "text_cfg" in inner:
+            return cfg, f.resolve()
+    return None
 
 
 def _finite(v: Any) -> bool:

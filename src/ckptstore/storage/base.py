@@ -121,8 +121,10 @@ class Storage(ABC):
         yield
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """Exclusive writer lock; backends without one rely on ``create`` for commit safety."""
+    def lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
+        """A writer lock on ``key``: exclusive, or ``shared`` with other shared holders (and exclusive against
+        an exclusive holder). A held lock raises :class:`~ckptstore.errors.StoreLockedError` at once; waiting is
+        the caller's choice. Backends without locks rely on ``create`` for commit safety."""
         yield
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -135,11 +135,62 @@ class LeaseLock:
                 self.storage.delete(self.key)
 
 
+def shared_prefix(key: str) -> str:
+    """Where the shared holders of ``key`` keep their leases: one object each, ``KEY.shared/OWNER``."""
+    return f"{key}.shared/"
+
+
+def _live(storage: Storage, key: str, ttl: float) -> dict[str, Any] | None:
+    """The holder of the lease at ``key`` if it is live (present and not stale), else ``None``."""
+    holder = _read_holder(storage, key)
+    if holder is None or LeaseLock(storage, key, ttl=ttl)._stale(holder):
+        return None
+    return holder
+
+
 @contextlib.contextmanager
 def lease(storage: Storage, key: str, *, ttl: float = DEFAULT_TTL) -> Iterator[LeaseLock]:
+    """The exclusive lease on ``key``: no other exclusive holder, and no live shared holder (step 5 below)."""
     lk = LeaseLock(storage, key, ttl=ttl)
     lk.acquire()
     try:
+        # Shared holders announce themselves first and look for us second; we do the opposite (a Dekker-style
+        # handshake over linearizable puts and lists): of two that race, at least one sees the other and backs off.
+        for k in storage.list(shared_prefix(key)):
+            holder = _live(storage, k, ttl)
+            if holder is None:
+                with contextlib.suppress(Exception):
+                    storage.delete(k)  # a shared holder that died: its lease ran out
+                continue
+            raise StoreLockedError(
+                f"{len(storage.list(shared_prefix(key)))} writer(s) hold shared locks under it "
+                f"({holder.get('host', '?')} pid {holder.get('pid', '?')} among them)",
+                path=f"{storage.url}/{key}",
+                hint="wait for them to finish",
+            )
+        yield lk
+    finally:
+        lk.release()
+
+
+@contextlib.contextmanager
+def shared_lease(storage: Storage, key: str, *, ttl: float = DEFAULT_TTL) -> Iterator[LeaseLock]:
+    """A shared lease on ``key``: a lease object of its own under :func:`shared_prefix`, taken first; then
+    ``key`` must have no live exclusive holder, else the shared lease is dropped again and the call fails."""
+    lk = LeaseLock(storage, shared_prefix(key) + uuid.uuid4().hex, ttl=ttl)
+    lk.acquire()
+    try:
+        holder = _read_holder(storage, key)
+        if holder is not None and LeaseLock(storage, key, ttl=ttl)._stale(holder):
+            log.warning("breaking the stale lock of %s (pid %s)", holder.get("host"), holder.get("pid"))
+            storage.delete(key)
+            holder = None
+        if holder is not None:
+            raise StoreLockedError(
+                lk._describe(holder).replace("the store's lock", "the store-wide lock"),
+                path=f"{storage.url}/{key}",
+                hint="a store-wide operation (gc, repack) is running; wait for it to finish",
+            )
         yield lk
     finally:
         lk.release()

@@ -11,7 +11,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ckptstore.errors import ConcurrentCommitError, StoreLockedError
+from ckptstore.errors import ConcurrentCommitError, StorageWriteError, StoreLockedError
+from ckptstore.storage import faults
 from ckptstore.storage.base import FileWriter, Storage, Writer
 
 TMP_SUFFIX = ".tmp-"
@@ -27,22 +28,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_error(exc: OSError, path: Path, doing: str) -> StorageWriteError:
+    """One clear error for a failed write: which file, what failed, what to do."""
+    code = exc.errno
+    why = exc.strerror or str(exc) or type(exc).__name__
+    full = code in (errno.ENOSPC, errno.EDQUOT)
+    return StorageWriteError(
+        f"cannot write {path.name}: {doing} failed: {why}" + (" (the disk is full)" if full else ""),
+        errno=code,
+        path=str(path.parent),
+        hint=("free space (`ckpt gc` frees what failed writes left) and run it again; " if full else "")
+        + "nothing of this write is committed and earlier checkpoints are intact",
+    )
+
+
 class _LocalWriter(FileWriter):
     def __init__(self, final: Path, *, exclusive: bool = False) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
         self.final = final
         self.exclusive = exclusive
         self.tmp = final.with_name(f"{final.name}{TMP_SUFFIX}{uuid.uuid4().hex[:12]}")
-        self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
         self._pos = 0
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            faults.point("open", str(final))
+            self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        except OSError as exc:
+            raise _write_error(exc, final, "creating the file") from None
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            short = faults.point("write", str(self.final), data)
+            self.f.write(data if short is None else memoryview(data)[:short])
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.final, "writing") from None
+        self._pos += len(data)
 
     def commit(self) -> None:
         try:
+            faults.point("flush", str(self.final))
             self.f.flush()
+            faults.point("fsync", str(self.final))
             os.fsync(self.f.fileno())
+            size = os.fstat(self.f.fileno()).st_size
             self.f.close()
+            if size != self._pos:  # a short write nobody reported: never commit a cut file
+                raise StorageWriteError(
+                    f"cannot write {self.final.name}: {size} bytes reached the disk of {self._pos} written "
+                    "(a short write)",
+                    path=str(self.final.parent),
+                    hint="check the disk; nothing of this write is committed and earlier checkpoints are intact",
+                )
             if self.exclusive:
                 try:
+                    faults.point("link", str(self.final))
                     os.link(self.tmp, self.final)  # fails if the final name exists: no silent clobber
                 except FileExistsError:
                     raise ConcurrentCommitError(
@@ -51,11 +90,27 @@ class _LocalWriter(FileWriter):
                 finally:
                     self.tmp.unlink(missing_ok=True)
             else:
+                faults.point("rename", str(self.final))
                 os.replace(self.tmp, self.final)
-            _fsync_dir(self.final.parent)
+        except (ConcurrentCommitError, StorageWriteError):
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.final, "committing") from None
         except BaseException:
             self.abort()
             raise
+        try:
+            faults.point("dirsync", str(self.final))
+            _fsync_dir(self.final.parent)
+        except OSError as exc:  # the file is in place; only its folder entry may not be durable yet
+            raise StorageWriteError(
+                f"wrote {self.final.name}, but syncing its folder failed: {exc.strerror or exc}",
+                errno=exc.errno,
+                path=str(self.final.parent),
+                hint="the write is visible but may not survive a power loss; check the disk",
+            ) from None
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -148,12 +203,12 @@ class LocalStorage(Storage):
             self._path(key).unlink()
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # flock: per open file, so two threads of one process exclude each other as processes do
+                fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise StoreLockedError(

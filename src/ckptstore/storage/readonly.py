@@ -63,7 +63,7 @@ class ReadOnlyStorage(Storage):
         raise self._refuse(key)
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
         raise self._refuse(key)
         yield  # pragma: no cover
 

@@ -448,13 +448,13 @@ class FsspecStorage(Storage):
 
     # ------------------------------------------------------------------ locking, closing
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(self, key: str, *, shared: bool = False) -> Iterator[None]:
         if self.options.lock == "none":
             yield
             return
-        from ckptstore.storage.lease import lease
+        from ckptstore.storage.lease import lease, shared_lease
 
-        with lease(self, key, ttl=self.options.lock_ttl):
+        with (shared_lease if shared else lease)(self, key, ttl=self.options.lock_ttl):
             yield
 
     def close(self) -> None:

@@ -99,6 +99,15 @@ def clip_model_config(traj: Trajectory, given: str | None) -> dict[str, Any]:
     return cfg
 
 
+def section_note(exc: BaseException) -> str:
+    """One line saying why a report section was not computed: the library's own message, else the error's type
+    and first line (a raw ``OSError`` keeps its file name)."""
+    if isinstance(exc, CkptStoreError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _skipped_sections(
     traj: Trajectory, representations: bool, transfer: bool, model_config: str | None, stage: StageFactory
 ) -> tuple[dict[str, Any] | None, dict[str, str]]:
@@ -109,9 +118,9 @@ def _skipped_sections(
         try:
             with stage("the model's config (imports open_clip)"):
                 cfg = clip_model_config(traj, model_config)
-        except CkptStoreError as exc:
+        except Exception as exc:  # a section that cannot run is a note, never a failed report
             for section in ("representations", "transfer"):
-                skipped[section] = str(exc)
+                skipped[section] = section_note(exc)
     if not representations:
         skipped["representations"] = "skipped (--no-representations)"
     if not transfer:
@@ -156,19 +165,22 @@ def analyze_run(
     if probe_set is not None and "representations" not in skipped:
         from ckptstore.analysis.representations import analyze_representations
 
-        with step("representations"), bar("representations") as prog:
-            results["representations"] = analyze_representations(
-                traj, probe_set, model_config=cfg, progress=prog
-            ).to_dict()
+        try:
+            with step("representations"), bar("representations") as prog:
+                results["representations"] = analyze_representations(
+                    traj, probe_set, model_config=cfg, progress=prog
+                ).to_dict()
+        except Exception as exc:  # see _skipped_sections
+            skipped["representations"] = section_note(exc)
 
     if probe_set is not None and "transfer" not in skipped:
-        from ckptstore.analysis.transfer import TransferError, analyze_transfer
+        from ckptstore.analysis.transfer import analyze_transfer
 
         try:
             with step("transfer"), bar("transfer") as prog:
                 results["transfer"] = analyze_transfer(traj, probe_set, model_config=cfg, progress=prog).to_dict()
-        except TransferError as exc:  # e.g. a probe CSV without labels: the page says so, the rest still helps
-            skipped["transfer"] = str(exc)
+        except Exception as exc:  # e.g. a probe CSV without labels: the page says so
+            skipped["transfer"] = section_note(exc)
     # Stability reads the weight series (not recomputed) and the embeddings' effective dimension.
     with step("stability"):
         stability = analyze_stability(traj, weights=weights, representations=results.get("representations"))
@@ -250,8 +262,8 @@ def extra_sections(
                     except CkptStoreError as exc:
                         notes[name] = f"plasticity without dormant units: {exc}"
                         out[name] = analyze_plasticity(traj, dormant=False, progress=prog).to_dict()
-        except CkptStoreError as exc:
-            notes[name] = f"no {name}: {exc}"
+        except Exception as exc:  # see _skipped_sections
+            notes[name] = f"no {name}: {section_note(exc)}"
     return out, notes
 
 
