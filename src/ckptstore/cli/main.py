@@ -83,14 +83,13 @@ def _end_process(rc: int) -> None:
     With torch, open_clip, scikit-learn and matplotlib loaded, Python's finalisation and the C++ libraries' exit
     handlers cost 1-2 s of CPU and raise the peak memory by about 120 MB after the command is done (``ckpt report``:
     docs/benchmarks.md). Every file a command writes is closed and renamed into place before it returns, so what
-    that teardown would still do for us is done here: the ``atexit`` handlers run (logging, temporary folders) and
-    stdout and stderr are flushed. A live non-daemon thread (a caller's) keeps the normal exit, which waits for it;
-    so does ``CKPT_FULL_EXIT=1``."""
-    if "torch" not in sys.modules or os.environ.get("CKPT_FULL_EXIT"):
+    that teardown would still do for us is done here, in its order: wait for non-daemon threads (and stop idle
+    thread pools), run the ``atexit`` handlers (logging, temporary folders), flush stdout and stderr.
+    ``CKPT_FULL_EXIT=1`` keeps the normal exit."""
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter calls first when it exits
+    if "torch" not in sys.modules or os.environ.get("CKPT_FULL_EXIT") or shutdown is None:
         return
-    main_thread = threading.main_thread()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not main_thread):
-        return
+    shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (`ckpt ... | head`): nothing more to say
