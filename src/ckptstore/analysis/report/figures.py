@@ -132,9 +132,15 @@ def _grid_with_colorbar(fig: Figure, n: int, cols: int, shrink: float) -> tuple[
         ax.set_visible(False)
     pad = (1.0 - shrink) / 2
     inner = gs[:, cols].subgridspec(3, 1, height_ratios=[pad, shrink, pad], hspace=0)
-    cax = fig.add_subplot(inner[1])
-    cax.grid(False)  # the report's rc draws grids on every axes; not across a colour scale
+    import matplotlib
+
+    with matplotlib.rc_context({"axes.grid": False}):  # the report's rc grids every axes; not a colour scale
+        cax = fig.add_subplot(inner[1])
     return axes[:n], cax
+
+
+def _colorbar(fig: Figure, mappable: Any, cax: Axes, label: str) -> None:
+    fig.colorbar(mappable, cax=cax, label=label)
 
 
 def _line(ax: Axes, axis: _Axis, y: np.ndarray, label: str | None = None, **kw: Any) -> None:
@@ -271,7 +277,7 @@ def _module_heatmap(w: Mapping[str, Any], axis: _Axis) -> tuple[_Figure | None, 
     _checkpoint_ticks(ax, axis)
     ax.set_xlabel("checkpoint")
     label = "‖W − W₀‖ / ‖W₀‖" if relative else "‖W − W₀‖"
-    fig.colorbar(im, cax=cax, label=label)
+    _colorbar(fig, im, cax, label)
     what = "relative distance from initialisation" if relative else "distance from initialisation"
     cap = (
         f"Per-module {what} ({_esc(label)}; the first checkpoint is the reference) over the checkpoints. "
@@ -289,7 +295,7 @@ def _model_curves(w: Mapping[str, Any], axis: _Axis) -> _Figure | None:
     n = len(axis.points)
     panels = [
         ("distance from initialisation", _series(model.get("dist_init"), n)),
-        ("step size (distance from the checkpoint before)", _series(model.get("dist_prev"), n)),
+        ("step size (from the checkpoint before)", _series(model.get("dist_prev"), n)),
         ("weight norm", _series(model.get("norm"), n)),
     ]
     panels = [(t, s) for t, s in panels if _has_data(s)]
@@ -379,7 +385,7 @@ def _pca_figure(w: Mapping[str, Any], axis: _Axis) -> tuple[_Figure | None, list
     ax.set_ylabel(labels[1])
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(loc="best")
-    fig.colorbar(sc, cax=cax, label="checkpoint (order)")
+    _colorbar(fig, sc, cax, "checkpoint (order)")
     method = pca.get("method")
     sketch = pca.get("sketch_dim")
     how = f" by {_esc(method)}" if method else ""
@@ -478,7 +484,7 @@ def _cka_figures(r: Mapping[str, Any], axis: _Axis) -> tuple[list[_Figure], list
         im: Any = None
         for ax, (k, m) in zip(axes, present, strict=True):
             im = _heatmap(ax, m, axis, f"{k} embeddings", n <= 10)
-        fig.colorbar(im, cax=cax, label="linear CKA")
+        _colorbar(fig, im, cax, "linear CKA")
         cap = (
             "Linear CKA between the probe's final embeddings at every pair of checkpoints (1: the same "
             "representation up to rotation and scale). A bright block is a phase where the representation "
@@ -503,7 +509,7 @@ def _cka_figures(r: Mapping[str, Any], axis: _Axis) -> tuple[list[_Figure], list
                 im_b = _heatmap(ax, m, axis, _block_title(b), False)
                 ax.title.set_fontsize(8)
                 ax.tick_params(labelsize=6)
-            fig.colorbar(im_b, cax=cax, label="linear CKA")
+            _colorbar(fig, im_b, cax, "linear CKA")
             sel = (
                 f"{len(pick)} of {len(valid)} blocks, evenly spaced from first to last"
                 if len(pick) < len(valid)
