@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +165,23 @@ def resolve_refs(store: Store, run: str, refs: Sequence[str]) -> list[Chosen]:
 
 
 def _open_clip_config(name: str) -> dict[str, Any] | None:
+    """open_clip's registry entry for ``name``: ``open_clip.get_model_config(name)``, or, while open_clip is not
+    imported yet (so no ``add_model_config`` can have extended the registry), the same entry read from the
+    package's ``model_configs/<name>.json`` without importing it (``import open_clip`` costs seconds)."""
+    if "open_clip" not in sys.modules and ":" not in name:  # "hf-hub:" and "local-dir:" names need open_clip
+        if Path(name).name != name or name in ("", ".."):
+            return None  # the registry's names are file names
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / "model_configs" / f"{name}.json"
+            if path.is_file():
+                cfg = json.loads(path.read_text(encoding="utf-8"))
+                # open_clip registers a file only with these keys (factory._rescan_model_configs)
+                if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                    return cfg
+        return None
     try:
         import open_clip
     except ImportError:

@@ -48,3 +48,47 @@ def test_report_run_matches_ckpt_report(tmp_path: Path, capsys: pytest.CaptureFi
 def test_report_run_needs_a_store_for_a_run_name(tmp_path: Path) -> None:
     with pytest.raises(CkptStoreError, match="no store was given"):
         report_run(None, "not-a-folder")
+
+
+def _stable(blob: dict) -> dict:
+    """The report's JSON without what differs between two runs of it: the time it was made, the seconds taken."""
+    out = {k: v for k, v in blob.items() if k != "generated"}
+    for key in ("representations", "transfer"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k != "seconds"}
+    return out
+
+
+@pytest.mark.slow
+def test_the_ckpt_program_gives_the_record_of_a_process_with_open_clip_imported_in_full(tmp_path: Path) -> None:
+    """``ckpt report`` as a program imports open_clip without transformers and timm and ends without the
+    interpreter's teardown (issue 17 item 3): its JSON equals, value for value, ``report_run`` in this process,
+    where open_clip is imported in full."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    pytest.importorskip("open_clip_train")
+    pytest.importorskip("sklearn")
+    import open_clip  # noqa: F401  (in full: transformers and timm too, as before)
+
+    from ckptstore.demo import trajectory as tj
+
+    ckpts = tj.ensure_trajectory(epochs=2, size="tiny", n_images=256)
+    store = tmp_path / "store"
+    assert ckpt(["ingest", "-s", str(store), "--init", str(ckpts), "--run", "demo"]) == 0
+    src = Path(__file__).resolve().parents[2] / "src"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptstore.cli", "report", "demo", "-s", str(store), "--json", "-O",
+         str(tmp_path / "r.html")],
+        capture_output=True, text=True, timeout=900, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    program = _stable(json.loads(proc.stdout))
+    here = _stable(report_run(open_store(store), "demo").json())
+    assert set(program) == set(here)
+    for key in here:
+        assert program[key] == here[key], key
+    assert program["representations"]["zero_shot"] and program["transfer"]["accuracy"]  # the model sections ran
+    assert (tmp_path / "r.html").read_text().count("data:image/png;base64,") >= 8

@@ -85,6 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         progress=progress_bar,
         stage=lambda what: stage(what, "ckpt report"),
         extra=args.with_sections,
+        lean_imports=True,  # this process builds no other open_clip model
     )
     for section, why in report.skipped.items():
         if not why.startswith("skipped (--no-"):

@@ -109,7 +109,12 @@ def section_note(exc: BaseException) -> str:
 
 
 def _skipped_sections(
-    traj: Trajectory, representations: bool, transfer: bool, model_config: str | None, stage: StageFactory
+    traj: Trajectory,
+    representations: bool,
+    transfer: bool,
+    model_config: str | None,
+    stage: StageFactory,
+    lean_imports: bool = False,
 ) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """The model config (``None`` when neither model section runs) and the model sections that will not run."""
     skipped: dict[str, str] = {}
@@ -118,6 +123,10 @@ def _skipped_sections(
         try:
             with stage("the model's config (imports open_clip)"):
                 cfg = clip_model_config(traj, model_config)
+                if lean_imports:
+                    from ckptstore.analysis.representations import import_open_clip_for
+
+                    import_open_clip_for(cfg)
         except Exception as exc:  # a section that cannot run is a note, never a failed report
             for section in ("representations", "transfer"):
                 skipped[section] = section_note(exc)
@@ -138,12 +147,16 @@ def analyze_run(
     model_config: str | None = None,
     progress: ProgressFactory | None = None,
     stage: StageFactory | None = None,
+    lean_imports: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Each analysis that applies, as its ``to_dict()``; and, for each one not run, the reason.
 
     Representations and transfer need the run's model: an OpenCLIP CLIP model whose config can be found. When it
     cannot, both are skipped with the reason. Both use the ``probe`` set (transfer: a linear probe on a seeded,
     stratified split of its labelled images). A probe that cannot be read is an error (the user asked for it).
+    ``lean_imports`` imports open_clip without the optional libraries the run's model does not use
+    (:func:`~ckptstore.analysis.representations.import_open_clip_for`): for a process that builds no other
+    open_clip model, such as ``ckpt report``.
     """
     from ckptstore.analysis.stability import analyze_stability
     from ckptstore.analysis.weights import analyze_weights
@@ -152,7 +165,7 @@ def analyze_run(
     step = stage or _no_stage
     with step("weight dynamics"), bar("weights") as prog:
         weights = analyze_weights(traj, spectral=spectral, progress=prog)
-    cfg, skipped = _skipped_sections(traj, representations, transfer, model_config, step)
+    cfg, skipped = _skipped_sections(traj, representations, transfer, model_config, step, lean_imports)
 
     probe_set = None
     if "representations" not in skipped or "transfer" not in skipped:
@@ -280,11 +293,13 @@ def report_run(
     progress: ProgressFactory | None = None,
     stage: StageFactory | None = None,
     extra: Sequence[str] = (),
+    lean_imports: bool = False,
 ) -> RunReport:
     """``ckpt report`` as a function: ``run`` of ``store`` (or a folder / ``.pt`` file of open_clip_train
     checkpoints, then ``store`` may be ``None``), every analysis that applies, ready for ``.html()``, ``.json()`` or
     ``.write(path)``. ``extra`` names optional sections to add (:data:`EXTRA_SECTIONS`, or ``"all"``); a one-line
-    note for each one that could not be run (fully) is in ``RunReport.notes``."""
+    note for each one that could not be run (fully) is in ``RunReport.notes``. ``lean_imports``: see
+    :func:`analyze_run`."""
     traj = open_run(store, run)
     results, skipped = analyze_run(
         traj,
@@ -295,6 +310,7 @@ def report_run(
         model_config=model_config,
         progress=progress,
         stage=stage,
+        lean_imports=lean_imports,
     )
     sections: dict[str, Any] = {}
     notes: dict[str, str] = {}
