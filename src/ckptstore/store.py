@@ -212,6 +212,13 @@ class Store:
             yield
 
     @contextlib.contextmanager
+    def _shared_lock(self) -> Iterator[None]:
+        """The store-wide lock shared, no run lock: the ranks of one sharded save write their packs under it, so
+        store-wide work (gc, repack) waits for them (docs/format.md §12.3)."""
+        with self._locked(lambda st: st.enter_context(self.storage.lock(LOCK_FILE, shared=True))):
+            yield
+
+    @contextlib.contextmanager
     def _run_lock(self, *runs: str) -> Iterator[None]:
         """The lock of a write that touches only ``runs`` (save, delete, thin, metadata edits): the store-wide
         lock shared, then each run's lock (``runs/RUN/.lock``) exclusive, so writers of different runs go on at
@@ -589,7 +596,10 @@ class Store:
             raise InvalidStateError(f"writer id {writer!r} must be letters, digits and '-'")
         base = self.manifest(run, base_step) if base_step is not None else None
         pack_key = new_pack_key(run, step, tag=writer)
-        tensors, objects, wrote, stored, new_head = self._write_objects(pack_key, leaves, base, None)
+        # The store-wide lock shared (the ranks of one job write one run at once, so not the run lock): a gc
+        # would take this pack, named by no manifest yet, for an orphan. commit_shards checks it is still there.
+        with self._shared_lock():
+            tensors, objects, wrote, stored, new_head = self._write_objects(pack_key, leaves, base, None)
         # Head entries are keyed by content, so they stay right even if this checkpoint is never committed.
         self._head = new_head
         return {
@@ -647,19 +657,30 @@ class Store:
             **(extra or {}),
         }
         key = manifest_key(run, step)
-        try:
-            if self.storage.exists(key):
-                raise CheckpointExistsError(
-                    f"checkpoint {run}@{step} already exists (another job writing run {run!r}?)",
-                    ref=f"{run}@{step}",
-                    hint="give each job its own run name or step; this save's packs were freed",
-                )
-            self.storage.create(key, manifest_bytes(data))
-        except (ConcurrentCommitError, CheckpointExistsError):
-            for p in packs:
-                with contextlib.suppress(FileNotFoundError, OSError):
-                    self.storage.delete(p)
-            raise
+        with self._run_lock(run):
+            try:
+                if self.storage.exists(key):
+                    raise CheckpointExistsError(
+                        f"checkpoint {run}@{step} already exists (another job writing run {run!r}?)",
+                        ref=f"{run}@{step}",
+                        hint="give each job its own run name or step; this save's packs were freed",
+                    )
+                # A pack freed between its write and this commit (a gc run by hand meanwhile) would leave a
+                # committed checkpoint with missing objects: refuse instead; gc excludes this check (§12.3).
+                missing = [p for p in dict.fromkeys(packs) if not self.storage.exists(p)]
+                if missing:
+                    raise IntegrityError(
+                        f"{len(missing)} pack(s) of checkpoint {run}@{step} vanished before its commit "
+                        f"(first: {missing[0]}); nothing was committed",
+                        ref=f"{run}@{step}",
+                        hint="save this checkpoint again; do not run `ckpt gc` while a sharded save is running",
+                    )
+                self.storage.create(key, manifest_bytes(data))
+            except (ConcurrentCommitError, CheckpointExistsError, IntegrityError):
+                for p in packs:
+                    with contextlib.suppress(FileNotFoundError, OSError):
+                        self.storage.delete(p)
+                raise
         m = Manifest(data, key)
         self._manifests[(run, step)] = m
         return m

@@ -24,7 +24,7 @@ import pytest
 import torch
 from _worker import full_state
 
-from ckptstore.errors import CheckpointExistsError
+from ckptstore.errors import CheckpointExistsError, IntegrityError, StoreLockedError
 from ckptstore.format.tree import Leaf
 from ckptstore.store import Store, create_store, open_store
 from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server
@@ -140,3 +140,26 @@ def test_two_jobs_committing_the_same_checkpoint(tmp_path: Path) -> None:
     assert not any(store.storage.exists(p) for p in second["packs"])
     assert all(store.storage.exists(p) for p in first["packs"])
     assert store.verify()["ok"]
+
+
+def test_a_gc_never_frees_a_sharded_save_into_a_committed_checkpoint(tmp_path: Path) -> None:
+    """A rank's pack exists before any manifest names it. gc waits while a rank writes (the store-wide lock is
+    held shared); a gc between a rank's write and the commit frees the pack, and the commit then refuses rather
+    than commit a checkpoint with missing objects."""
+    store = create_store(tmp_path / "store")
+    other = open_store(tmp_path / "store")  # another process's handle: `ckpt gc` run by hand
+    leaf = Leaf.from_numpy(np.arange(6, dtype=np.float32))
+    skeleton = {"x": {"$tensor": "x"}}
+    with store._shared_lock():  # what write_shards holds while it writes
+        with pytest.raises(StoreLockedError):
+            other.gc()
+    part = store.write_shards("run", 3, {"x/@0": leaf}, None, writer="r0-aaaa")
+    assert part["packs"] and all(store.storage.exists(p) for p in part["packs"])
+    assert other.gc()["removed_packs"] == 1  # an orphan to gc: nothing names it yet
+    with pytest.raises(IntegrityError, match="vanished before its commit"):
+        store.commit_shards("run", 3, [part], skeleton)
+    assert store.steps("run") == []
+    again = store.write_shards("run", 3, {"x/@0": leaf}, None, writer="r0-bbbb")
+    store.commit_shards("run", 3, [again], skeleton)
+    assert store.steps("run") == [3]
+    assert store.load_leaves("run@3", ["x/@0"])["x/@0"].data.tobytes() == leaf.data.tobytes()
