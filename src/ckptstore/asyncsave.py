@@ -322,13 +322,13 @@ class AsyncSaver:
             with self._cond:
                 if self._failure is None:
                     self._failure = (handle, exc)
-            self._finish(handle, prepared, snap)
             fut.set_exception(exc)
+            self._finish(handle, prepared, snap)
             if not isinstance(exc, Exception):
                 raise
         else:
+            fut.set_result(info)  # before the slot frees: once wait_idle() returns, every handle is done
             self._finish(handle, prepared, snap)
-            fut.set_result(info)
 
     def _finish(self, handle: SaveHandle, prepared: PreparedSave, snap: _Snapshot) -> None:
         prepared.leaves = {}  # the store keeps no reference to snapshot memory past its commit
