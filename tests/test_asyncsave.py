@@ -179,7 +179,7 @@ def call_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
     def run() -> None:
         try:
             out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+        except BaseException as exc:  # handed to the test
             out["error"] = exc
         out["at"] = time.monotonic()
 
