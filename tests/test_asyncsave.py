@@ -310,3 +310,25 @@ def test_save_async_from_the_worker_is_refused(tmp_path: Path) -> None:
         h.result()
     with pytest.raises(InvalidStateError):
         ckptstore.create_store(tmp_path / "t", max_in_flight=0)
+
+
+def test_delta_saves_do_not_wait_on_themselves(tmp_path: Path) -> None:
+    """Delta planning reads earlier manifests from the store's encode threads while the save is in flight: those
+    threads must not wait for the save they are part of (a deadlock once)."""
+    store = ckptstore.create_store(tmp_path / "s", threads=2, keyframe_interval=4)
+    w = np.random.default_rng(0).standard_normal(300_000).astype(np.float32)
+    wants: dict[int, bytes] = {}
+
+    def run() -> None:
+        for i in range(6):
+            w[i::5] += np.float32(1e-3)
+            wants[i] = w.tobytes()
+            store.save_async("r", i, {"w": w, "v": {"x": w[:1000].copy()}}).result()
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(120)
+    assert not th.is_alive(), "async delta saves hung"
+    for i, want in wants.items():
+        assert store.load(f"r@{i}")["w"].tobytes() == want
+    assert any(store.manifest("r", 5).objects[o].get("refs") for o in store.manifest("r", 5).objects), "no deltas"

@@ -13,8 +13,9 @@ and returns a :class:`SaveHandle`; one worker thread per store then encodes and 
   before it copies anything, so memory stays at ``max_in_flight`` snapshots, never a growing queue.
 - **Failures** of a background save are raised by its handle's :meth:`~SaveHandle.result` and, unless the handle
   already reported it, by the next ``save``/``save_async``/``wait``/``close`` of the store.
-- **Reads see your writes**: every other Store method waits for the saves in flight first (the worker thread
-  itself excepted), so a store never looks half-saved to its own process.
+- **Reads see your writes**: on a thread that called ``save_async``, every other Store method waits for the saves
+  in flight first, so the store never looks half-saved to the code that saved. The store's own threads (the
+  worker and its encode/decode pools) never wait: they are the ones doing the work.
 
 This module does not import torch; tensors of torch are snapshotted through :mod:`ckptstore.torch` when met.
 """
@@ -226,6 +227,7 @@ class AsyncSaver:
         self._pending: dict[tuple[str, int], SaveHandle] = {}
         self._failure: tuple[SaveHandle, BaseException] | None = None
         self._local = threading.local()
+        self._clients: set[int] = set()  # threads that called submit(): they read their own writes
         self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ state
@@ -238,6 +240,11 @@ class AsyncSaver:
 
     def pending(self, run: str, step: int) -> bool:
         return (run, step) in self._pending
+
+    def settle(self) -> None:
+        """Before a read or write of the store: a thread that submitted saves waits for them."""
+        if self._pending and threading.get_ident() in self._clients:
+            self.wait_idle()
 
     def wait_idle(self) -> None:
         """Wait until no save is in flight (at once on the worker thread, which would wait for itself)."""
@@ -275,6 +282,7 @@ class AsyncSaver:
         if self.on_worker():
             raise InvalidStateError("save_async was called from the store's own background thread",
                                     hint="call it from the training loop, not from an on_commit callback")  # fmt: skip
+        self._clients.add(threading.get_ident())
         self.raise_failure()
         with self._cond:
             while len(self._pending) >= self.max_in_flight:

@@ -176,9 +176,9 @@ class Store:
         self._saver.raise_failure()
 
     def _settle(self) -> None:
-        # Reads and writes of this process see its async saves: wait for those in flight (not on the worker).
+        # The thread that called save_async reads its own writes: it waits for the saves in flight.
         if self._saver.in_flight:
-            self._saver.wait_idle()
+            self._saver.settle()
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
