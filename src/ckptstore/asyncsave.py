@@ -97,7 +97,7 @@ class SnapshotPool:
 # ------------------------------------------------------------------------------------------------ snapshots
 def _on_accelerator(t: Any) -> bool:
     """Whether a torch tensor lives on a device (a seam: tests take the pinned path on CPU by replacing it)."""
-    return str(t.device.type) != "cpu"
+    return not t.is_cpu and t.device.type != "meta"  # meta tensors go on to tensor_to_leaf's clear error
 
 
 def _pinned_empty(shape: tuple[int, ...], dtype: Any) -> tuple[Any, bool]:
@@ -130,13 +130,21 @@ class _Snapshot:
         self.used: list[tuple[BufferKey, Any]] = []
         self.copied: set[int] = set()  # ids of leaves that already are snapshot copies (device tensors)
         self.devices: set[Any] = set()
+        self._torch: Any = None  # ckptstore.torch, once a torch tensor is met
 
     def foreign(self, value: Any) -> tree.Leaf | None:
         """tree.flatten's converter: device tensors go straight into pinned buffers (never through ``.cpu()``,
         which would allocate a fresh copy); everything else is converted as usual and copied afterwards."""
-        if type(value).__module__.partition(".")[0] == "torch" and hasattr(value, "device") and _on_accelerator(value):
-            from ckptstore.torch import tensor_to_leaf
+        if not type(value).__module__.startswith("torch"):
+            return tree.foreign_leaf(value)
+        if self._torch is None:
+            from ckptstore import torch as ckpt_torch
 
+            self._torch = ckpt_torch
+        if not isinstance(value, self._torch.torch.Tensor):
+            return tree.foreign_leaf(value)
+        tensor_to_leaf = self._torch.tensor_to_leaf
+        if _on_accelerator(value):
             t = value.detach()
             shape = tuple(int(s) for s in t.shape)
             key: BufferKey = ("pinned", str(t.dtype), int(t.numel()))
@@ -151,10 +159,11 @@ class _Snapshot:
             view = buf.view(shape)
             view.copy_(t, non_blocking=bool(buf.is_pinned()))
             self.devices.add(t.device)
-            leaf = tensor_to_leaf(view)
+            leaf: tree.Leaf = tensor_to_leaf(view)
             self.copied.add(id(leaf))
             return leaf
-        return tree.foreign_leaf(value)
+        out: tree.Leaf = tensor_to_leaf(value)  # a view of the caller's memory: flatten() copies it
+        return out
 
     def flatten(self, state: Any) -> tuple[Any, dict[str, tree.Leaf]]:
         skeleton, leaves = tree.flatten(state, foreign=self.foreign)

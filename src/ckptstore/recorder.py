@@ -202,6 +202,7 @@ class Recorder:
         self.capture = capture
         self.async_save = async_save
         self._pending: SaveHandle | None = None
+        self._committed: set[int] = set()  # steps whose (async) commit is done
         self._clock = clock
         self._t0 = clock()
         weight_policies = [p for p in self.policy.walk() if isinstance(p, WeightChange)]
@@ -257,8 +258,11 @@ class Recorder:
         return self._done(decision)
 
     def save(self, step: int, *, reason: str = "saved on request", **kwargs: Any) -> Decision:
-        """Save ``step`` now, whatever the policy says."""
-        return self.step(step, force=True, reason=reason, **kwargs)
+        """Save ``step`` now, whatever the policy says, and wait for its commit (a save asked for by hand, before a
+        risky change, should be on disk when this returns)."""
+        decision = self.step(step, force=True, reason=reason, **kwargs)
+        self.wait()
+        return decision
 
     def finish(self, step: int, **kwargs: Any) -> Decision:
         """The last call of a run: ``step(..., is_last=True)``, then :meth:`wait`."""
@@ -269,7 +273,14 @@ class Recorder:
     def wait(self) -> CheckpointInfo | None:
         """Wait for the save in flight (and its retention); raise its failure. Returns its info, if one was."""
         pending, self._pending = self._pending, None
-        return None if pending is None else pending.result()
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except Exception:
+            if pending.step not in self._committed:  # not saved: the policy's history must not count it
+                self.history = [e for e in self.history if e.step != pending.step]
+            raise
 
     def _done(self, d: Decision) -> Decision:
         self.last_decision = d
@@ -312,6 +323,7 @@ class Recorder:
         )  # fmt: skip
 
         def committed(info: CheckpointInfo) -> None:  # on the store's worker thread for an async save
+            self._committed.add(info.step)
             if self.paths is not None and record is not None and weights is not None:
                 self.paths.commit(now.step, record, weights)
             self.saved.append(info)
