@@ -179,13 +179,18 @@ print(json.dumps({"mode": mode, "extra": mem.extra}))
 def memory(ckpt_file: Path, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in ("torch", "sync", "async"):
-        res = subprocess.run(
-            [sys.executable, "-c", MEMORY_CHILD, mode, str(ckpt_file), str(work), str(Path(__file__).parent)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
+        for attempt in range(2):  # a child can die of a full machine (memory): say so, try once more
+            res = subprocess.run(
+                [sys.executable, "-c", MEMORY_CHILD, mode, str(ckpt_file), str(work), str(Path(__file__).parent)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+            if res.returncode == 0:
+                break
+            print(f"memory child {mode} failed (attempt {attempt + 1}): {res.stderr[-1500:]}", file=sys.stderr)
+            shutil.rmtree(work / f"{mode}.store", ignore_errors=True)
+        res.check_returncode()
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])["extra"]
         shutil.rmtree(work / f"{mode}.store", ignore_errors=True)
         for p in work.glob("m*.pt"):
