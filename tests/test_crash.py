@@ -66,6 +66,29 @@ print("done", flush=True)
 """
 )
 
+# The same saves through save_async: "snap i" once the call returned (the state is then changed in place at once,
+# as a training step would), "saved i" from on_commit. Kills land while the worker encodes and commits.
+CHILD_SAVE_ASYNC = (
+    STATE_SRC
+    + """
+import sys
+import ckptstore
+
+path, seed, start, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+store = ckptstore.open_store(path, keyframe_interval=4)
+print("ready", flush=True)
+for i in range(start, start + count):
+    state = state_for(seed, i)
+    print(f"start {i}", flush=True)
+    store.save_async("run", i, state, {"epoch": i}, on_commit=lambda info: print(f"saved {info.step}", flush=True))
+    print(f"snap {i}", flush=True)
+    state["model"]["w"] += 1.0  # the caller's tensors change right after the call; the stored ones must not
+    state["model"]["h"][:] = 0
+store.close()
+print("done", flush=True)
+"""
+)
+
 CHILD_DELETE = """
 import sys
 import ckptstore
@@ -191,6 +214,49 @@ def test_sigkill_during_saves(tmp_path: Path, layout: str) -> None:
     # the store goes on: a new save (delta against the last committed one) and a full check
     store = ckptstore.open_store(path)
     store.save("run", next_step, state_for(seed, next_step))
+    _check_store(path, seed, {*committed, next_step}, set())
+
+
+def test_sigkill_during_async_saves(tmp_path: Path) -> None:
+    """SIGKILL while the background worker encodes or commits: every committed checkpoint stays intact and
+    bit-exact to the state at call time (the child mutated its tensors right after each call)."""
+    path = tmp_path / "store"
+    ckptstore.create_store(path)
+    seed = 4321
+    rnd = random.Random(seed)
+    reported: set[int] = set()
+    started: set[int] = set()
+    next_step = 0
+    kills_in_background = 0
+    round_ = 0
+    while round_ < 5 or (kills_in_background < 3 and round_ < 12):
+        proc = _spawn(CHILD_SAVE_ASYNC, path, seed, next_step, 5)
+        target = next_step + rnd.randrange(0, 3)
+        lines = _kill_after(proc, f"snap {target}", rnd.uniform(0.0, 0.3))
+        snapped = {int(x.split()[1]) for x in lines if x.startswith("snap ")}
+        for line in lines:
+            kind, _, num = line.partition(" ")
+            if kind == "saved":
+                reported.add(int(num))
+            elif kind == "start":
+                started.add(int(num))
+        if snapped - reported:  # a save was handed to the worker and never reported committed
+            kills_in_background += 1
+        steps = ckptstore.open_store(path).steps("run")
+        assert reported <= set(steps), "a save reported committed was lost"
+        assert set(steps) <= started, "a checkpoint appeared that was never saved"
+        next_step = max(steps, default=-1) + 1
+        round_ += 1
+    assert kills_in_background >= 3, "the test should kill the child while saves are in the background"
+    committed = _check_store(path, seed, reported, started)
+    before = {k: (path / k).read_bytes() for k in ckptstore.open_store(path).storage.list("runs")}
+    _gc_and_check_clean(path)
+    after = {k: (path / k).read_bytes() for k in ckptstore.open_store(path).storage.list("runs")}
+    assert before == after, "gc after the kills changed a committed manifest"
+    store = ckptstore.open_store(path)
+    h = store.save_async("run", next_step, state_for(seed, next_step))
+    h.result()
+    store.close()
     _check_store(path, seed, {*committed, next_step}, set())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,73 @@ def test_plain_metrics_and_errors(tmp_path: Path) -> None:
         Recorder(tmp_path / "s", "x")
     assert isinstance(Recorder(tmp_path / "s", "x", model=placeholder(), policy=WeightChange(0.2)).tracker,
                       WeightTracker)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ async saves
+def _words(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_async_recorder_stores_the_state_at_call_time(tmp_path: Path) -> None:
+    """The default (async_save=True): each save returns after the snapshot; the optimizer step right after it
+    changes the weights and AdamW moments in place, and the stored checkpoint is still the state at the call."""
+    store = ckptstore.create_store(tmp_path / "s")
+    rec = Recorder(store, "a", model=placeholder(), policy="steps:20, last", keep="last:3", capture=False)
+    assert rec.async_save
+    at_call: dict[int, dict[str, bytes]] = {}
+    real_step = rec.step
+
+    def step_and_remember(step: int, **kw: Any) -> Any:
+        assert rec.model is not None and rec.optimizer is not None
+        before = {f"model/{k}": _words(v) for k, v in rec.model.state_dict().items()}
+        for i, st in rec.optimizer.state_dict()["state"].items():
+            before.update({f"optimizer/state/{i}/{k}": _words(v) for k, v in st.items() if torch.is_tensor(v)})
+        d = real_step(step, **kw)
+        if d:
+            at_call[step] = before
+        return d
+
+    rec.step = step_and_remember  # type: ignore[method-assign]
+    digits_loop(rec, steps=100)
+    assert store.steps("a") == [60, 80, 100]  # retention ran after each background commit
+    for step in (60, 80, 100):
+        got = store.load(f"a@{step}", tensors="torch")
+        for name, want in at_call[step].items():
+            node: Any = got
+            for part in name.split("/"):
+                key: Any = int(part) if isinstance(node, dict) and part.isdigit() and int(part) in node else part
+                node = node[key]
+            assert _words(node) == want, (step, name)
+    assert [i.step for i in rec.saved] == [20, 40, 60, 80, 100]
+    assert all(e.stored_bytes > 0 for e in rec.history)  # filled in once each commit was done
+    assert store.verify()["ok"]
+
+
+def test_async_recorder_raises_a_background_failure_at_the_next_save(tmp_path: Path) -> None:
+    """A real background failure: another writer holds the store's lock while the save commits."""
+    from ckptstore.errors import StoreLockedError
+    from ckptstore.format.spec import LOCK_FILE
+
+    store = ckptstore.create_store(tmp_path / "s")
+    other = ckptstore.open_store(tmp_path / "s")
+    rec = Recorder(store, "f", state=lambda: {"w": np.zeros(10)}, policy="steps:1", record_path=False, capture=False)
+    with other.storage.lock(LOCK_FILE):
+        assert rec.step(1)  # returns: the snapshot is taken; the commit fails on the lock in the background
+        assert rec._pending is not None
+        while not rec._pending.done():
+            time.sleep(0.01)
+    with pytest.raises(StoreLockedError) as exc:
+        rec.step(2)  # the next save raises it (and saves nothing)
+    assert any("background save of f@1" in n for n in exc.value.__notes__)
+    assert [e.step for e in rec.history] == []  # the failed save left the policy's history
+    assert rec.step(3)
+    rec.finish(4)
+    assert ckptstore.open_store(tmp_path / "s").steps("f") == [3, 4]  # finish() waited for the commit
+    assert [e.step for e in rec.history] == [3, 4]
+
+
+def test_sync_recorder_saves_on_the_calling_thread(tmp_path: Path) -> None:
+    store = ckptstore.create_store(tmp_path / "s")
+    rec = Recorder(store, "s", state=lambda: {"w": np.ones(4)}, policy="steps:1", async_save=False, capture=False)
+    rec.step(1)
+    assert rec._pending is None and ckptstore.open_store(tmp_path / "s").steps("s") == [1]

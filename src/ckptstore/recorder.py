@@ -17,6 +17,7 @@ This module imports torch (``import ckptstore`` does not).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ckptstore import metadata as md_schema
+from ckptstore.asyncsave import SaveHandle
 from ckptstore.format import tree
 from ckptstore.format.manifest import CheckpointInfo
 from ckptstore.policy import thin
@@ -159,6 +161,10 @@ class Recorder:
 
     A call for a step that was already saved saves nothing; its metrics, if any are new, are added to that
     checkpoint's metadata (evaluation results often arrive after the step's save).
+
+    With ``async_save`` (the default) a save returns once the state is snapshotted
+    (:meth:`ckptstore.Store.save_async`); encoding, the commit and the retention that follows it run in the
+    background. A background failure is raised by the next save, :meth:`wait` or :meth:`finish` (which waits).
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class Recorder:
         metadata: Mapping[str, Any] | None = None,
         record_path: bool = True,
         capture: bool = True,
+        async_save: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store if isinstance(store, Store) else open_store(store, create=True)
@@ -193,6 +200,9 @@ class Recorder:
                                      hint='e.g. keep="last:2", keep_weights="all"')  # fmt: skip
         self.static_metadata = dict(metadata or {})
         self.capture = capture
+        self.async_save = async_save
+        self._pending: SaveHandle | None = None
+        self._committed: set[int] = set()  # steps whose (async) commit is done
         self._clock = clock
         self._t0 = clock()
         weight_policies = [p for p in self.policy.walk() if isinstance(p, WeightChange)]
@@ -248,12 +258,29 @@ class Recorder:
         return self._done(decision)
 
     def save(self, step: int, *, reason: str = "saved on request", **kwargs: Any) -> Decision:
-        """Save ``step`` now, whatever the policy says."""
-        return self.step(step, force=True, reason=reason, **kwargs)
+        """Save ``step`` now, whatever the policy says, and wait for its commit (a save asked for by hand, before a
+        risky change, should be on disk when this returns)."""
+        decision = self.step(step, force=True, reason=reason, **kwargs)
+        self.wait()
+        return decision
 
     def finish(self, step: int, **kwargs: Any) -> Decision:
-        """The last call of a run: ``step(..., is_last=True)``."""
-        return self.step(step, is_last=True, **kwargs)
+        """The last call of a run: ``step(..., is_last=True)``, then :meth:`wait`."""
+        decision = self.step(step, is_last=True, **kwargs)
+        self.wait()
+        return decision
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for the save in flight (and its retention); raise its failure. Returns its info, if one was."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return pending.result()
+        except Exception:
+            if pending.step not in self._committed:  # not saved: the policy's history must not count it
+                self.history = [e for e in self.history if e.step != pending.step]
+            raise
 
     def _done(self, d: Decision) -> Decision:
         self.last_decision = d
@@ -266,6 +293,7 @@ class Recorder:
         return training_state(self.model, self.optimizer, self.scheduler, self.scaler)
 
     def _save(self, now: Now, decision: Decision, extra: Mapping[str, Any] | None) -> None:
+        self.wait()  # the path tracker measures from the last commit; a failed save is raised here
         state = self._state()
         meta: dict[str, Any] = dict(self.static_metadata)
         reason = decision.reason.encode()[:4000].decode(errors="ignore")  # the schema allows 4096 bytes
@@ -287,18 +315,28 @@ class Recorder:
             record, weights = self.paths.measure(now.step, leaves)
             meta[PATH_KEY] = record
             del leaves
-        info = self.store.save(self.run, now.step, state, meta)
-        if self.paths is not None and record is not None and weights is not None:
-            self.paths.commit(now.step, record, weights)
-        self.saved.append(info)
+        # The policy's history gets the save now; its stored size once committed.
+        index = len(self.history)
         self.history.append(
-            Entry(now.step, now.epoch, dict(now.metrics), stored_bytes=info.stored_bytes,
+            Entry(now.step, now.epoch, dict(now.metrics), stored_bytes=0,
                   path=None if record is None else float(record["path_length"]), time=now.time, reason=decision.reason)
         )  # fmt: skip
+
+        def committed(info: CheckpointInfo) -> None:  # on the store's worker thread for an async save
+            self._committed.add(info.step)
+            if self.paths is not None and record is not None and weights is not None:
+                self.paths.commit(now.step, record, weights)
+            self.saved.append(info)
+            self.history[index] = dataclasses.replace(self.history[index], stored_bytes=info.stored_bytes)
+            if self.keep:
+                self.retain()
+
+        if self.async_save:
+            self._pending = self.store.save_async(self.run, now.step, state, meta, on_commit=committed)
+        else:
+            committed(self.store.save(self.run, now.step, state, meta))
         if self.tracker is not None:
             self.tracker.reset()
-        if self.keep:
-            self.retain()
 
     def _add_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         def put(md: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ckptstore import codecs
+from ckptstore.asyncsave import DEFAULT_MAX_IN_FLIGHT, AsyncSaver, PreparedSave, SaveHandle
 from ckptstore.codecs.planes import estimate_bits
 from ckptstore.codecs.planner import delta_base
 from ckptstore.errors import (
@@ -117,7 +118,8 @@ class Store:
     ``threads`` sets encode/decode parallelism. ``keyframe_interval`` bounds delta chains: a tensor is stored whole
     at least every that many checkpoints, so reading any checkpoint decodes at most that many objects per tensor.
     The Store keeps a private copy of the last checkpoint it saved (about one checkpoint of memory), so the
-    next save deltas against it without reading it back.
+    next save deltas against it without reading it back. ``max_in_flight`` bounds the :meth:`save_async` saves
+    in flight (each holds one snapshot of its state).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class Store:
         layout: str | None = None,
         compaction: str | None = None,
         lock_wait: float = 0.0,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         self.storage = storage
         self.lock_wait = float(lock_wait)  # seconds a writer waits for a held lock (0: fail at once)
@@ -160,6 +163,7 @@ class Store:
         # so a training loop never reads its own checkpoints back. About one checkpoint of memory.
         self._head: dict[str, np.ndarray] = {}
         self._manifests: dict[tuple[str, int], Manifest] = {}
+        self._saver = AsyncSaver(self._commit_prepared, max_in_flight=max_in_flight)
 
     # ------------------------------------------------------------------ opening
     def _read_store_file(self) -> dict[str, Any]:
@@ -193,21 +197,40 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # the body's error comes first; the saves in flight still finish
+            with contextlib.suppress(Exception):
+                self.close()
+            return
         self.close()
 
     def close(self) -> None:
+        """Wait for the saves in flight (raising the first background failure not yet reported) and for the
+        background compaction, then close."""
         try:
+            self.wait()
             self.wait_compaction()
         finally:
+            self._saver.shutdown()
             self._head = {}
             self._compact_head = None
             self.storage.close()
+
+    def wait(self) -> None:
+        """Wait for the :meth:`save_async` saves in flight; raise the first background failure not yet reported."""
+        self._saver.wait_idle()
+        self._saver.raise_failure()
+
+    def _settle(self) -> None:
+        # The thread that called save_async reads its own writes: it waits for the saves in flight.
+        if self._saver.in_flight:
+            self._saver.settle()
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
         """The store-wide lock (gc, repack, archive, compaction's gc): exclusive against every writer of every run.
         Threads of this Store (background compaction, async saves) queue on an in-process lock first."""
+        self._settle()
         with self._thread_lock, self._locked(lambda st: st.enter_context(self.storage.lock(LOCK_FILE))):
             yield
 
@@ -215,6 +238,7 @@ class Store:
     def _shared_lock(self) -> Iterator[None]:
         """The store-wide lock shared, no run lock: the ranks of one sharded save write their packs under it, so
         store-wide work (gc, repack) waits for them (docs/format.md §12.3)."""
+        self._settle()
         with self._locked(lambda st: st.enter_context(self.storage.lock(LOCK_FILE, shared=True))):
             yield
 
@@ -244,6 +268,7 @@ class Store:
                         "with lock_wait=SECONDS (`--lock-wait`) to wait for it",
                     ) from None
 
+        self._settle()
         with self._thread_lock, self._locked(take):
             yield
 
@@ -267,6 +292,7 @@ class Store:
 
     # ------------------------------------------------------------------ listing
     def runs(self) -> list[str]:
+        self._settle()
         names = set()
         for key in self.storage.list(RUNS_DIR):
             parts = key.split("/")
@@ -276,6 +302,7 @@ class Store:
 
     def steps(self, run: str) -> list[int]:
         check_run_name(run)
+        self._settle()
         out = []
         for key in self.storage.list(f"{RUNS_DIR}/{run}/ckpt"):
             name = key.rsplit("/", 1)[-1]
@@ -284,6 +311,7 @@ class Store:
         return sorted(out)
 
     def manifest(self, run: str, step: int) -> Manifest:
+        self._settle()
         cached = self._manifests.get((run, step))
         if cached is not None:
             return cached
@@ -340,31 +368,80 @@ class Store:
         progress: Callable[[int, int], None] | None = None,
     ) -> CheckpointInfo:
         """Store ``state`` (nested dicts/lists of tensors and plain values) as checkpoint ``run@step``."""
+        self.wait()  # earlier async saves commit first, and a failure among them is raised here
+        return self._commit_prepared(self._prepare(run, step, state, metadata, tree.flatten), progress)
+
+    def save_async(
+        self,
+        run: str,
+        step: int,
+        state: Any,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        on_commit: Callable[[CheckpointInfo], None] | None = None,
+    ) -> SaveHandle:
+        """:meth:`save` in the background: returns once every tensor of ``state`` is copied into snapshot buffers
+        (so the caller may change them in place at once), then encodes and commits on a worker thread.
+
+        Arguments are validated here, and errors raised here. With ``max_in_flight`` saves in flight the call
+        first waits for one to finish. The handle's ``result()`` gives the :class:`CheckpointInfo` or raises the
+        background failure, which the next ``save``/``save_async``/``wait``/``close`` also raises unless the handle
+        reported it. ``on_commit(info)`` and ``progress`` run on the worker thread. See docs/design.md (async saves).
+        """
         check_run_name(run)
         check_step(step)
-        skeleton, leaves = tree.flatten(state)
+
+        def exists(r: str, s: int) -> bool:
+            # with saves still in flight (max_in_flight > 1) listing would wait for them: the commit checks again
+            return (r, s) in self._manifests or (not self._saver.in_flight and s in self.steps(r))
+
+        return self._saver.submit(
+            run,
+            step,
+            lambda flatten: self._prepare(run, step, state, metadata, flatten),
+            exists,
+            progress=progress,
+            on_commit=on_commit,
+        )
+
+    def _prepare(
+        self,
+        run: str,
+        step: int,
+        state: Any,
+        metadata: Mapping[str, Any] | None,
+        flatten: Callable[[Any], tuple[Any, dict[str, tree.Leaf]]],
+    ) -> PreparedSave:
+        """Validate a save and flatten its state (plain values are copied into the skeleton here, at call time)."""
+        check_run_name(run)
+        check_step(step)
+        skeleton, leaves = flatten(state)
         for name in leaves:
             check_tensor_name(name)
         meta = validate_metadata(metadata)  # docs/metadata.md; refuse bad metadata before touching the store
         meta_bytes = json_bytes(meta)
         framework = "torch" if any(lf.framework == "torch" for lf in leaves.values()) else "numpy"
-        with self._run_lock(run):
-            steps = self.steps(run)
-            if step in steps:
+        return PreparedSave(run, step, skeleton, leaves, json.loads(meta_bytes), framework)
+
+    def _commit_prepared(self, p: PreparedSave, progress: Callable[[int, int], None] | None) -> CheckpointInfo:
+        with self._run_lock(p.run):
+            steps = self.steps(p.run)
+            if p.step in steps:
                 raise CheckpointExistsError(
-                    f"checkpoint {run}@{step} already exists",
-                    ref=f"{run}@{step}",
+                    f"checkpoint {p.run}@{p.step} already exists",
+                    ref=f"{p.run}@{p.step}",
                     hint="delete it first (`ckpt rm`) or save under another step",
                 )
-            earlier = [s for s in steps if s < step]
+            earlier = [s for s in steps if s < p.step]
             if earlier:  # read afresh: a compaction elsewhere may have moved its objects
-                self._manifests.pop((run, earlier[-1]), None)
-            base = self.manifest(run, earlier[-1]) if earlier else None
+                self._manifests.pop((p.run, earlier[-1]), None)
+            base = self.manifest(p.run, earlier[-1]) if earlier else None
             manifest = self._write_checkpoint(
-                run, step, skeleton, leaves, base, json.loads(meta_bytes), framework, progress
+                p.run, p.step, p.skeleton, p.leaves, base, p.metadata, p.framework, progress
             )
         if self.layout == "hot" and self.compaction == "background":
-            self._schedule_compaction(run)
+            self._schedule_compaction(p.run)
         return manifest.info()
 
     def _write_checkpoint(

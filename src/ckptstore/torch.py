@@ -44,10 +44,22 @@ _INT_OF_WIDTH = {
 }
 
 
+# dtypes numpy also has, and the unsigned words their bytes are stored as: a contiguous CPU tensor of one of these
+# converts through .numpy() (one call instead of view/numpy/view; an async save's snapshot pays this per tensor)
+_NUMPY_WORDS: dict[torch.dtype, str | None] = {
+    torch.float64: "<u8", torch.float32: "<u4", torch.float16: "<u2", torch.int64: "<u8", torch.int32: "<u4",
+    torch.int16: "<u2", torch.int8: "<u1", torch.uint8: "<u1", torch.bool: None,
+}  # fmt: skip
+
+
 def tensor_to_leaf(t: Any) -> Leaf:
     """A torch tensor as a store leaf (zero-copy for contiguous CPU tensors)."""
     if not isinstance(t, torch.Tensor):
         raise InvalidStateError(f"not a torch tensor: {type(t).__name__}")
+    words = _NUMPY_WORDS.get(t.dtype, "")
+    if words != "" and t.is_cpu and t.layout == torch.strided and t.is_contiguous():
+        arr = (t.detach() if t.requires_grad else t).numpy().reshape(-1)
+        return Leaf(_TORCH_TO_NAME[t.dtype], tuple(t.shape), arr if words is None else arr.view(words), "torch")
     if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
         raise InvalidStateError(
             f"cannot store a {t.layout} / quantized / meta tensor", hint="convert it to a dense tensor first"

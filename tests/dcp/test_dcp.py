@@ -150,9 +150,8 @@ def test_a_gc_never_frees_a_sharded_save_into_a_committed_checkpoint(tmp_path: P
     other = open_store(tmp_path / "store")  # another process's handle: `ckpt gc` run by hand
     leaf = Leaf.from_numpy(np.arange(6, dtype=np.float32))
     skeleton = {"x": {"$tensor": "x"}}
-    with store._shared_lock():  # what write_shards holds while it writes
-        with pytest.raises(StoreLockedError):
-            other.gc()
+    with store._shared_lock(), pytest.raises(StoreLockedError):  # what write_shards holds while it writes
+        other.gc()
     part = store.write_shards("run", 3, {"x/@0": leaf}, None, writer="r0-aaaa")
     assert part["packs"] and all(store.storage.exists(p) for p in part["packs"])
     assert other.gc()["removed_packs"] == 1  # an orphan to gc: nothing names it yet

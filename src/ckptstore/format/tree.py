@@ -69,7 +69,7 @@ LeafConverter = Callable[[Any], "Leaf | None"]
 LEAF_ADAPTERS: dict[str, tuple[str, str]] = {"torch": ("ckptstore.torch", "tensor_to_leaf")}
 
 
-def _foreign_leaf(value: Any) -> Leaf | None:
+def foreign_leaf(value: Any) -> Leaf | None:
     """Tensors of other frameworks, converted without importing those frameworks unless they are in use."""
     adapter = LEAF_ADAPTERS.get(type(value).__module__.partition(".")[0])
     if adapter is not None and hasattr(value, "dtype") and hasattr(value, "shape"):
@@ -79,8 +79,9 @@ def _foreign_leaf(value: Any) -> Leaf | None:
     return None
 
 
-def flatten(state: Any) -> tuple[Any, dict[str, Leaf]]:
-    """Split a state into its JSON skeleton and its tensors by name."""
+def flatten(state: Any, *, foreign: LeafConverter = foreign_leaf) -> tuple[Any, dict[str, Leaf]]:
+    """Split a state into its JSON skeleton and its tensors by name. ``foreign`` turns another framework's tensor
+    into a leaf (None: not a tensor); an async save passes one that copies into snapshot buffers."""
     tensors: dict[str, Leaf] = {}
 
     def walk(value: Any, path: list[str]) -> Any:
@@ -103,7 +104,7 @@ def flatten(state: Any) -> tuple[Any, dict[str, Leaf]]:
             raise InvalidStateError(f"unsupported numpy scalar {type(value).__name__} at {where}")
         if isinstance(value, Leaf):  # a leaf built by the caller (bfloat16 words, an average cast back)
             return leaf(value, path)
-        converted = _foreign_leaf(value)
+        converted = foreign(value)
         if converted is not None:
             return leaf(converted, path)
         if value is None or isinstance(value, bool | int | str):

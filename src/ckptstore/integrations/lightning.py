@@ -72,7 +72,8 @@ class CkptStoreCallback(RecorderCallback, pl.Callback):
     """Save Lightning checkpoints into a ckptstore store by policy (see the module docs).
 
     ``store`` is a :class:`~ckptstore.Store` or a path (created if missing); ``policy`` and ``keep`` take
-    the text or object forms of :mod:`ckptstore.policy`; ``metadata`` is added to every checkpoint.
+    the text or object forms of :mod:`ckptstore.policy`; ``metadata`` is added to every checkpoint; with
+    ``async_save`` (default) saves return once the state is snapshotted and commit in the background.
     """
 
     def __init__(
@@ -84,9 +85,12 @@ class CkptStoreCallback(RecorderCallback, pl.Callback):
         keep: str | RetentionPolicy | Sequence[Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         record_path: bool = True,
+        async_save: bool = True,
     ) -> None:
         super().__init__()
-        self._set_options(store, run, policy=policy, keep=keep, metadata=metadata, record_path=record_path)
+        self._set_options(
+            store, run, policy=policy, keep=keep, metadata=metadata, record_path=record_path, async_save=async_save
+        )
         self._trainer: Any = None
         self._epoch: float = 0.0
         self.converted: list[str] = []
@@ -153,6 +157,7 @@ class CkptStoreCallback(RecorderCallback, pl.Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._ask(trainer, epoch=trainer.current_epoch, is_last=True)
+        self._wait()
 
 
 def storable_json(obj: Any) -> Any:

@@ -58,8 +58,11 @@ class CkptStoreCallback(RecorderCallback, TrainerCallback):
         keep: str | RetentionPolicy | Sequence[Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         record_path: bool = True,
+        async_save: bool = True,
     ) -> None:
-        self._set_options(store, run, policy=policy, keep=keep, metadata=metadata, record_path=record_path)
+        self._set_options(
+            store, run, policy=policy, keep=keep, metadata=metadata, record_path=record_path, async_save=async_save
+        )
         self.metrics: dict[str, float] = {}
         self._objs: dict[str, Any] = {}
 
@@ -114,6 +117,7 @@ class CkptStoreCallback(RecorderCallback, TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._ask(state, is_last=True)
+        self._wait()
 
 
 def _python_rng(st: Mapping[str, Any]) -> tuple[Any, ...]:
