@@ -88,6 +88,29 @@ def test_stored_checkpoint_is_the_state_at_call_time(tmp_path: Path) -> None:
     store.close()
 
 
+def test_async_saves_into_a_hot_store_with_background_compaction(tmp_path: Path) -> None:
+    """The hot layout's compactor and the async worker share the store: each checkpoint is still the state at
+    call time, bit-exact, and after the last save ``@latest`` reads one object per tensor."""
+    path = tmp_path / "s"
+    ckptstore.create_store(path, layout="hot").close()
+    store = ckptstore.open_store(path)
+    wants = {}
+    for step in range(1, 6):
+        state = make_state(step)
+        wants[step] = raw(state)
+        store.save_async("r", step, state)  # no result(): the next call waits (back-pressure)
+        mutate(state)
+    store.close()  # waits for the last save, then for the compaction
+    store = ckptstore.open_store(path)
+    for step, want in wants.items():
+        assert raw(store.load(f"r@{step}", tensors="torch")) == want
+    newest = store.manifest("r", 5)
+    assert newest.data.get("layout") == "hot"
+    assert all(not rec.get("refs") for rec in newest.objects.values())
+    assert all(store.manifest("r", s).data.get("layout") != "hot" for s in range(1, 5))  # compacted meanwhile
+    assert store.verify()["ok"]
+
+
 def test_buffers_are_reused_by_dtype_and_size_and_trimmed(tmp_path: Path) -> None:
     store = ckptstore.create_store(tmp_path / "s")
     a = np.zeros(100, np.float32)
