@@ -223,8 +223,7 @@ class Store:
 
     def _settle(self) -> None:
         # The thread that called save_async reads its own writes: it waits for the saves in flight.
-        if self._saver.in_flight:
-            self._saver.settle()
+        self._saver.settle()
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
@@ -1204,7 +1203,7 @@ class Store:
         done: list[str] = []
         logical = 0
         encode_s = 0.0
-        before = self._stored_bytes()
+        before = self._stored_bytes(runs)  # only these runs' packs: other runs' writers go on meanwhile
         for r in runs:
             misses = 0
             while misses < 3:
@@ -1239,7 +1238,7 @@ class Store:
             "seconds": time.perf_counter() - t0,
             "bytes_per_second": logical / encode_s if done and encode_s > 0 else None,
             "removed_packs": removed,
-            "freed_bytes": before - self._stored_bytes(),
+            "freed_bytes": before - self._stored_bytes(runs),
         }
 
     def _hot_steps(self, run: str, newest: bool) -> list[int]:
@@ -1294,7 +1293,7 @@ class Store:
 
     def _compact_commit(self, m: Manifest, p: Manifest | None, data: dict[str, Any], pack_key: str | None) -> bool:
         """Replace ``m``'s manifest by ``data`` if ``m`` and its predecessor are unchanged and the new pack is still
-        there (a gc meanwhile removes orphans); call under the write lock. On a miss the new pack is deleted."""
+        there (a gc meanwhile removes orphans); call under the run's lock. On a miss the new pack is deleted."""
         try:
             m2, p2 = self._fresh_pair(m.run, m.step)
         except CkptStoreError:

@@ -21,7 +21,7 @@ from ckptstore.analysis.distributed import analyze_on_dask  # noqa: E402
 from ckptstore.analysis.optimizer import analyze_optimizer  # noqa: E402
 from ckptstore.analysis.plasticity import analyze_plasticity  # noqa: E402
 from ckptstore.analysis.trajectory import StoreTrajectory  # noqa: E402
-from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server  # noqa: E402
+from ckptstore.testing.s3 import moto_buckets  # noqa: E402
 
 BUCKET = "ckpt-dask"
 
@@ -49,15 +49,11 @@ def s3_run() -> Iterator[tuple[str, dict[str, Any]]]:
     from ckptstore.integrations.openclip import ingest
 
     ckpts = tj.ensure_trajectory(epochs=2, size="tiny", n_images=256)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in CREDENTIALS.items():
-            mp.setenv(k, v)
-        with MotoS3Server() as server:
-            server.create_bucket(BUCKET)
-            url = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
-            opts = server.storage_options()
-            ingest(create_store(url, storage_options=opts), [ckpts], run="tiny")
-            yield url, opts
+    with moto_buckets(BUCKET) as server:
+        url = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+        opts = server.storage_options()
+        ingest(create_store(url, storage_options=opts), [ckpts], run="tiny")
+        yield url, opts
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from _worker import full_state
 from ckptstore.errors import CheckpointExistsError, IntegrityError, StoreLockedError
 from ckptstore.format.tree import Leaf
 from ckptstore.store import Store, create_store, open_store
-from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server
+from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server, moto_buckets
 
 WORKER = Path(__file__).with_name("_worker.py")
 
@@ -94,12 +94,8 @@ def test_save_on_4_ranks_load_on_2_and_3(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoS3Server]:
     pytest.importorskip("s3fs")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in CREDENTIALS.items():
-            mp.setenv(k, v)
-        with MotoS3Server() as server:
-            server.create_bucket("dcp")
-            yield server
+    with moto_buckets("dcp") as server:
+        yield server
 
 
 def test_on_s3(moto: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> None:

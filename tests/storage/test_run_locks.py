@@ -46,14 +46,10 @@ def same(got: dict[str, Any], want: dict[str, Any]) -> bool:
 def s3() -> Iterator[Any]:
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
-    from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server
+    from ckptstore.testing.s3 import moto_buckets
 
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in CREDENTIALS.items():
-            mp.setenv(k, v)
-        with MotoS3Server() as server:
-            server.create_bucket(BUCKET)
-            yield server
+    with moto_buckets(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(params=["local", "s3"])

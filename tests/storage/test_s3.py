@@ -40,7 +40,7 @@ from ckptstore.store import Store, create_store, open_store
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
-from ckptstore.testing.s3 import CREDENTIALS, MotoS3Server
+from ckptstore.testing.s3 import MotoS3Server, moto_buckets
 
 BUCKET = "ckpt-test"
 MiB = 2**20
@@ -50,12 +50,8 @@ FAST = {"backoff": 0.005, "max_backoff": 0.05, "part_size": 5 * MiB}
 
 @pytest.fixture(scope="module")
 def moto_server() -> Iterator[MotoS3Server]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in CREDENTIALS.items():
-            mp.setenv(k, v)
-        with MotoS3Server() as server:
-            server.create_bucket(BUCKET)
-            yield server
+    with moto_buckets(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture

@@ -317,3 +317,22 @@ class MotoS3Server:
             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
             region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
         ).create_bucket(Bucket=name)
+
+
+@contextlib.contextmanager
+def moto_buckets(*buckets: str, **server_options: Any) -> Iterator[MotoS3Server]:
+    """A started :class:`MotoS3Server` with ``buckets`` created, and the dummy credentials in the environment
+    while it runs (restored after): what every S3 test module starts from."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with MotoS3Server(**server_options) as server:
+            for bucket in buckets:
+                server.create_bucket(bucket)
+            yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
