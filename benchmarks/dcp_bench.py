@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ckptstore.testing.ranks import fork_ranks
+from ckptstore.testing.s3 import free_port
 
 WRITERS = ("ckptstore", "fs", "fs_zstd")
 
@@ -180,44 +182,12 @@ def rank_main(rank: int, world: int, port: int, writer: str, mode: str, files: l
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_stage(world: int, writer: str, mode: str, files: list[str], root: Path) -> list[list[dict[str, Any]]]:
-    port = _free_port()
+    port = free_port()
     outs = [str(root / f"rank{r}.json") for r in range(world)]
-    pids = {}
-    for r in range(world):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                rank_main(r, world, port, writer, mode, files, str(root), outs[r])
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        pids[pid] = r
-    failed = None
-    while pids:
-        pid, raw = os.wait()
-        r = pids.pop(pid)
-        code = os.waitstatus_to_exitcode(raw)
-        if code != 0 and failed is None:
-            failed = f"rank {r} exited with {code}"
-            for other in pids:
-                os.kill(other, signal.SIGKILL)
+    failed = fork_ranks(world, lambda r: rank_main(r, world, port, writer, mode, files, str(root), outs[r]))
     if failed:
-        raise RuntimeError(f"{writer} {mode} on {world} ranks: {failed}")
+        raise RuntimeError(f"{writer} {mode} on {world} ranks: rank {failed[0]} exited with {failed[1]}")
     return [json.loads(Path(o).read_text()) for o in outs]
 
 

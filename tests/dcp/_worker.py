@@ -30,6 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from ckptstore.dcp import StoreReader, StoreWriter
+from ckptstore.testing.ranks import fork_ranks
 from ckptstore.testing.s3 import free_port
 
 
@@ -249,34 +250,16 @@ def launch(store: str, options: dict | None, stage: str) -> int:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     os.environ["WORLD_SIZE"] = str(world)
-    pids = {}
-    for r in range(world):
-        pid = os.fork()
-        if pid == 0:
-            os.environ["RANK"] = str(r)
-            code = 0
-            try:
-                main(store, options, action, int(step), layout)
-            except BaseException:
-                import traceback
 
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        pids[pid] = r
-    status = 0
-    while pids:
-        pid, raw = os.wait()
-        r = pids.pop(pid)
-        code = os.waitstatus_to_exitcode(raw)
-        if code != 0:
-            print(f"rank {r} exited with {code}", flush=True)
-            status = 3
-            for other in pids:  # its peers would wait for it until gloo's timeout
-                os.kill(other, signal.SIGKILL)
-    return status
+    def rank(r: int) -> None:
+        os.environ["RANK"] = str(r)
+        main(store, options, action, int(step), layout)
+
+    failed = fork_ranks(world, rank)
+    if failed:  # fork_ranks killed its peers: they would wait for it until gloo's timeout
+        print(f"rank {failed[0]} exited with {failed[1]}", flush=True)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
