@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ckptstore.cli.common import storage_options
-from ckptstore.errors import InvalidStateError, RemoteStorageError, StoreLockedError
+from ckptstore.errors import ConcurrentCommitError, InvalidStateError, RemoteStorageError, StoreLockedError
 from ckptstore.storage import LocalStorage, open_storage
 from ckptstore.storage.lease import LeaseLock
 from ckptstore.storage.readcache import ReadCache
@@ -149,6 +149,33 @@ def test_lease_lock_on_memory() -> None:
         assert "owner" in json.loads(b.read(".lock"))
     with FsspecStorage(url, lock="none").lock(".lock"), FsspecStorage(url, lock="none").lock(".lock"):
         pass  # lock=none: commits rely on the conditional put alone
+
+
+def test_lock_released_between_the_conditional_put_and_the_compare_is_a_lost_race() -> None:
+    """The holder releases right after our conditional put failed and before we read the key back to compare:
+    ``create`` reports a lost race (which the lock retries), not ``FileNotFoundError`` (CI saw that on S3)."""
+    url = f"memory://lease-race-{uuid.uuid4().hex}"
+    holder, taker = FsspecStorage(url, cache_size=0), FsspecStorage(url, cache_size=0)
+    held = LeaseLock(holder, ".lock", ttl=60)
+    held.acquire()
+    plain_read = taker.read_uncached
+    released: list[str] = []
+
+    def read_after_release(key: str) -> bytes:
+        if not released:
+            held.release()
+            released.append(key)
+        return plain_read(key)
+
+    taker.read_uncached = read_after_release  # type: ignore[method-assign]
+    with pytest.raises(ConcurrentCommitError):
+        taker.create(".lock", b"mine")
+    assert released == [".lock"] and not taker.exists(".lock")
+    released.clear()
+    held.acquire()
+    with taker.lock(".lock"):  # the lock's own retry takes it once the holder is gone
+        assert json.loads(taker.read(".lock"))["owner"] != held.owner
+    assert released == [".lock"]
 
 
 def test_read_only_wrapper(tmp_path: Path) -> None:

@@ -383,8 +383,11 @@ class FsspecStorage(Storage):
             # The key may be there because an earlier try of this very request went through and only its answer
             # was lost (we retry, and so does the HTTP client: a PUT is idempotent to it). The content tells: a
             # manifest names a pack with a random id, a lock its owner's random token.
-            if self.read_uncached(key) == data:
-                return
+            try:
+                if self.read_uncached(key) == data:
+                    return
+            except FileNotFoundError:
+                pass  # it was there at our put and is gone now: another writer's object (a lock), since released
             raise ConcurrentCommitError(
                 "already exists", path=self._where(key), hint="another writer committed it first"
             ) from None
