@@ -57,6 +57,39 @@ def zipnn_size(words: np.ndarray, dtype: str) -> int:
     return len(z.compress(data))
 
 
+def zipnn_times(state: Any, threads: int, reps: int) -> dict[str, float]:
+    """zipnn's own encode and decode time of a whole checkpoint (float tensors through ZipNN, the rest zstd-3 as
+    in the size table), medians over ``reps``; the round trip is checked byte for byte."""
+    from zipnn import ZipNN
+
+    _, leaves = flatten(state)
+    items = [(lf.words, lf.dtype) for lf in leaves.values()]
+    enc: list[float] = []
+    dec: list[float] = []
+    for _ in range(reps):
+        coded: list[tuple[bytes, str]] = []
+        t0 = time.perf_counter()
+        for words, dtype in items:
+            if dtype in ("float32", "bfloat16", "float16"):
+                z = ZipNN(input_format="byte", bytearray_dtype=dtype, threads=threads)
+                coded.append((bytes(z.compress(bytearray(words.tobytes()))), dtype))
+            else:
+                coded.append((ZSTD3.compress(words.tobytes()), "zstd"))
+        enc.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = []
+        for blob, dtype in coded:
+            if dtype == "zstd":
+                out.append(zstandard.ZstdDecompressor().decompress(blob))
+            else:
+                z = ZipNN(input_format="byte", bytearray_dtype=dtype, threads=threads)
+                out.append(bytes(z.decompress(blob)))
+        dec.append(time.perf_counter() - t0)
+        if out != [w.tobytes() for w, _ in items]:
+            raise AssertionError("zipnn round trip is not bit-exact")
+    return {"encode_s": statistics.median(enc), "decode_s": statistics.median(dec), "threads": threads}
+
+
 def is_weight(name: str) -> bool:
     return name.startswith("state_dict/")
 
@@ -207,6 +240,8 @@ def timings(files: list[Path], work: Path, reps: int) -> dict[str, Any]:
         singles[s] = {"ours": to, "torch": tl, "ratio": to / tl}
     out["single"] = singles
     out["checkpoint_bytes"] = files[-1].stat().st_size
+    newest_state = read_checkpoint(files[-1])
+    out["zipnn"] = [zipnn_times(newest_state, n, reps) for n in (1, 2)]
     return out
 
 
@@ -328,6 +363,12 @@ def _print_timing(t: dict[str, Any]) -> None:
         f"load all in order: {t['load_all']:.3f}s vs {t['torch_load_all']:.3f}s "
         f"({t['load_all'] / t['torch_load_all']:.2f}x)"
     )
+    for z in t.get("zipnn", []):
+        print(
+            f"zipnn {z['threads']} thread(s), newest checkpoint: encode {z['encode_s']:.3f}s, "
+            f"decode {z['decode_s']:.3f}s (torch.save {med(t['torch_save']):.3f}s, "
+            f"torch.load {t['torch_load_newest']:.3f}s)"
+        )
     worst = max(t["single"].items(), key=lambda kv: kv[1]["ratio"])
     print(f"single checkpoint: worst {worst[1]['ratio']:.2f}x (step {worst[0]})")
     print(

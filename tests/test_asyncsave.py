@@ -88,6 +88,40 @@ def test_stored_checkpoint_is_the_state_at_call_time(tmp_path: Path) -> None:
     store.close()
 
 
+def test_copy_all_splits_large_states_among_threads_bit_exactly() -> None:
+    """Above the threshold the bytes are cut into chunks shared among the threads: every byte still lands in its
+    own buffer (odd sizes that end mid-chunk, small and large arrays, several dtypes), and the helper really ran."""
+    rng = np.random.default_rng(0)
+    sizes = [3, (4 << 20) + 7, 1, (9 << 20) // 4 + 5, 1000, (6 << 20) + 1]
+    dtypes = [np.uint8, np.float32, np.bool_, np.float32, np.int64, np.uint16]
+    srcs = [
+        rng.integers(0, 255, n * np.dtype(d).itemsize, dtype=np.uint8).view(d)
+        for n, d in zip(sizes, dtypes, strict=True)
+    ]
+    assert sum(s.nbytes for s in srcs) > asyncsave._PARALLEL_COPY_MIN
+    used: set[str] = set()
+
+    class Spy(asyncsave.ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            def run() -> Any:
+                used.add(threading.current_thread().name)
+                return fn(*args, **kwargs)
+
+            return super().submit(run)
+
+    for threads in (1, 2, 3):
+        dsts = [np.zeros_like(s) for s in srcs]
+        with Spy(2, thread_name_prefix="spy") as helpers:
+            asyncsave.copy_all(list(zip(dsts, srcs, strict=True)), helpers, threads)
+        assert [d.tobytes() for d in dsts] == [s.tobytes() for s in srcs]
+        assert bool(used) == (threads > 1)
+    small = [(np.zeros(10), np.arange(10.0))]
+    with Spy(1) as helpers:
+        used.clear()
+        asyncsave.copy_all(small, helpers, 2)  # below the threshold: the caller copies alone
+    assert not used and small[0][0].tolist() == list(range(10))
+
+
 def test_async_saves_into_a_hot_store_with_background_compaction(tmp_path: Path) -> None:
     """The hot layout's compactor and the async worker share the store: each checkpoint is still the state at
     call time, bit-exact, and after the last save ``@latest`` reads one object per tensor."""

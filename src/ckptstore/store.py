@@ -163,7 +163,7 @@ class Store:
         # so a training loop never reads its own checkpoints back. About one checkpoint of memory.
         self._head: dict[str, np.ndarray] = {}
         self._manifests: dict[tuple[str, int], Manifest] = {}
-        self._saver = AsyncSaver(self._commit_prepared, max_in_flight=max_in_flight)
+        self._saver = AsyncSaver(self._commit_prepared, max_in_flight=max_in_flight, copy_threads=self.threads)
 
     # ------------------------------------------------------------------ opening
     def _read_store_file(self) -> dict[str, Any]:

@@ -69,12 +69,17 @@ LeafConverter = Callable[[Any], "Leaf | None"]
 LEAF_ADAPTERS: dict[str, tuple[str, str]] = {"torch": ("ckptstore.torch", "tensor_to_leaf")}
 
 
+_CONVERTERS: dict[tuple[str, str], Callable[[Any], Leaf]] = {}  # adapters already imported (a save meets hundreds)
+
+
 def foreign_leaf(value: Any) -> Leaf | None:
     """Tensors of other frameworks, converted without importing those frameworks unless they are in use."""
     adapter = LEAF_ADAPTERS.get(type(value).__module__.partition(".")[0])
     if adapter is not None and hasattr(value, "dtype") and hasattr(value, "shape"):
-        module, func = adapter
-        convert: Callable[[Any], Leaf] = getattr(importlib.import_module(module), func)
+        convert = _CONVERTERS.get(adapter)
+        if convert is None:
+            module, func = adapter
+            convert = _CONVERTERS[adapter] = getattr(importlib.import_module(module), func)
         return convert(value)
     return None
 
@@ -84,14 +89,16 @@ def flatten(state: Any, *, foreign: LeafConverter = foreign_leaf) -> tuple[Any, 
     into a leaf (None: not a tensor); an async save passes one that copies into snapshot buffers."""
     tensors: dict[str, Leaf] = {}
 
+    def at(path: list[str]) -> str:  # for messages only: a save walks hundreds of nodes that never need it
+        return "/".join(path) or "<root>"
+
     def walk(value: Any, path: list[str]) -> Any:
-        where = "/".join(path) or "<root>"
         if isinstance(value, np.ndarray):
             try:
                 converted_array = Leaf.from_numpy(value)
             except FormatError:
                 raise InvalidStateError(
-                    f"cannot store a numpy array of dtype {value.dtype} at {where}",
+                    f"cannot store a numpy array of dtype {value.dtype} at {at(path)}",
                     hint="store numeric or bool arrays; convert strings/objects to JSON values",
                 ) from None
             return leaf(converted_array, path)
@@ -101,7 +108,7 @@ def flatten(state: Any, *, foreign: LeafConverter = foreign_leaf) -> tuple[Any, 
                 if isinstance(item, float) and not math.isfinite(item):
                     item = {"$float": repr(item)}
                 return {"$scalar": [dtypes.name_of_numpy(value.dtype), item]}
-            raise InvalidStateError(f"unsupported numpy scalar {type(value).__name__} at {where}")
+            raise InvalidStateError(f"unsupported numpy scalar {type(value).__name__} at {at(path)}")
         if isinstance(value, Leaf):  # a leaf built by the caller (bfloat16 words, an average cast back)
             return leaf(value, path)
         converted = foreign(value)
@@ -122,12 +129,12 @@ def flatten(state: Any, *, foreign: LeafConverter = foreign_leaf) -> tuple[Any, 
             for k, v in value.items():
                 if not isinstance(k, str | int) or isinstance(k, bool):
                     raise InvalidStateError(
-                        f"dict key {k!r} of type {type(k).__name__} at {where}",
+                        f"dict key {k!r} of type {type(k).__name__} at {at(path)}",
                         hint="state dict keys must be str or int",
                     )
                 comp = _component(str(k), path)
                 if comp in seen:
-                    raise InvalidStateError(f"keys {k!r} and {str(k)!r} collide at {where}")
+                    raise InvalidStateError(f"keys {k!r} and {str(k)!r} collide at {at(path)}")
                 seen.add(comp)
                 items.append([k, walk(v, [*path, comp])])
             return {"$dict": items}
@@ -135,7 +142,7 @@ def flatten(state: Any, *, foreign: LeafConverter = foreign_leaf) -> tuple[Any, 
             items = [walk(v, [*path, str(i)]) for i, v in enumerate(value)]
             return items if isinstance(value, list) else {"$tuple": items}
         raise InvalidStateError(
-            f"cannot store a value of type {type(value).__module__}.{type(value).__name__} at {where}",
+            f"cannot store a value of type {type(value).__module__}.{type(value).__name__} at {at(path)}",
             hint="states hold tensors, numbers, strings, bools, None, bytes, and dicts/lists/tuples of them",
         )
 
@@ -154,9 +161,13 @@ def flatten(state: Any, *, foreign: LeafConverter = foreign_leaf) -> tuple[Any, 
 
 def _component(key: str, path: list[str]) -> str:
     try:
-        return check_component(key, full="/".join([*path, key]))
-    except InvalidNameError as exc:
-        raise InvalidNameError(exc.message, hint=exc.hint) from None
+        return check_component(key)
+    except InvalidNameError:  # again, for the message that names the whole path (built only when it is needed)
+        try:
+            check_component(key, full="/".join([*path, key]))
+        except InvalidNameError as exc:
+            raise InvalidNameError(exc.message, hint=exc.hint) from None
+        raise
 
 
 def tensor_names(skeleton: Any) -> Iterator[str]:
