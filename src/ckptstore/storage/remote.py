@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from ckptstore.errors import ConcurrentCommitError, InvalidStateError, MissingDependencyError, RemoteStorageError
+from ckptstore.storage import faults
 from ckptstore.storage.base import FileWriter, Storage, Writer
 from ckptstore.storage.readcache import ReadCache, default_cache_root
 from ckptstore.storage.retry import RetryPolicy
@@ -132,6 +133,8 @@ class _SpoolWriter(FileWriter):
                 self.storage.write(self.key, self.f.read())
             else:
                 st = self.storage
+
+                faults.point("put", self.key)
 
                 def upload() -> None:
                     self.f.seek(0)
@@ -355,6 +358,7 @@ class FsspecStorage(Storage):
             w.commit()
             return
         path = self.path_of(key)
+        faults.point("put", key, data)
         if self.s3_client is not None:
             s3 = self.s3_client
             self.call(f"writing {len(data)} bytes", key, lambda: s3.put(path, data))
@@ -370,6 +374,7 @@ class FsspecStorage(Storage):
             w.commit()
             return
         path = self.path_of(key)
+        faults.point("create", key, data)
 
         def put() -> None:
             if self.s3_client is not None:
@@ -446,6 +451,7 @@ class FsspecStorage(Storage):
         return sorted(k for k in keys if k and (not prefix or k == prefix or k.startswith(prefix + "/")))
 
     def delete(self, key: str) -> None:
+        faults.point("delete", key)
         with contextlib.suppress(FileNotFoundError):
             self.call("deleting", key, lambda: self.fs.rm_file(self.path_of(key)))
 
