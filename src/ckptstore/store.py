@@ -1381,6 +1381,8 @@ class Store:
                     foreign.add(rec["pack"])
         prefixes = [PACKS_DIR] if mine is None else [f"{PACKS_DIR}/{r}/" for r in mine]
         removed = 0
+        if mine is None:  # store-wide: the multipart uploads of saves that died (S3; docs/remote.md)
+            self.storage.abort_abandoned_uploads(PACKS_DIR)
         for prefix in prefixes:
             for key in self.storage.list(prefix):
                 if key not in live:

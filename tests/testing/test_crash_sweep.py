@@ -1,5 +1,6 @@
-"""Crash sweep (issue 14, item 1), small: SIGKILL at every write point of a gc (a repack and an orphan removal)
-and at random moments of saves; the full sweep over save, delete, thin and gc is ``benchmarks/crash_sweep.py``."""
+"""Crash sweep (issue 14, item 1), small: SIGKILL at every write point of a gc (a repack and an orphan removal),
+at every 16th point of a compaction, at random moments of saves and async saves; and on a moto S3 server at the
+write points of a save's multipart upload and commit. The full sweep is ``benchmarks/crash_sweep.py``."""
 
 from __future__ import annotations
 
@@ -12,11 +13,38 @@ from ckptstore.testing import crash
 pytestmark = pytest.mark.slow
 
 
-def test_kills_at_every_gc_write_point_and_during_saves(tmp_path: Path) -> None:
-    base = tmp_path / "base"
-    crash.base_store(base)
-    res = crash.sweep(base, tmp_path / "work", random_kills=4, ops=("gc", "save"))
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("crash") / "base"
+    crash.base_store(path)
+    return path
+
+
+def test_kills_at_every_gc_write_point_and_during_saves(base: Path, tmp_path: Path) -> None:
+    res = crash.sweep(base, tmp_path / "work", random_kills=4, ops=("gc", "save", "async"), points=False)
     assert res["failures"] == 0, res["failed_trials"][:3]
-    assert res["write_points"]["gc"] >= 10  # the repack writes a pack and rewrites a manifest
-    assert res["killed"] >= res["write_points"]["gc"] + res["write_points"]["save"]  # every per-point kill hit
-    assert res["outcomes"]["old"] > 0 and res["outcomes"]["new"] > 0
+    res = crash.sweep(base, tmp_path / "work", ops=("gc",))
+    assert res["failures"] == 0, res["failed_trials"][:3]
+    assert res["by_op"]["gc"]["write_points"] >= 10  # the repack writes a pack and rewrites a manifest
+    assert res["killed"] == res["by_op"]["gc"]["write_points"] == res["mid_op"]  # every per-point kill hit
+
+
+def test_kills_during_compaction(base: Path, tmp_path: Path) -> None:
+    res = crash.sweep(base, tmp_path / "work", ops=("compact",), every=16)
+    assert res["failures"] == 0, res["failed_trials"][:3]
+    assert res["by_op"]["compact"]["write_points"] >= 50  # three checkpoints re-encoded, committed, then a gc
+    assert res["outcomes"]["mixed"] > 0  # some kills landed between two checkpoints' commits
+
+
+def test_kills_at_s3_write_points_of_a_save(base: Path, tmp_path: Path) -> None:
+    """Points 4 and 10 of an S3 save: a part upload (the save dies mid-upload: old state, and gc aborts the dead
+    multipart upload and leaves nothing) and the run lock's release after the commit (new state). The other
+    points are in benchmarks/crash_sweep.py --backend s3."""
+    with crash.target("s3", base, tmp_path / "work") as tg:
+        truth = crash.truth_of(base)
+        n, _ = crash.count_points(tg, "save")
+        assert n >= 10
+        trials = [crash.run_trial(tg, "save", truth, kill_at=k) for k in (4, 10)]
+    assert [t.failures for t in trials] == [[]] * 2
+    assert all(t.killed and t.mid_op for t in trials)
+    assert [t.outcome for t in trials] == ["old", "new"]

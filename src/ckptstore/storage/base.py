@@ -114,6 +114,11 @@ class Storage(ABC):
         """Modification time (seconds since the epoch) where the backend knows it."""
         return None
 
+    def abort_abandoned_uploads(self, prefix: str) -> int:
+        """Abort the incomplete uploads under ``prefix`` that a dead writer left (object stores' multipart
+        uploads); how many. Called by the store-wide gc. Backends without such uploads have none."""
+        return 0
+
     @contextlib.contextmanager
     def prefetch(self, ranges: Iterable[tuple[str, int, int]]) -> Iterator[None]:
         """A hint: the ``(key, start, length)`` ranges will be read inside this block. Object stores fetch them

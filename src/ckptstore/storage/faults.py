@@ -1,10 +1,16 @@
-"""Fault injection for the local storage's write path (tests and benchmarks only; off unless a hook is set).
+"""Fault injection for the storages' write paths (tests and benchmarks only; off unless a hook is set).
 
 Every write the local backend does passes named points, in order: ``open`` (the temp file), ``write`` (each
 chunk), ``flush``, ``fsync``, ``rename`` (or ``link`` for an exclusive create), ``dirsync``. A hook set with
 :func:`injected` is called at each one with the point, the key and the bytes about to be written (``write``
 only); it may raise (an ``OSError`` such as ``ENOSPC``) or, at ``write``, return a shorter length to make the
 write short (the rest of the chunk is silently dropped, as a broken disk or filesystem might).
+
+The fsspec backend (S3 and the rest) passes one point before each write request it makes: ``put`` (a plain
+put: a small pack, a manifest rewrite, a lease renewal), ``create`` (a conditional put: a manifest commit, a
+lock taken), ``mpu-start``, ``part`` (each part of a multipart upload, from the upload threads), ``complete``,
+``abort`` and ``delete`` (a pack freed, a lock released). The hook may raise there (the request is then not
+made); its return value is ignored.
 
 Example::
 
@@ -29,6 +35,7 @@ _hook: Hook | None = None
 _lock = threading.Lock()
 
 POINTS = ("open", "write", "flush", "fsync", "rename", "link", "dirsync")
+REMOTE_POINTS = ("put", "create", "mpu-start", "part", "complete", "abort", "delete")
 
 
 def point(name: str, key: str, data: bytes | memoryview | None = None) -> int | None:
@@ -42,7 +49,7 @@ def point(name: str, key: str, data: bytes | memoryview | None = None) -> int | 
 
 @contextlib.contextmanager
 def injected(hook: Hook) -> Iterator[None]:
-    """Call ``hook`` at every write point of every local store in this process while the block runs."""
+    """Call ``hook`` at every write point of every store in this process while the block runs."""
     global _hook
     if _hook is not None:
         raise RuntimeError("a fault hook is already installed")

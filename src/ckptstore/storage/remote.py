@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from ckptstore.errors import ConcurrentCommitError, InvalidStateError, MissingDependencyError, RemoteStorageError
+from ckptstore.storage import faults
 from ckptstore.storage.base import FileWriter, Storage, Writer
 from ckptstore.storage.readcache import ReadCache, default_cache_root
 from ckptstore.storage.retry import RetryPolicy
@@ -132,6 +133,8 @@ class _SpoolWriter(FileWriter):
                 self.storage.write(self.key, self.f.read())
             else:
                 st = self.storage
+
+                faults.point("put", self.key)
 
                 def upload() -> None:
                     self.f.seek(0)
@@ -355,6 +358,7 @@ class FsspecStorage(Storage):
             w.commit()
             return
         path = self.path_of(key)
+        faults.point("put", key, data)
         if self.s3_client is not None:
             s3 = self.s3_client
             self.call(f"writing {len(data)} bytes", key, lambda: s3.put(path, data))
@@ -370,6 +374,7 @@ class FsspecStorage(Storage):
             w.commit()
             return
         path = self.path_of(key)
+        faults.point("create", key, data)
 
         def put() -> None:
             if self.s3_client is not None:
@@ -445,7 +450,40 @@ class FsspecStorage(Storage):
         keys = (p[n:] for p in found if p.startswith(self.root))
         return sorted(k for k in keys if k and (not prefix or k == prefix or k.startswith(prefix + "/")))
 
+    def abort_abandoned_uploads(self, prefix: str) -> int:
+        """S3: abort the multipart uploads under ``prefix`` started more than ``2 * lock_ttl`` seconds ago (past
+        which a dead writer's lease is broken too). A writer uploads a pack only while it holds a lease renewed
+        every ``lock_ttl / 3``, so an upload that old belongs to a writer that died (or was paused that long)."""
+        if self.s3_client is None:
+            return 0
+        s3 = self.s3_client
+        bucket, base = s3.split(self.path_of(prefix.strip("/")))
+        cutoff = _dt.datetime.now(_dt.timezone.utc).timestamp() - 2 * self.options.lock_ttl
+        stale: list[tuple[str, str]] = []
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": base.rstrip("/") + "/"}
+        while True:
+            out = self.call("listing uploads", prefix, lambda: s3.call("list_multipart_uploads", **kw))
+            for u in out.get("Uploads", []):
+                started = u.get("Initiated")
+                if isinstance(started, _dt.datetime) and started.timestamp() < cutoff:
+                    stale.append((u["Key"], u["UploadId"]))
+            if not out.get("IsTruncated"):
+                break
+            kw.update(KeyMarker=out.get("NextKeyMarker"), UploadIdMarker=out.get("NextUploadIdMarker"))
+        for k, upload_id in stale:
+            faults.point("abort", k)
+            with contextlib.suppress(FileNotFoundError):
+                self.call(
+                    "aborting an abandoned upload",
+                    prefix,
+                    lambda k=k, upload_id=upload_id: s3.call(  # type: ignore[misc]
+                        "abort_multipart_upload", Bucket=bucket, Key=k, UploadId=upload_id
+                    ),
+                )
+        return len(stale)
+
     def delete(self, key: str) -> None:
+        faults.point("delete", key)
         with contextlib.suppress(FileNotFoundError):
             self.call("deleting", key, lambda: self.fs.rm_file(self.path_of(key)))
 

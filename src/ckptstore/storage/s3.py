@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ckptstore.storage import faults
 from ckptstore.storage.base import Writer
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class MultipartWriter(Writer):
         return self.storage.call(what, self.key, fn)
 
     def _start(self) -> None:
+        faults.point("mpu-start", self.key)
         out = self._retry(
             lambda: self.client.call("create_multipart_upload", Bucket=self.bucket, Key=self.s3key),
             "starting the multipart upload",
@@ -129,6 +131,7 @@ class MultipartWriter(Writer):
         self.inflight.append(self.storage.pool().submit(self._upload_part, n, chunk))
 
     def _upload_part(self, n: int, chunk: bytes) -> None:
+        faults.point("part", self.key, chunk)
         out = self._retry(
             lambda: self.client.call(
                 "upload_part", Bucket=self.bucket, Key=self.s3key, UploadId=self.upload_id, PartNumber=n, Body=chunk
@@ -163,6 +166,7 @@ class MultipartWriter(Writer):
     def _complete(self) -> None:
         parts = [{"PartNumber": n, "ETag": e} for n, e in sorted(self.parts.items())]
         extra = {"IfNoneMatch": "*"} if self.exclusive else {}
+        faults.point("complete", self.key)
 
         def complete() -> None:
             try:
@@ -209,6 +213,7 @@ class MultipartWriter(Writer):
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             with contextlib.suppress(Exception):
+                faults.point("abort", self.key)
                 self._retry(
                     lambda: self.client.call(
                         "abort_multipart_upload", Bucket=self.bucket, Key=self.s3key, UploadId=upload_id
