@@ -37,14 +37,15 @@ def test_kills_during_compaction(base: Path, tmp_path: Path) -> None:
 
 
 def test_kills_at_s3_write_points_of_a_save(base: Path, tmp_path: Path) -> None:
-    """Points 4 and 10 of an S3 save: a part upload (the save dies mid-upload: old state, and gc aborts the dead
-    multipart upload and leaves nothing) and the run lock's release after the commit (new state). The other
-    points are in benchmarks/crash_sweep.py --backend s3."""
+    """Point 4 of an S3 save, in its multipart upload (the save dies mid-upload: old state, and gc aborts the
+    dead upload and leaves nothing), and its last point, a lock's release after the commit (new state). The
+    number of points varies by a lease renewal or two with the save's duration; every point is in
+    benchmarks/crash_sweep.py --backend s3."""
     with crash.target("s3", base, tmp_path / "work") as tg:
         truth = crash.truth_of(base)
         n, _ = crash.count_points(tg, "save")
-        assert n >= 10
-        trials = [crash.run_trial(tg, "save", truth, kill_at=k) for k in (4, 10)]
+        assert n >= 8  # locks, upload start, 3 parts, completion, the manifest, releases
+        trials = [crash.run_trial(tg, "save", truth, kill_at=k) for k in (4, n)]
     assert [t.failures for t in trials] == [[]] * 2
     assert all(t.killed and t.mid_op for t in trials)
     assert [t.outcome for t in trials] == ["old", "new"]
