@@ -837,15 +837,19 @@ class Store:
         names: Iterable[str] | None = None,
         *,
         known: Mapping[str, np.ndarray] | None = None,
+        keep: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, tree.Leaf]:
         """Decode the named tensors (default: every stored tensor), each checked against its content hash. For a
         sharded (DCP) checkpoint a name may also be a *full* tensor of :attr:`Manifest.full_tensors`: its shards
-        are decoded and put together bit-exactly, one full tensor at a time (its shards freed once copied)."""
+        are decoded and put together bit-exactly, one full tensor at a time (its shards freed once copied).
+
+        ``keep``: a dict (object id -> None) of objects to keep a private copy of: each one decoded is copied into
+        it by the decoding thread (the caller may change the arrays it gets; the copies stay as decoded)."""
         m = ref if isinstance(ref, Manifest) else self.resolve(ref)
         names = None if names is None else list(names)
         for _ in range(4):
             try:
-                return self._load_leaves(m, names, known)
+                return self._load_leaves(m, names, known, keep)
             except IntegrityError:
                 # Compaction or gc may have replaced the manifest (same tensors, new objects) and freed the packs
                 # this one named: read it again and decode from the new objects alone, never a mix of both.
@@ -853,7 +857,7 @@ class Store:
                 if fresh is None or fresh.objects == m.objects:
                     raise
                 m = fresh
-        return self._load_leaves(m, names, known)
+        return self._load_leaves(m, names, known, keep)
 
     def _reread_manifest(self, m: Manifest) -> Manifest | None:
         """The checkpoint's manifest read again (CheckpointNotFoundError if it was deleted meanwhile); None if
@@ -863,7 +867,11 @@ class Store:
         return fresh if fresh.tensors == m.tensors else None
 
     def _load_leaves(
-        self, m: Manifest, names: Iterable[str] | None, known: Mapping[str, np.ndarray] | None
+        self,
+        m: Manifest,
+        names: Iterable[str] | None,
+        known: Mapping[str, np.ndarray] | None,
+        keep: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, tree.Leaf]:
         wanted = list(m.tensors) if names is None else list(names)
         full = m.full_tensors if "dcp" in m.data else {}
@@ -886,6 +894,8 @@ class Store:
                 )
             if (known is not None and t["object"] in known) or t["object"] in self._head:
                 words = words.copy()  # never hand out the arrays we keep as delta bases
+            elif keep is not None and t["object"] in keep:
+                keep[t["object"]] = words.copy()  # type: ignore[index]  # copied here, on the decoding thread
             return tree.Leaf(t["dtype"], tuple(t["shape"]), words)
 
         def one(n: str) -> tuple[str, tree.Leaf]:
@@ -945,13 +955,25 @@ class Store:
         return _converter(tensors or m.data.get("framework", "numpy"))(leaf)
 
     def iter_load(self, run: str, *, tensors: str | None = None) -> Iterator[tuple[Manifest, Any]]:
-        """Every checkpoint of a run in step order; each delta decodes against the one just read."""
+        """Every checkpoint of a run in step order; each delta decodes against the one just read.
+
+        Between two checkpoints it keeps decoded only what the next one's tensors are coded against (their
+        ``prev`` objects) or share: at most one array per tensor besides the checkpoint handed out, so memory
+        stays near two checkpoints whatever the chain length. A delta whose base was kept decodes in one step;
+        one whose base was not (a segment root further back) walks its chain as a single load does."""
+        steps = self.steps(run)
         known: dict[str, np.ndarray] = {}
-        for s in self.steps(run):
-            m = self.manifest(run, s)
-            leaves = self.load_leaves(m, known=known)
+        nxt = self.manifest(run, steps[0]) if steps else None
+        for i in range(len(steps)):
+            m = nxt
+            assert m is not None
+            nxt = self.manifest(run, steps[i + 1]) if i + 1 < len(steps) else None
+            wanted = _next_bases(nxt)
+            keep: dict[str, Any] = {o: None for o in wanted if o not in known}
+            leaves = self.load_leaves(m, known=known, keep=keep)
             # private copies: the caller may change the tensors it gets, the next delta must not see that
-            known = {m.tensors[n]["object"]: lf.data.copy() for n, lf in leaves.items()}
+            known = {o: w for o, w in known.items() if o in wanted}
+            known.update({o: w for o, w in keep.items() if w is not None})
             if "dcp" in m.data:  # a sharded checkpoint's tree names full tensors: put them together
                 leaves = {n: sharded.assemble_one(n, rec, leaves) for n, rec in m.full_tensors.items()}
             convert = _converter(tensors or m.data.get("framework", "numpy"))
@@ -1507,6 +1529,21 @@ class Store:
             "pack_bytes": packs,
             "ratio": logical / packs if packs else None,
         }
+
+
+def _next_bases(m: Manifest | None) -> set[str]:
+    """The objects reading ``m`` in order needs from the checkpoint before it: each tensor's object (unchanged
+    tensors) and the ``prev`` base of each delta."""
+    if m is None:
+        return set()
+    out = set()
+    for t in m.tensors.values():
+        o = t["object"]
+        out.add(o)
+        base = m.objects.get(o, {}).get("refs", {}).get("prev")
+        if base is not None:
+            out.add(base)
+    return out
 
 
 def _run_of(ref: str | Ref) -> str:

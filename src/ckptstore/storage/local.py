@@ -7,8 +7,9 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ckptstore.errors import ConcurrentCommitError, StorageWriteError, StoreLockedError
@@ -123,6 +124,54 @@ class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
+        # Inside prefetch blocks (a load), each pack is opened once, not once per object: key -> [fd, users,
+        # closing]. Packs are immutable, so a descriptor reads what the key holds for as long as it is open.
+        self._fds: dict[str, list[int]] = {}
+        self._scopes = 0
+        self._fd_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def prefetch(self, ranges: Iterable[tuple[str, int, int]]) -> Iterator[None]:
+        """Local disk reads nothing ahead; within the block, the packs read are opened once each."""
+        with self._fd_lock:
+            self._scopes += 1
+        try:
+            yield
+        finally:
+            with self._fd_lock:
+                self._scopes -= 1
+                if self._scopes == 0:
+                    for entry in self._fds.values():
+                        entry[2] = 1
+                        if entry[1] == 0:
+                            os.close(entry[0])
+                    self._fds = {}
+
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[int]:
+        """A descriptor of ``key`` for one read: the prefetch block's shared one, or one of its own."""
+        with self._fd_lock:
+            entry = self._fds.get(key) if self._scopes else None
+            if entry is not None:
+                entry[1] += 1
+        if entry is None:
+            fd = os.open(self._path(key), os.O_RDONLY)
+            with self._fd_lock:
+                if self._scopes and key not in self._fds:
+                    entry = self._fds[key] = [fd, 1, 0]
+            if entry is None:
+                try:
+                    yield fd
+                finally:
+                    os.close(fd)
+                return
+        try:
+            yield entry[0]
+        finally:
+            with self._fd_lock:
+                entry[1] -= 1
+                if entry[1] == 0 and entry[2]:
+                    os.close(entry[0])
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -131,11 +180,8 @@ class LocalStorage(Storage):
         return self._path(key).read_bytes()
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
-        fd = os.open(self._path(key), os.O_RDONLY)
-        try:
+        with self._reading(key) as fd:
             data = os.pread(fd, length, start)
-        finally:
-            os.close(fd)
         if len(data) != length:
             raise EOFError(f"{key}: wanted {length} bytes at {start}, file has fewer")
         return data
@@ -150,15 +196,12 @@ class LocalStorage(Storage):
         """
         if length < _MAP_MIN or not hasattr(mmap, "MAP_SHARED"):  # (Windows' mmap takes other arguments)
             return self.read_range(key, start, length)
-        fd = os.open(self._path(key), os.O_RDONLY)
-        try:
+        with self._reading(key) as fd:
             if os.fstat(fd).st_size < start + length:
                 raise EOFError(f"{key}: wanted {length} bytes at {start}, file has fewer")
             skip = start % mmap.ALLOCATIONGRANULARITY
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             mm = mmap.mmap(fd, length + skip, flags=flags, prot=mmap.PROT_READ, offset=start - skip)
-        finally:
-            os.close(fd)
         return memoryview(mm)[skip : skip + length]
 
     def write(self, key: str, data: bytes) -> None:
