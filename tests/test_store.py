@@ -512,6 +512,39 @@ def test_iter_load_yields_every_checkpoint_in_order(
     assert list(fresh.iter_load("nope")) == []
 
 
+def test_iter_load_keeps_only_the_next_checkpoints_bases(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Between two checkpoints iter_load keeps decoded only what the next one is coded against or shares (memory
+    near two checkpoints whatever the chain), in private copies: the caller changing every array it gets in place
+    changes nothing that follows."""
+    store = ckptstore.create_store(tmp_path / "s.store", keyframe_interval=3)
+    states = {}
+    w = rng.standard_normal(5000).astype(np.float32)
+    for step in range(1, 8):
+        w = (w + rng.standard_normal(5000).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+        states[step] = {"w": w.copy(), "fixed": np.arange(100.0), f"only{step}": np.full(50, float(step))}
+        store.save("r", step, states[step])
+    fresh = ckptstore.open_store(store.url)
+    kept: list[tuple[int, set[str]]] = []
+    real = fresh._load_leaves
+
+    def spy(m: Manifest, names: Any, known: Any, keep: Any = None) -> Any:
+        kept.append((m.step, set(known or {})))
+        return real(m, names, known, keep)
+
+    fresh._load_leaves = spy  # type: ignore[method-assign]
+    for m, state in fresh.iter_load("r", tensors="numpy"):
+        assert {k: v.tobytes() for k, v in state.items()} == {k: v.tobytes() for k, v in states[m.step].items()}
+        for v in state.values():
+            v[...] = 0  # the caller reuses what it got
+    assert [s for s, _ in kept] == list(range(1, 8))
+    for step, known in kept[1:]:
+        m = fresh.manifest("r", step)
+        needed = {t["object"] for t in m.tensors.values()}
+        needed |= {m.objects[o].get("refs", {}).get("prev") for o in needed}
+        assert known and known <= needed, step  # nothing the checkpoint does not need ("only<k-1>" is dropped)
+        assert len(known) <= len(m.tensors)
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def test_duplicate_step_refused_store_unchanged(
     store: Store, rng: np.random.Generator, snapshot: Any, assert_same_state: Any

@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -332,3 +333,42 @@ def test_local_keys_stay_inside_the_root(tmp_path: Path) -> None:
     assert s.root == (tmp_path / "root").resolve()
     s.write("x", b"1")
     assert (tmp_path / "root" / "x").read_bytes() == b"1"
+
+
+def test_local_prefetch_opens_each_file_once_and_closes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load reads many objects of one pack: inside a prefetch block the pack is opened once (reads from several
+    threads share the descriptor), outside once per read; no descriptor outlives the block."""
+    import os
+    import threading
+
+    from ckptstore.storage import local
+
+    st = LocalStorage(tmp_path)
+    data = bytes(range(256)) * 4096  # 1 MiB: small reads go through pread, large ones through mmap
+    st.write("packs/p", data)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, *a: Any, **k: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(local.os, "open", counting_open)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with st.prefetch([("packs/p", 0, len(data))]):
+        got: list[bytes] = [st.read_range("packs/p", 0, 10)]  # (threads racing to the first read may each open)
+
+        def reader(i: int) -> None:
+            got.append(st.read_range("packs/p", i * 1000, 1000))
+            got.append(bytes(st.read_view("packs/p", i * 4096, 600_000)[:10]))
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(got) == 13 and opened.count(str(tmp_path / "packs/p")) == 1
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    opened.clear()
+    assert st.read_range("packs/p", 5, 3) == data[5:8] and st.read_range("packs/p", 7, 2) == data[7:9]
+    assert len(opened) == 2 and len(os.listdir("/proc/self/fd")) == fds_before
