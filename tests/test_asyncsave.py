@@ -88,9 +88,10 @@ def test_stored_checkpoint_is_the_state_at_call_time(tmp_path: Path) -> None:
     store.close()
 
 
-def test_copy_all_splits_large_states_among_threads_bit_exactly() -> None:
-    """Above the threshold the bytes are cut into chunks shared among the threads: every byte still lands in its
-    own buffer (odd sizes that end mid-chunk, small and large arrays, several dtypes), and the helper really ran."""
+def test_parallel_copy_shares_chunks_among_threads_bit_exactly() -> None:
+    """Large copies are cut into chunks that the helpers start on at once and the caller finishes with them:
+    every byte still lands in its own buffer (odd sizes that end mid-chunk, small and large arrays, several
+    dtypes); with one thread, or only small arrays, no helper runs."""
     rng = np.random.default_rng(0)
     sizes = [3, (4 << 20) + 7, 1, (9 << 20) // 4 + 5, 1000, (6 << 20) + 1]
     dtypes = [np.uint8, np.float32, np.bool_, np.float32, np.int64, np.uint16]
@@ -98,28 +99,50 @@ def test_copy_all_splits_large_states_among_threads_bit_exactly() -> None:
         rng.integers(0, 255, n * np.dtype(d).itemsize, dtype=np.uint8).view(d)
         for n, d in zip(sizes, dtypes, strict=True)
     ]
-    assert sum(s.nbytes for s in srcs) > asyncsave._PARALLEL_COPY_MIN
-    used: set[str] = set()
+    used: list[str] = []
 
     class Spy(asyncsave.ThreadPoolExecutor):
         def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
             def run() -> Any:
-                used.add(threading.current_thread().name)
+                used.append(threading.current_thread().name)
                 return fn(*args, **kwargs)
 
             return super().submit(run)
 
     for threads in (1, 2, 3):
+        used.clear()
         dsts = [np.zeros_like(s) for s in srcs]
         with Spy(2, thread_name_prefix="spy") as helpers:
-            asyncsave.copy_all(list(zip(dsts, srcs, strict=True)), helpers, threads)
+            copy = asyncsave.ParallelCopy(helpers, threads)
+            for d, s in zip(dsts, srcs, strict=True):
+                copy.add(d, s)
+            copy.finish()
         assert [d.tobytes() for d in dsts] == [s.tobytes() for s in srcs]
-        assert bool(used) == (threads > 1)
-    small = [(np.zeros(10), np.arange(10.0))]
+        assert len(used) == threads - 1  # one drain per helper thread, however many large arrays
+    used.clear()
+    small = [(np.zeros(10), np.arange(10.0)), (np.zeros(5, np.int8), np.arange(5, dtype=np.int8))]
     with Spy(1) as helpers:
-        used.clear()
-        asyncsave.copy_all(small, helpers, 2)  # below the threshold: the caller copies alone
-    assert not used and small[0][0].tolist() == list(range(10))
+        copy = asyncsave.ParallelCopy(helpers, 2)
+        for d, s in small:
+            copy.add(d, s)
+        copy.finish()
+    assert not used and [d.tolist() for d, _ in small] == [list(range(10)), list(range(5))]
+
+
+def test_a_state_refused_mid_walk_gives_back_buffers_the_helpers_were_copying(tmp_path: Path) -> None:
+    """A large tensor is already being copied when the walk meets something it refuses: the save fails at the
+    call, nothing is stored, and the next save reuses the buffers (never handed back while still written)."""
+    store = ckptstore.create_store(tmp_path / "s", threads=2)
+    big = torch.arange(3 << 20, dtype=torch.float32)
+    with pytest.raises(InvalidStateError):
+        store.save_async("r", 1, {"a": big, "b": big * 2, "z": object()})
+    assert store.steps("r") == []
+    state = {"a": big, "b": big * 2}
+    store.save_async("r", 1, state).result()
+    assert store._saver.pool.stats["allocated"] == 2 and store._saver.pool.stats["reused"] == 2
+    got = store.load("r@1", tensors="torch")
+    assert got["a"].numpy().tobytes() == big.numpy().tobytes() and torch.equal(got["b"], big * 2)
+    store.close()
 
 
 def test_async_saves_into_a_hot_store_with_background_compaction(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ This module does not import torch; tensors of torch are snapshotted through :mod
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable
@@ -123,42 +124,55 @@ def _synchronize(devices: set[Any]) -> None:
 
 
 _COPY_CHUNK = 4 << 20  # bytes: large tensors are copied in pieces of this size, shared among the copy threads
-_PARALLEL_COPY_MIN = 16 << 20  # bytes in all: below this one thread copies (handing work over costs more)
+_EARLY_COPY_MIN = 1 << 20  # bytes: a tensor this large is handed to the helpers as soon as the walk meets it
 
 
-def copy_all(jobs: list[tuple[np.ndarray, np.ndarray]], helpers: ThreadPoolExecutor | None, threads: int = 1) -> None:
-    """``np.copyto(dst, src)`` for every pair, the bytes split evenly among ``threads`` threads: the calling one
-    and ``threads - 1`` of ``helpers``, when there is enough to copy. numpy releases the GIL while it copies, so
-    two threads copy about 1.7x as fast as one here (docs/benchmarks.md, async saves), and the snapshot is the
-    whole stall of an async save."""
-    total = sum(int(d.nbytes) for d, _ in jobs)
-    if helpers is None or threads < 2 or total < _PARALLEL_COPY_MIN:
-        for dst, src in jobs:
+class ParallelCopy:
+    """``np.copyto(dst, src)`` of many arrays on several threads: the caller and ``threads - 1`` of ``helpers``.
+
+    :meth:`add` queues a copy cut into chunks; a large one also wakes a helper, which starts copying while the
+    caller goes on (an async save keeps walking its state). :meth:`finish` has the caller copy what is still
+    queued alongside the helpers, then waits for them. numpy releases the GIL while it copies, so two threads
+    copy about 1.7x as fast as one here (docs/benchmarks.md, async saves): the snapshot is the whole stall."""
+
+    def __init__(self, helpers: ThreadPoolExecutor | None, threads: int) -> None:
+        self.helpers = helpers if threads > 1 else None
+        self.threads = threads
+        self.queue: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
+        self.running: list[Future[None]] = []
+
+    def add(self, dst: np.ndarray, src: np.ndarray) -> None:
+        if self.helpers is None or dst.nbytes <= _COPY_CHUNK:
+            self.queue.append((dst, src))
+        else:
+            d, s = dst.view(np.uint8), src.view(np.uint8)  # both flat and contiguous: bytes are bytes
+            self.queue.extend((d[i : i + _COPY_CHUNK], s[i : i + _COPY_CHUNK]) for i in range(0, d.nbytes, _COPY_CHUNK))
+        if self.helpers is not None and dst.nbytes >= _EARLY_COPY_MIN and len(self.running) < self.threads - 1:
+            self.running.append(self.helpers.submit(self._drain))
+
+    def _drain(self) -> None:
+        queue = self.queue
+        while True:
+            try:
+                dst, src = queue.popleft()  # deque pops are atomic: no chunk is copied twice
+            except IndexError:
+                return
             np.copyto(dst, src)
-        return
-    pieces: list[tuple[np.ndarray, np.ndarray]] = []
-    for dst, src in jobs:
-        if dst.nbytes <= _COPY_CHUNK:
-            pieces.append((dst, src))
-            continue
-        d, s = dst.view(np.uint8), src.view(np.uint8)  # both flat and contiguous: bytes are bytes
-        pieces.extend((d[i : i + _COPY_CHUNK], s[i : i + _COPY_CHUNK]) for i in range(0, d.nbytes, _COPY_CHUNK))
-    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
-    acc = 0
-    for dst, src in pieces:  # consecutive runs of about total / threads bytes each
-        parts[min(threads - 1, acc * threads // total)].append((dst, src))
-        acc += int(dst.nbytes)
 
-    def run(part: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        for dst, src in part:
-            np.copyto(dst, src)
+    def finish(self) -> None:
+        try:
+            self._drain()
+        finally:
+            for f in self.running:
+                f.result()
+            self.running = []
 
-    others = [helpers.submit(run, part) for part in parts[1:]]
-    try:
-        run(parts[0])
-    finally:
-        for f in others:
-            f.result()
+    def wait(self) -> None:
+        """Wait for the helpers without copying (a failed snapshot gives its buffers back only after this)."""
+        self.queue.clear()
+        for f in self.running:
+            f.exception()
+        self.running = []
 
 
 class _Snapshot:
@@ -167,8 +181,8 @@ class _Snapshot:
 
     def __init__(self, pool: SnapshotPool, helpers: ThreadPoolExecutor | None = None, threads: int = 1) -> None:
         self.pool = pool
-        self.helpers = helpers
-        self.threads = threads
+        self.copies = ParallelCopy(helpers, threads)
+        self.early: dict[int, Any] = {}  # id(leaf) -> its buffer, for the tensors already queued for copying
         self.used: list[tuple[BufferKey, Any]] = []
         self.copied: set[int] = set()  # ids of leaves that already are snapshot copies (device tensors)
         self.devices: set[Any] = set()
@@ -204,24 +218,35 @@ class _Snapshot:
             leaf: tree.Leaf = tensor_to_leaf(view)
             self.copied.add(id(leaf))
             return leaf
-        out: tree.Leaf = tensor_to_leaf(value)  # a view of the caller's memory: flatten() copies it
+        out: tree.Leaf = tensor_to_leaf(value)  # a view of the caller's memory, copied into a snapshot buffer
+        if out.data.nbytes >= _EARLY_COPY_MIN:  # large: the helpers start copying it while the walk goes on
+            self.early[id(out)] = self._buffer(out.data)
         return out
 
+    def _buffer(self, data: np.ndarray) -> np.ndarray:
+        """A snapshot buffer for ``data`` (flat and contiguous), its copy queued."""
+        key: BufferKey = ("host", data.dtype.str, int(data.size))
+        buf = self.pool.take(key, lambda: np.empty(key[2], data.dtype))
+        self.used.append((key, buf))
+        self.copies.add(buf, data)
+        return buf
+
     def flatten(self, state: Any) -> tuple[Any, dict[str, tree.Leaf]]:
-        skeleton, leaves = tree.flatten(state, foreign=self.foreign)
+        try:
+            skeleton, leaves = tree.flatten(state, foreign=self.foreign)
+        except BaseException:
+            self.copies.wait()  # the helpers must be done with the buffers before they go back to the pool
+            raise
         out: dict[str, tree.Leaf] = {}
-        jobs: list[tuple[np.ndarray, np.ndarray]] = []
         for name, leaf in leaves.items():
             if id(leaf) in self.copied:
                 out[name] = leaf
                 continue
-            data = leaf.data
-            key: BufferKey = ("host", data.dtype.str, int(data.size))
-            buf = self.pool.take(key, lambda: np.empty(key[2], data.dtype))  # noqa: B023 (called at once)
-            self.used.append((key, buf))
-            jobs.append((buf, np.ascontiguousarray(data.reshape(-1))))
+            buf = self.early.get(id(leaf))
+            if buf is None:
+                buf = self._buffer(np.ascontiguousarray(leaf.data.reshape(-1)))
             out[name] = tree.Leaf(leaf.dtype, leaf.shape, buf, leaf.framework)
-        copy_all(jobs, self.helpers, self.threads)
+        self.copies.finish()
         if self.devices:
             _synchronize(self.devices)
         self.pool.trim()
