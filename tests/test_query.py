@@ -267,6 +267,30 @@ def test_where_never_fails_other_than_with_a_query_error(text: str) -> None:
     q({"metadata": {"a": 1, "metrics": {"x": 0.5}, "tags": ["t"]}})
 
 
+@pytest.mark.parametrize("text", ["(" * 5000 + "a" + ")" * 5000, "not " * 5000 + "a", "a and " * 3000 + "a"])
+def test_where_nested_thousands_deep_is_a_query_error(text: str) -> None:
+    """Found by fuzzing (benchmarks/fuzz_inputs.py): the recursive parser's RecursionError escaped."""
+    try:
+        query.parse_where(text)
+    except InvalidQueryError as exc:
+        assert "nested too deeply" in str(exc) or exc.position >= 0
+    else:  # a flat chain the parser takes in a loop is fine too
+        assert "(" not in text and not text.startswith("not")
+
+
+def test_huge_expressions_are_refused_at_once_with_a_short_message() -> None:
+    """Found by fuzzing: a 100 MB --columns text took minutes and its error message held all of it."""
+    huge = "9" * 5_000_000
+    for parse in (query.parse_where, query.parse_sort, query.parse_columns):
+        with pytest.raises(InvalidQueryError, match="more than 10,000") as ei:
+            parse(huge)
+        assert len(str(ei.value)) < 1000
+    with pytest.raises(InvalidQueryError) as ei:
+        query.parse_where("epoch > 1 and " * 500 + "epoch >")  # a long one within the limit: the caret's window
+    text = str(ei.value)
+    assert len(text) < 1000 and text.splitlines()[-1].endswith("^")
+
+
 # ------------------------------------------------------------------------------------------ sort, columns
 def test_sort_descending_missing_last_multi_key(store: ckptstore.Store) -> None:
     rows = query.select(store, RUN, sort="-metrics.zeroshot_top1")

@@ -201,3 +201,12 @@ def test_store_resolve_missing(store: ckptstore.Store, text: str) -> None:
 def test_store_resolve_bad(store: ckptstore.Store, text: str) -> None:
     with pytest.raises(InvalidReferenceError):
         store.resolve(text)
+
+
+def test_a_step_of_thousands_of_digits_is_a_reference_error() -> None:
+    """Found by fuzzing: int() refused the 5,000-digit number with a ValueError of its own."""
+
+    for text in ("r@" + "9" * 5000, "r@epoch=" + "1" * 30, "r@step=" + "7" * 21):
+        with pytest.raises(InvalidReferenceError, match="digits"):
+            parse_ref(text)
+    assert parse_ref("r@" + "9" * 18).value == int("9" * 18)

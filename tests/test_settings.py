@@ -13,7 +13,7 @@ import pytest
 from ckptstore import create_store, open_store
 from ckptstore.cli.main import main as ckpt
 from ckptstore.codecs import BytesCodec, TensorSpec, register
-from ckptstore.errors import CodecError
+from ckptstore.errors import CodecError, FormatError
 
 
 class XorBytes(BytesCodec):
@@ -103,3 +103,34 @@ def test_an_unknown_codec_is_refused_before_the_store_exists(tmp_path: Path) -> 
     with pytest.raises(CodecError, match="no bytes codec named 'nope'"):
         create_store(tmp_path / "s", codec="nope")
     assert not (tmp_path / "s" / "ckptstore.json").exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"settings": [4, 1]},
+        {"settings": {"keyframe_interval": "four"}},
+        {"settings": {"zstd_level": float("nan")}},
+        {"settings": {"keyframe_interval": 1e400}},
+        {"settings": {"zstd_level": True}},
+        {"version": "1"},
+        {"version": None},
+    ],
+)
+def test_a_forged_store_file_is_a_format_error(tmp_path: Path, change: dict) -> None:
+    """Found by fuzzing (benchmarks/fuzz_inputs.py): these raised AttributeError, ValueError, TypeError or
+    OverflowError from the settings and version of ckptstore.json."""
+    create_store(tmp_path / "s")
+    path = tmp_path / "s" / "ckptstore.json"
+    info = json.loads(path.read_text())
+    info.update(change)
+    path.write_text(json.dumps(info))
+    with pytest.raises(FormatError, match=r"ckptstore\.json"):
+        open_store(tmp_path / "s")
+
+
+def test_a_store_file_nested_thousands_deep_is_a_format_error(tmp_path: Path) -> None:
+    create_store(tmp_path / "s")
+    (tmp_path / "s" / "ckptstore.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in json
+    with pytest.raises(FormatError, match="not JSON"):
+        open_store(tmp_path / "s")

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
+    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
+    TensorProperties,
     TensorStorageMetadata,
 )
 
@@ -115,8 +117,44 @@ def read_metadata(folder: str | os.PathLike[str]) -> Metadata:
         )
     for fqn, item in md.state_dict_metadata.items():
         if not isinstance(fqn, str) or not isinstance(item, TensorStorageMetadata | BytesStorageMetadata):
-            raise FormatError(f"DCP metadata entry {fqn!r} is not a tensor or bytes item", path=str(path))
+            raise FormatError(f"DCP metadata entry {str(fqn)[:80]!r} is not a tensor or bytes item", path=str(path))
+        if isinstance(item, TensorStorageMetadata):
+            _check_tensor_item(fqn, item, str(path))
+    paths = getattr(md, "planner_data", None)
+    if paths is not None and not (
+        isinstance(paths, dict)
+        and all(isinstance(k, str) and isinstance(v, list | tuple) and all(isinstance(p, str | int) for p in v)
+                for k, v in paths.items())
+    ):  # fmt: skip
+        raise FormatError("DCP metadata has a malformed planner map (fqn -> path of keys)", path=str(path))
     return md
+
+
+def _dims(value: Any) -> bool:
+    return isinstance(value, torch.Size | tuple | list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value
+    )
+
+
+def _check_tensor_item(fqn: str, item: Any, path: str) -> None:
+    """Every field the ingest reads, of the types DCP writes (found by fuzzing: a forged pickle can build these
+    classes with any attributes, or none, and the ingest then failed with AttributeError or TypeError)."""
+    props, size, chunks = (getattr(item, a, None) for a in ("properties", "size", "chunks"))
+    ok = (
+        isinstance(props, TensorProperties)
+        and isinstance(getattr(props, "dtype", None), torch.dtype)
+        and _dims(size)
+        and isinstance(chunks, list)
+        and all(
+            isinstance(c, ChunkStorageMetadata)
+            and _dims(getattr(c, "offsets", None))
+            and _dims(getattr(c, "sizes", None))
+            and len(c.offsets) == len(c.sizes) == len(size or ())
+            for c in chunks
+        )
+    )
+    if not ok:
+        raise FormatError(f"DCP metadata of tensor {fqn[:80]!r} is malformed (properties, size or chunks)", path=path)
 
 
 def _step_of(folder: Path) -> int | None:
@@ -137,6 +175,12 @@ def _item_file(folder: Path, info: Any, where: str) -> tuple[str, int, int, list
 
 
 def _read_range(path: Path, offset: int, length: int, where: str) -> bytes:
+    # checked before reading (found by fuzzing: a forged range past 2**63 raised ValueError from seek, and a
+    # forged length of terabytes a MemoryError from read)
+    if offset < 0 or length < 0 or offset + length > path.stat().st_size:
+        raise FormatError(
+            f"{where}: the byte range {offset}+{length} is not inside the file", path=str(path), hint="the copy is cut"
+        )
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(length)

@@ -96,8 +96,13 @@ class InvalidQueryError(CkptStoreError, ValueError):
         self.position = position
 
     def __str__(self) -> str:
-        shown = "".join(" " if c < " " else c for c in self.expression)  # keep the caret under its column
-        return f"{CkptStoreError.__str__(self)}\n  {shown}\n  {' ' * self.position}^"
+        text, pos = self.expression, self.position
+        start = max(0, min(pos - 60, len(text) - 120))  # a window of 120 characters around the caret
+        shown = text[start : start + 120]
+        lead = "..." if start else ""
+        tail = "..." if start + 120 < len(text) else ""
+        shown = "".join(" " if c < " " else c for c in shown)  # keep the caret under its column
+        return f"{CkptStoreError.__str__(self)}\n  {lead}{shown}{tail}\n  {' ' * (len(lead) + pos - start)}^"
 
 
 class FormatError(CkptStoreError, ValueError):

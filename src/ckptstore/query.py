@@ -326,11 +326,29 @@ class _Parser:
         return Field(tuple(parts), self.text[first.pos : end])
 
 
+MAX_EXPRESSION_LENGTH = 10_000  # characters of a --where/--sort/--columns text (fuzzing: 100 MB ones took minutes)
+
+
+def _check_length(text: str, what: str) -> None:
+    if len(text) > MAX_EXPRESSION_LENGTH:
+        raise InvalidQueryError(
+            f"the {what} expression has {len(text):,} characters, more than {MAX_EXPRESSION_LENGTH:,}",
+            expression=text[:200],
+            hint="write a shorter one",
+        )
+
+
 def parse_where(text: str) -> Query:
     """Parse a ``--where`` expression (raises :class:`~ckptstore.errors.InvalidQueryError` pointing at the error)."""
     if not isinstance(text, str):
         raise InvalidQueryError(f"a --where expression is a string, got {type(text).__name__}")
-    return Query(text, _Parser(text).parse())
+    _check_length(text, "--where")
+    try:
+        return Query(text, _Parser(text).parse())
+    except RecursionError:  # found by fuzzing: thousands of nested '(' or 'not' overflowed the parser's stack
+        raise InvalidQueryError(
+            "the --where expression is nested too deeply", expression=text[:200], hint="use fewer parentheses"
+        ) from None
 
 
 def parse_path(text: str) -> tuple[str | int, ...]:
@@ -466,6 +484,8 @@ def parse_sort(spec: str | Sequence[str] | None) -> list[tuple[tuple[str | int, 
     """``"-metrics.val_loss,step"`` → [(path, descending)]; a leading ``-`` or a ``:desc`` suffix sorts down."""
     if not spec:
         return []
+    if isinstance(spec, str):
+        _check_length(spec, "--sort")
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = []
     for item in items:
@@ -485,7 +505,10 @@ def parse_sort(spec: str | Sequence[str] | None) -> list[tuple[tuple[str | int, 
             out.append((parse_path(key), desc))
         except InvalidQueryError as exc:
             raise InvalidQueryError(
-                f"bad sort key {item.strip()!r}: {exc.message}", expression=key, position=exc.position, hint=exc.hint
+                f"bad sort key {item.strip()[:80]!r}: {exc.message}",
+                expression=key,
+                position=exc.position,
+                hint=exc.hint,
             ) from None
     return out
 
@@ -522,6 +545,8 @@ def parse_columns(spec: str | Sequence[str] | None) -> list[str]:
     """``"ref,epoch,metrics.*"`` → ["ref", "epoch", "metrics.*"] (each checked as a path; ``X.*`` expands later)."""
     if not spec:
         return []
+    if isinstance(spec, str):
+        _check_length(spec, "--columns")
     items = [c.strip() for c in (spec.split(",") if isinstance(spec, str) else spec)]
     for c in items:
         if not c:
@@ -532,7 +557,7 @@ def parse_columns(spec: str | Sequence[str] | None) -> list[str]:
             parse_path(c[:-2] if c.endswith(".*") else c)
         except InvalidQueryError as exc:
             raise InvalidQueryError(
-                f"bad column {c!r}: {exc.message}", expression=c, position=exc.position, hint=exc.hint
+                f"bad column {c[:80]!r}: {exc.message}", expression=c, position=exc.position, hint=exc.hint
             ) from None
     return items
 

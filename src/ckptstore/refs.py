@@ -39,6 +39,14 @@ class Ref:
         return f"{self.run}@best:{self.value}" + (f":{self.direction}" if self.direction else "")
 
 
+def _number(digits: str, text: str) -> int:
+    """A step or epoch number; thousands of digits (found by fuzzing) overflowed int()'s digit limit."""
+    if len(digits) > 20:  # more than any step a store takes (format/names.py MAX_STEP)
+        raise InvalidReferenceError(f"the number in reference {text[:60]!r}... has {len(digits)} digits",
+                                    hint="a step or epoch is an integer below 2**63")  # fmt: skip
+    return int(digits)
+
+
 def parse_ref(text: str) -> Ref:
     if not isinstance(text, str) or not text:
         raise InvalidReferenceError(
@@ -60,9 +68,9 @@ def parse_ref(text: str) -> Ref:
             hint="after '@' write a step (1200 or step=1200), epoch=N, latest, first, tag:NAME or best:METRIC",
         )
     if m["step"] or m["step2"]:
-        return Ref(run, "step", int(m["step"] or m["step2"]))
+        return Ref(run, "step", _number(m["step"] or m["step2"], text))
     if m["epoch"]:
-        return Ref(run, "epoch", int(m["epoch"]))
+        return Ref(run, "epoch", _number(m["epoch"], text))
     if m["kw"]:
         return Ref(run, m["kw"])
     if m["tag"]:

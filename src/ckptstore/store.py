@@ -85,6 +85,12 @@ def store_settings(info: Mapping[str, Any]) -> dict[str, Any]:
     """The write settings a store records in ckptstore.json (format §3); a store written before they were
     recorded has none, and reads with the defaults it was written with."""
     given = info.get("settings") or {}
+    # found by fuzzing: a list, a string, NaN or 1e400 here raised AttributeError/ValueError/OverflowError
+    ints = ("keyframe_interval", "zstd_level")
+    if not isinstance(given, dict) or any(
+        k in given and (isinstance(given[k], bool) or not isinstance(given[k], int)) for k in ints
+    ):
+        raise FormatError(f"{STORE_FILE} holds invalid settings {str(given)[:200]!r}")
     out: dict[str, Any] = {
         "keyframe_interval": int(given.get("keyframe_interval", DEFAULT_KEYFRAME_INTERVAL)),
         "zstd_level": int(given.get("zstd_level", DEFAULT_LEVEL)),
@@ -175,11 +181,14 @@ class Store:
             ) from None
         try:
             info = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep (found by fuzzing)
             raise FormatError(f"{STORE_FILE} is not JSON", path=self.storage.url) from None
         if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
             raise FormatError(f"{STORE_FILE} does not describe a ckptstore store", path=self.storage.url)
-        if int(info.get("version", 0)) > FORMAT_VERSION:
+        version = info.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):  # found by fuzzing: was ValueError/TypeError
+            raise FormatError(f"{STORE_FILE} has a version {str(version)[:40]!r}, not a number", path=self.storage.url)
+        if version > FORMAT_VERSION:
             raise UnsupportedVersionError(
                 f"store format {info['version']} is newer than {FORMAT_VERSION}",
                 path=self.storage.url,

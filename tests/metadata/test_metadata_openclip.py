@@ -139,3 +139,12 @@ def test_checkpoint_metadata_without_run_files(tmp_path: Path, run_dir: Path) ->
     ck["global_step"], ck["samples_seen"] = 123, 4567  # newer open_clip_train records them: they win
     meta = openclip.checkpoint_metadata(ck, lone)
     assert meta["step"] == 123 and meta["samples_seen"] == 4567
+
+
+def test_optimizer_steps_of_a_forged_optimizer_state_are_unknown_not_an_error() -> None:
+    """Found by fuzzing (tests/corpus/pt/ok-optimizer-state-an-int.pt): ``"state": 3`` raised AttributeError."""
+    import torch
+
+    for opt in ({"state": 3}, {"state": [1, 2]}, {"state": {0: 5}}, {"state": {0: {"step": torch.zeros(3)}}}, 7):
+        assert openclip._optimizer_steps(opt) is None
+    assert openclip._optimizer_steps({"state": {0: {"step": torch.tensor(12.0)}, 1: {"step": 3}}}) == 12

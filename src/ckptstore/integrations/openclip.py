@@ -153,9 +153,10 @@ def train_log(run_dir: Path) -> dict[int, dict[str, Any]]:
 def _optimizer_steps(opt: Any) -> int | None:
     """Updates applied, from the per-parameter ``step`` of Adam-style optimizer state (a tensor or number)."""
     steps = []
-    for st in (opt.get("state") or {}).values() if isinstance(opt, Mapping) else ():
+    state = opt.get("state") if isinstance(opt, Mapping) else None
+    for st in state.values() if isinstance(state, Mapping) else ():  # (fuzzing: a forged "state": 3 raised)
         s: Any = st.get("step") if isinstance(st, Mapping) else None
-        if hasattr(s, "item"):
+        if hasattr(s, "item") and getattr(s, "numel", lambda: 1)() == 1:
             s = s.item()
         if isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s):
             steps.append(int(s))
