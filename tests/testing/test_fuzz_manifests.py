@@ -52,3 +52,18 @@ def test_pinned_findings_are_format_errors(store_path: Path, path: tuple[object,
         s.load(ref)
     res = s.verify()
     assert not res["ok"] and ref in res["affected"]
+
+
+@pytest.mark.parametrize("checksummed", [False, True])
+def test_a_manifest_nested_thousands_deep_is_damaged_not_a_recursion_error(checksummed: bool) -> None:
+    """json's RecursionError on a document nested 100,000 deep escaped parse_manifest (with or without a valid
+    checksum in front of it, a forged manifest is read the same way)."""
+    body = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    import xxhash
+
+    from ckptstore.format.manifest import CHECKSUM_PREFIX
+
+    digest = xxhash.xxh3_128(body).hexdigest().encode()  # as manifest_bytes writes it (json.dumps cannot nest so deep)
+    raw = CHECKSUM_PREFIX + digest + b'",' + body[1:] if checksummed else body
+    with pytest.raises(FormatError, match="not valid JSON"):
+        parse_manifest(raw, "runs/r/ckpt/1.json")

@@ -106,7 +106,7 @@ def parse_manifest(raw: bytes, key: str) -> dict[str, Any]:
         body = raw
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise _damaged(key, "not valid JSON") from None
     if not isinstance(data, dict):
         raise _damaged(key, "not a JSON object")

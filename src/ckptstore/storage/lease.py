@@ -42,7 +42,7 @@ def _read_holder(storage: Storage, key: str) -> dict[str, Any] | None:
         data = json.loads(storage.read(key))
     except FileNotFoundError:
         return None
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}  # unreadable: treat as held, with no expiry we can trust -> stale after ttl by mtime
     return data if isinstance(data, dict) else {}
 
