@@ -291,6 +291,14 @@ def test_huge_expressions_are_refused_at_once_with_a_short_message() -> None:
     assert len(text) < 1000 and text.splitlines()[-1].endswith("^")
 
 
+def test_a_path_index_of_thousands_of_digits_is_a_name_not_an_error() -> None:
+    """Found by fuzzing: ``lr.<4,300 digits>`` hit int()'s digit limit (ValueError)."""
+    long = "9" * 5000
+    assert query.parse_path(f"lr.{long}") == ("lr", long)
+    assert query.parse_where(f"lr.{long} > 1")({"metadata": {"lr": [1.0]}}) is False
+    assert query.parse_path("lr.0") == ("lr", 0)
+
+
 # ------------------------------------------------------------------------------------------ sort, columns
 def test_sort_descending_missing_last_multi_key(store: ckptstore.Store) -> None:
     rows = query.select(store, RUN, sort="-metrics.zeroshot_top1")

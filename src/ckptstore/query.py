@@ -306,7 +306,8 @@ class _Parser:
                 if seg.kind != "name" or seg.pos != t.pos + 1:
                     raise _err(self.text, t.pos + 1, "expected a field name right after '.'")
                 self.advance()
-                parts.append(int(seg.text) if seg.text.isdigit() else seg.text)
+                # (digits past 18 stay a name: int() refuses 4,300+ of them, found by fuzzing; no list is that long)
+                parts.append(int(seg.text) if seg.text.isdigit() and len(seg.text) <= 18 else seg.text)
                 end = seg.pos + len(seg.text)
             elif t.kind == "[" and t.pos == end:
                 self.advance()

@@ -120,3 +120,11 @@ def test_valid_steps(step: int) -> None:
 def test_invalid_steps(step: Any) -> None:
     with pytest.raises(InvalidNameError):
         check_step(step)
+
+
+def test_a_name_with_a_lone_surrogate_is_an_invalid_name() -> None:
+    """Found by fuzzing (tests/corpus/pt): ``str.encode`` raised UnicodeEncodeError on a state-dict key that
+    held a lone surrogate (a .pt key decoded with surrogateescape)."""
+    for check in (check_component, check_tensor_name):
+        with pytest.raises(InvalidNameError, match="not valid Unicode"):
+            check("w\udcff")

@@ -21,6 +21,16 @@ def check_run_name(name: str) -> str:
     return name
 
 
+def _utf8(text: str, where: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (found by fuzzing a .pt): no file or JSON name can hold it
+        raise InvalidNameError(
+            f"tensor name {where.encode('utf-8', 'backslashreplace').decode()[:80]!r} is not valid Unicode",
+            hint="rename the key in the state dict before saving",
+        ) from None
+
+
 def check_component(component: str, *, full: str | None = None) -> str:
     """One component of a tensor name (a state-dict key). Rejects path tricks such as ``..`` and separators."""
     where = full if full is not None else component
@@ -34,14 +44,14 @@ def check_component(component: str, *, full: str | None = None) -> str:
             f"unsafe tensor name {where!r}: contains '/', '\\' or a control character",
             hint="rename the key in the state dict before saving",
         )
-    if len(component.encode()) > MAX_NAME_LENGTH:
+    if len(_utf8(component, where)) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"tensor name component longer than {MAX_NAME_LENGTH} bytes: {where[:80]!r}...")
     return component
 
 
 def check_tensor_name(name: str) -> str:
     """A tensor name is its path in the state tree, components joined by ``/``."""
-    if not isinstance(name, str) or len(name.encode()) > MAX_TENSOR_NAME_LENGTH:
+    if not isinstance(name, str) or len(_utf8(name, name)) > MAX_TENSOR_NAME_LENGTH:
         raise InvalidNameError(f"tensor name too long or not a string: {str(name)[:80]!r}")
     for part in name.split("/"):
         check_component(part, full=name)
