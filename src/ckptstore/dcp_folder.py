@@ -107,9 +107,10 @@ def read_metadata(folder: str | os.PathLike[str]) -> Metadata:
         ) from None
     except Exception as exc:  # a truncated or foreign pickle: any unpickling error
         raise FormatError(f"cannot read DCP metadata: {type(exc).__name__}: {exc}", path=str(path)) from None
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+    # getattr: a forged pickle can build a Metadata without its fields (found by fuzzing: AttributeError)
+    if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise FormatError(f"DCP metadata holds a {type(md).__name__}, not a Metadata", path=str(path))
-    if not isinstance(md.storage_data, dict):
+    if not isinstance(getattr(md, "storage_data", None), dict):
         raise FormatError(
             "DCP metadata has no storage map (not written by FileSystemWriter?)",
             path=str(path),
