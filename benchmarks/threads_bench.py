@@ -17,15 +17,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ckptstore import codecs
+from ckptstore.codecs import planes
 from ckptstore.format.tree import flatten
 from ckptstore.integrations.openclip import epoch_files, read_checkpoint
 
@@ -44,63 +44,84 @@ def _pairs(directory: Path, min_bytes: int) -> list[tuple[str, np.ndarray, np.nd
     return out
 
 
-def _child(directory: Path, cores: int, reps: int, min_bytes: int) -> dict[str, Any]:
-    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
+def _time(fn: Any, reps: int) -> float:
+    return statistics.median(_timed(fn) for _ in range(reps))
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(directory: Path, reps: int, min_bytes: int, rounds: int) -> dict[str, Any]:
+    """Alternate 1 and 2 cores in one process, ``rounds`` times (the machine's speed drifts between runs: a ratio
+    is taken within each round, and the median of those is reported)."""
+    cores_all = sorted(os.sched_getaffinity(0))
+    if len(cores_all) < 2:
+        raise SystemExit(f"only {len(cores_all)} core available: nothing to compare")
     pairs = _pairs(directory, min_bytes)
-    logical = sum(w.nbytes for _, w, _, _ in pairs)
-    enc_s, dec_s = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        encoded = [codecs.encode(w, spec, {"prev": p}) for _, w, p, spec in pairs]
-        enc_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        decoded = [
-            codecs.decode(b"".join(bytes(x) for x in e.parts), e.codecs, spec, {"prev": p})
-            for e, (_, _, p, spec) in zip(encoded, pairs, strict=True)
-        ]
-        dec_s.append(time.perf_counter() - t0)
-        if any(d.tobytes() != w.tobytes() for d, (_, w, _, _) in zip(decoded, pairs, strict=True)):
+    mb = sum(w.nbytes for _, w, _, _ in pairs) / 1e6
+    encoded = [codecs.encode(w, spec, {"prev": p}) for _, w, p, spec in pairs]
+    payloads = [e.payload for e in encoded]  # joined outside the timing: a load reads mapped pack ranges
+    for d, (_, w, _, _) in zip(decode_all(payloads, encoded, pairs, map), pairs, strict=True):
+        if d.tobytes() != w.tobytes():
             raise SystemExit("decode is not bit-exact")
-    mb = logical / 1e6
-    return {
-        "cores": cores,
-        "tensors": len(pairs),
-        "logical_mb": round(mb, 1),
-        "encode_mb_s": round(mb / statistics.median(enc_s), 1),
-        "decode_mb_s": round(mb / statistics.median(dec_s), 1),
-    }
+    results: dict[str, list[float]] = {}
+    try:
+        for _ in range(rounds):
+            for cores in (1, 2):
+                # affinity first: the coding threads (re)started below inherit it
+                os.sched_setaffinity(0, set(cores_all[:cores]))
+                planes.set_coding_threads(cores)
+                with ThreadPoolExecutor(cores) as pool:
+                    for mode, each in (("one", map), ("store", pool.map)):
+                        enc = mb / _time(lambda: list(each(_encode, pairs)), reps)
+                        dec = mb / _time(lambda: decode_all(payloads, encoded, pairs, each), reps)
+                        results.setdefault(f"{mode}_encode_{cores}", []).append(enc)
+                        results.setdefault(f"{mode}_decode_{cores}", []).append(dec)
+    finally:
+        os.sched_setaffinity(0, set(cores_all))
+        planes.set_coding_threads(len(cores_all))
+    report: dict[str, Any] = {"tensors": len(pairs), "logical_mb": round(mb, 1), "rounds": rounds, "reps": reps}
+    for mode in ("one", "store"):
+        for what in ("encode", "decode"):
+            one, two = results[f"{mode}_{what}_1"], results[f"{mode}_{what}_2"]
+            report[f"{mode}_{what}_mb_s"] = [round(statistics.median(one), 1), round(statistics.median(two), 1)]
+            report[f"{mode}_{what}_ratio"] = round(statistics.median(b / a for a, b in zip(one, two, strict=True)), 2)
+            report[f"{mode}_{what}_ratios"] = [round(b / a, 2) for a, b in zip(one, two, strict=True)]
+    return report
+
+
+def _encode(t: tuple[str, np.ndarray, np.ndarray, codecs.TensorSpec]) -> codecs.Encoded:
+    return codecs.encode(t[1], t[3], {"prev": t[2]})
+
+
+def decode_all(payloads: list[bytes], encoded: list[codecs.Encoded], pairs: list[Any], each: Any) -> list[np.ndarray]:
+    return list(
+        each(
+            lambda t: codecs.decode(t[0], t[1].codecs, t[2][3], {"prev": t[2][2]}),
+            zip(payloads, encoded, pairs, strict=True),
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoints", type=Path, required=True, help="folder of open_clip_train epoch_N.pt files")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions per core count (median)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per setting in each round (median)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds alternating 1 and 2 cores (median of ratios)")
     ap.add_argument("--min-mb", type=float, default=4.0, help="smallest tensor measured, MB")
     ap.add_argument("--json", type=Path, help="write the figures here too")
-    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    min_bytes = int(args.min_mb * 1e6)
-    if args.child:
-        print(json.dumps(_child(args.checkpoints, args.child, args.reps, min_bytes)))
-        return 0
-    available = len(os.sched_getaffinity(0))
-    rows = []
-    for cores in (1, 2):
-        if cores > available:
-            print(f"only {available} core(s) available: no {cores}-core run", file=sys.stderr)
-            continue
-        cmd = [sys.executable, __file__, "--checkpoints", str(args.checkpoints), "--reps", str(args.reps)]
-        cmd += ["--min-mb", str(args.min_mb), "--child", str(cores)]
-        child = subprocess.run(cmd, capture_output=True, text=True)
-        if child.returncode != 0:
-            raise SystemExit(f"the {cores}-core run failed:\n{child.stderr[-2000:]}")
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]))
-    report: dict[str, Any] = {"rows": rows}
-    if len(rows) == 2:
-        report["encode_ratio"] = round(rows[1]["encode_mb_s"] / rows[0]["encode_mb_s"], 2)
-        report["decode_ratio"] = round(rows[1]["decode_mb_s"] / rows[0]["decode_mb_s"], 2)
-        print(f"2 cores / 1 core: encode {report['encode_ratio']}x, decode {report['decode_ratio']}x")
+    report = run(args.checkpoints, args.reps, int(args.min_mb * 1e6), args.rounds)
+    for mode, label in (("one", "one tensor at a time"), ("store", "tensors at once, as Store.save/load")):
+        for what in ("encode", "decode"):
+            one, two = report[f"{mode}_{what}_mb_s"]
+            print(
+                f"{label:36s} {what}: 1 core {one:7.1f} MB/s, 2 cores {two:7.1f} MB/s, "
+                f"ratio {report[f'{mode}_{what}_ratio']}x (rounds: {report[f'{mode}_{what}_ratios']})"
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -174,9 +174,10 @@ def _convert(
                 continue  # nothing moved: the same reconstruction as before
             spec = codecs.TensorSpec(leaf.dtype, leaf.shape)
             side = codec.side_bytes()
-            parts = [struct.pack("<Q", len(side)) + side, bytes_codec.encode(qwords, spec)]
+            body = bytes_codec.encode(qwords, spec)
+            parts = [struct.pack("<Q", len(side)) + side, body]
             r: dict[str, Any] = {"dtype": leaf.dtype, "shape": list(leaf.shape),
-                                 "codecs": [codec.record(), bytes_codec.record()], "depth": 0}  # fmt: skip
+                                 "codecs": [codec.record(), bytes_codec.record_for([body])], "depth": 0}  # fmt: skip
             if ref_oid is not None:
                 r["refs"] = {"prev": ref_oid}
             r["pack"] = pack_key

@@ -151,7 +151,11 @@ def test_kernels_refuse_mismatched_buffers() -> None:
     a = np.zeros(8, np.uint32)
     with pytest.raises(ValueError):
         kernels.f32_delta_encode_planes(
-            a, np.zeros(7, np.uint32), np.zeros(1, np.float32), 0, 0, np.zeros((4, 8), np.uint8)
+            a, np.zeros(7, np.uint32), np.zeros(1, np.float32), 0, 0, *np.zeros((4, 8), np.uint8)
+        )
+    with pytest.raises(ValueError):  # a plane shorter than the words
+        kernels.f32_delta_encode_planes(
+            a, np.zeros(8, np.uint32), np.zeros(1, np.float32), 0, 0, *np.zeros((3, 8), np.uint8), np.zeros(7, np.uint8)
         )
     with pytest.raises(ValueError):
         kernels.f32_row_dots(np.zeros(6, np.float32), np.zeros(6, np.float32), 4, np.zeros(4), np.zeros(4))

@@ -16,11 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckptstore import codecs
+from ckptstore.codecs import planes as planes_mod
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, from_record, register, registered
 from ckptstore.codecs.chain import _finish as finish
+from ckptstore.codecs.chain import _span_encoder as span_encoder
 from ckptstore.codecs.chain import bytes_codec
 from ckptstore.codecs.delta import OrderedDelta, to_ordered, unzigzag, zigzag
-from ckptstore.codecs.planes import CONST, RAW, ZSTD, BytePlanesZstd, estimate_bits
+from ckptstore.codecs.planes import CONST, RAW, ZSTD, ZSTD_CHUNKS, BytePlanesZstd, estimate_bits
 from ckptstore.errors import CodecError
 from ckptstore.format.dtypes import DTYPES
 
@@ -326,13 +328,13 @@ def test_damaged_large_payload_raises_codec_error(rng: np.random.Generator) -> N
     enc = codecs.encode(words, spec)
     payload = enc.payload
     methods = plane_methods(payload)
-    assert ZSTD in [m for m, _ in methods]
+    assert ZSTD_CHUNKS in [m for m, _ in methods]  # 1.1 M words: planes over 1 MiB are chunked
     for cut in (len(payload) // 3, len(payload) // 2, len(payload) - 1):
         with pytest.raises(CodecError):
             codecs.decode(payload[:cut], enc.codecs, spec)
     start = 1 + 9 * len(methods)
-    for m, length in methods:  # damage the middle of each zstd frame
-        if m == ZSTD:
+    for m, length in methods:  # damage the middle of each zstd frame, or of each chunked plane's frames
+        if m in (ZSTD, ZSTD_CHUNKS):
             bad = bytearray(payload)
             bad[start + length // 2] ^= 0xFF
             try:
@@ -341,7 +343,189 @@ def test_damaged_large_payload_raises_codec_error(rng: np.random.Generator) -> N
                 pass
             else:
                 assert out.size == spec.size
-        start += length if m in (RAW, ZSTD) else 0
+        start += length if m in (RAW, ZSTD, ZSTD_CHUNKS) else 0
+
+
+# ---------------------------------------------------------------------------------------------- chunked planes
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(min_size=0, max_size=6000), k=st.sampled_from([1, 2, 4, 8]), chunk=st.integers(1, 700))
+def test_chunked_planes_round_trip_and_record_version_2(data: bytes, k: int, chunk: int) -> None:
+    """Planes longer than ``chunk`` become independent zstd frames (method 3); every payload decodes bit-exactly,
+    and the record says version 2 exactly when a plane is chunked (version-1 readers keep reading the rest)."""
+    n = len(data) // k
+    words = np.frombuffer(data[: n * k], dtype=f"<u{k}").copy()
+    spec = TensorSpec({1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}[k], (n,))
+    codec = BytePlanesZstd()
+    parts = codec.encode_parts(words, spec, chunk=chunk)
+    payload = b"".join(bytes(p) for p in parts)
+    assert codec.decode(payload, spec).tobytes() == words.tobytes()
+    chunked = ZSTD_CHUNKS in [m for m, _ in plane_methods(payload)]
+    assert codec.record_for(parts)["version"] == (2 if chunked else 1)
+    assert codec.record_for([payload]) == codec.record_for(parts)
+    if chunked:
+        assert n > chunk
+
+
+def _chunked(rng: np.random.Generator) -> tuple[np.ndarray, TensorSpec, bytes, int]:
+    """Compressible uint32 words whose top plane is chunked (small random deltas: planes 1-3 compress)."""
+    words = rng.integers(0, 1 << 12, 5000, dtype=np.uint32) | np.uint32(0x3F00_0000)
+    spec = TensorSpec("uint32", (5000,))
+    payload = BytePlanesZstd().encode_parts(words, spec, chunk=1000)
+    data = b"".join(bytes(p) for p in payload)
+    methods = plane_methods(data)
+    plane = next(i for i, (m, _) in enumerate(methods) if m == ZSTD_CHUNKS)
+    start = 1 + 9 * len(methods) + sum(v for m, v in methods[:plane] if m in (RAW, ZSTD, ZSTD_CHUNKS))
+    return words, spec, data, start
+
+
+def test_damaged_chunk_tables_raise_codec_error(rng: np.random.Generator) -> None:
+    words, spec, data, start = _chunked(rng)
+    assert BytePlanesZstd().decode(data, spec).tobytes() == words.tobytes()
+    chunk, count = struct.unpack_from("<QI", data, start)
+    assert (chunk, count) == (1000, 5)
+
+    def patched(offset: int, fmt: str, value: int) -> bytes:
+        bad = bytearray(data)
+        struct.pack_into(fmt, bad, offset, value)
+        return bytes(bad)
+
+    cases = {
+        "zero chunk size": patched(start, "<Q", 0),
+        "chunk size that does not cover the plane": patched(start, "<Q", 999),
+        "wrong chunk count": patched(start + 8, "<I", 6),
+        "a frame length that overruns": patched(start + 12, "<Q", 10**6),
+        "a frame length that falls short": patched(start + 12, "<Q", 1),
+    }
+    for what, bad in cases.items():
+        with pytest.raises(CodecError):
+            BytePlanesZstd().decode(bad, spec)
+            pytest.fail(f"{what}: decoded")
+
+
+@pytest.mark.parametrize("predictor", ["fit", "prev", "scale", "rowscale"])
+def test_payload_bytes_do_not_depend_on_the_thread_count(rng: np.random.Generator, predictor: str) -> None:
+    """The chunk size is fixed, not derived from the cores, and the fused loops and row sums split on exact
+    boundaries: 1, 2 and 3 coding threads write the same bytes, and decode them the same."""
+    cur, prev = _large_pair(rng)
+    spec = TensorSpec("float32", (1031, 1100))
+    before = planes_mod.coding_threads()
+    try:
+        payloads = []
+        for threads in (1, 2, 3):
+            planes_mod.set_coding_threads(threads)
+            if predictor == "fit":
+                enc = codecs.encode(cur, spec, {"prev": prev})
+            else:
+                codec = {
+                    "prev": OrderedDelta("prev"),
+                    "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
+                    "rowscale": OrderedDelta("rowscale", rows=1031, scales=delta_row_scales(cur, prev, 1031)),
+                }[predictor]
+                enc = finish(cur, spec, [codec], bytes_codec("planes-zstd", 1), prev)
+            payloads.append((enc.codecs, enc.payload))
+            assert codecs.decode(enc.payload, enc.codecs, spec, {"prev": prev}).tobytes() == cur.tobytes()
+        assert payloads[0] == payloads[1] == payloads[2]
+        assert payloads[0][0][-1]["version"] == 2
+    finally:
+        planes_mod.set_coding_threads(before)
+
+
+def delta_row_scales(cur: np.ndarray, prev: np.ndarray, rows: int) -> np.ndarray:
+    from ckptstore.codecs.delta import _row_scales
+
+    return _row_scales(cur.view(np.float32), prev.view(np.float32), rows)
+
+
+@pytest.mark.parametrize("predictor", [None, "prev", "scale", "rowscale"])
+def test_chunked_payloads_decode_chunk_by_chunk(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, predictor: str | None
+) -> None:
+    """A chunked payload decodes chunk by chunk (never through whole planes), bit-exactly, for a keyframe and for
+    each delta predictor, with chunks that cut rows in the middle (rowscale then codes partial rows with one
+    scale); an output buffer handed over is written in place."""
+    rows, cols = 37, 300  # 11,100 words; 1,000-byte chunks end mid-row
+    cur, prev = _words_pair(rng, rows * cols)
+    spec = TensorSpec("float32", (rows, cols))
+    monkeypatch.setattr(planes_mod, "CHUNK_BYTES", 1000)
+    codec = {
+        None: None,
+        "prev": OrderedDelta("prev"),
+        "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
+        "rowscale": OrderedDelta("rowscale", rows=rows, scales=delta_row_scales(cur, prev, rows)),
+    }[predictor]
+    enc = finish(cur, spec, [codec] if codec else [], bytes_codec("planes-zstd", 1), prev)
+    assert ZSTD_CHUNKS in [m for m, _ in plane_methods(enc.payload[(8 + 4 * rows) if predictor == "rowscale" else 0 :])]
+    whole_planes = BytePlanesZstd.decode_planes
+    monkeypatch.setattr(BytePlanesZstd, "decode_planes", lambda *a: pytest.fail("decoded through whole planes"))
+    handed = prev.copy()
+    out = codecs.decode(enc.payload, enc.codecs, spec, {"prev": handed}, reusable={"prev"})
+    assert out.tobytes() == cur.tobytes()
+    assert (out is handed) == (codec is not None)
+    monkeypatch.setattr(BytePlanesZstd, "decode_planes", whole_planes)
+    planes = BytePlanesZstd().decode_planes(enc.payload[(8 + 4 * rows) if predictor == "rowscale" else 0 :], spec)
+    assert len(planes) == 4  # the plane-by-plane path reads the same payload
+
+
+@pytest.mark.parametrize("predictor", [None, "prev", "scale", "rowscale"])
+@pytest.mark.parametrize("content", ["smooth", "random-off-sample"])
+def test_chunk_by_chunk_encode_writes_the_plane_by_plane_payload(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, predictor: str | None, content: str
+) -> None:
+    """The chunk-by-chunk encoder (residual planes made and compressed one chunk at a time) writes exactly the
+    bytes of the plane-by-plane one, including a plane that the sampled check sends to zstd but that does not
+    compress (random everywhere except at the sampled elements: stored raw after all)."""
+    rows, cols = 300, 300  # 90,000 words: past the sampled randomness check; 7,000-byte chunks end mid-row
+    cur, prev = _words_pair(rng, rows * cols)
+    noise = np.zeros(1, np.uint32)
+    if content == "random-off-sample":
+        noise = rng.integers(0, 1 << 32, cur.size, dtype=np.uint64).astype(np.uint32)
+        noise[planes_mod.random_sample(cur.size)] = 0
+        prev = prev ^ (noise & np.uint32(0xFF))  # low residual byte random except at the sample
+    spec = TensorSpec("float32", (rows, cols))
+    monkeypatch.setattr(planes_mod, "CHUNK_BYTES", 7000)
+    codec = {
+        None: None,
+        "prev": OrderedDelta("prev"),
+        "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
+        "rowscale": OrderedDelta("rowscale", rows=rows, scales=delta_row_scales(cur, prev, rows)),
+    }[predictor]
+    last = BytePlanesZstd()
+    if codec is None:  # a keyframe: the planes of the words themselves
+        cur = cur ^ (noise & np.uint32(0xFF)) if content == "random-off-sample" else cur
+    fused = span_encoder(cur, spec, [codec] if codec else [], {"prev": prev})
+    assert fused is not None
+    chunked = last.encode_chunks(cur.size, fused[0], fused[1], parallel=True)
+    assert chunked is not None
+    planes = codec.encode_planes(cur, spec, {"prev": prev}) if codec else None
+    reference = last.encode_parts(cur, spec, planes)
+    assert b"".join(bytes(p) for p in chunked) == b"".join(bytes(p) for p in reference)
+    methods = [m for m, _ in plane_methods(bytes(chunked[0]))]
+    assert ZSTD_CHUNKS in methods
+    if content == "random-off-sample":
+        assert methods[0] == RAW  # sent to zstd by the sample, raw after all
+    enc = finish(cur, spec, [codec] if codec else [], last, prev)
+    assert codecs.decode(enc.payload, enc.codecs, spec, {"prev": prev}).tobytes() == cur.tobytes()
+
+
+def _words_pair(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    prev = rng.standard_normal(n).astype(np.float32)
+    cur = (prev * np.float32(0.995) + rng.standard_normal(n).astype(np.float32) * np.float32(1e-4)).astype(np.float32)
+    return cur.view(np.uint32), prev.view(np.uint32)
+
+
+def test_spans_cover_the_range_on_row_boundaries() -> None:
+    before = planes_mod.coding_threads()
+    try:
+        planes_mod.set_coding_threads(3)
+        assert planes_mod.spans(10, False) == [(0, 10)]
+        assert planes_mod.spans(10, True) == [(0, 3), (3, 6), (6, 10)]
+        assert planes_mod.spans(12, True, align=4) == [(0, 4), (4, 8), (8, 12)]
+        assert planes_mod.spans(8, True, align=4) == [(0, 4), (4, 8)]  # two rows: no empty span
+        assert planes_mod.spans(1, True) == [(0, 1)]
+        with pytest.raises(ValueError):
+            planes_mod.set_coding_threads(0)
+    finally:
+        planes_mod.set_coding_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------- units

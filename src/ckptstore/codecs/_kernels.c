@@ -120,31 +120,39 @@ static PyObject *f32_delta_decode(PyObject *self, PyObject *args) {
 }
 
 /* f32_delta_encode followed by split_planes in one pass: the residual words go straight into 4 byte planes
- * (out: 4*n bytes, plane j at offset j*n), saving a pass and a tensor-sized temporary. */
+ * (4 separate buffers of n bytes: rows of one (4, n) array, or slices of them when a tensor is coded in spans on
+ * several threads), saving a pass and a tensor-sized temporary. */
 static PyObject *f32_delta_encode_planes(PyObject *self, PyObject *args) {
-    Py_buffer x, p, s, o;
+    Py_buffer x, p, s, q0, q1, q2, q3;
     int mode;
     Py_ssize_t rows, n, cols;
-    if (!PyArg_ParseTuple(args, "y*y*y*niw*", &x, &p, &s, &rows, &mode, &o)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*niw*w*w*w*", &x, &p, &s, &rows, &mode, &q0, &q1, &q2, &q3)) return NULL;
     PyObject *ret = NULL;
-    if (get_buffers(&x, &p, &s, &o, &n, rows, mode, &cols) == 0) {
-        const uint32_t *xs = x.buf, *ps = p.buf;
-        const float *sc = s.buf;
-        uint8_t *b0 = o.buf, *b1 = b0 + n, *b2 = b1 + n, *b3 = b2 + n;
-        Py_BEGIN_ALLOW_THREADS
-        FOR_EACH_PREDICTION({
-            uint32_t d = ord32(xs[i]) - ord32(pr);
-            uint32_t z = (d << 1) ^ (uint32_t)((int32_t)d >> 31);
-            b0[i] = (uint8_t)z; b1[i] = (uint8_t)(z >> 8); b2[i] = (uint8_t)(z >> 16); b3[i] = (uint8_t)(z >> 24);
-        })
-        Py_END_ALLOW_THREADS
-        ret = Py_None;
-        Py_INCREF(ret);
+    if (get_buffers(&x, &p, &s, &p, &n, rows, mode, &cols) == 0) {
+        if (q0.len != n || q1.len != n || q2.len != n || q3.len != n) {
+            PyErr_SetString(PyExc_ValueError, "f32_delta_encode_planes: planes must hold one byte per word");
+        } else {
+            const uint32_t *xs = x.buf, *ps = p.buf;
+            const float *sc = s.buf;
+            uint8_t *b0 = q0.buf, *b1 = q1.buf, *b2 = q2.buf, *b3 = q3.buf;
+            Py_BEGIN_ALLOW_THREADS
+            FOR_EACH_PREDICTION({
+                uint32_t d = ord32(xs[i]) - ord32(pr);
+                uint32_t z = (d << 1) ^ (uint32_t)((int32_t)d >> 31);
+                b0[i] = (uint8_t)z; b1[i] = (uint8_t)(z >> 8); b2[i] = (uint8_t)(z >> 16); b3[i] = (uint8_t)(z >> 24);
+            })
+            Py_END_ALLOW_THREADS
+            ret = Py_None;
+            Py_INCREF(ret);
+        }
     }
     PyBuffer_Release(&x);
     PyBuffer_Release(&p);
     PyBuffer_Release(&s);
-    PyBuffer_Release(&o);
+    PyBuffer_Release(&q0);
+    PyBuffer_Release(&q1);
+    PyBuffer_Release(&q2);
+    PyBuffer_Release(&q3);
     return ret;
 }
 
@@ -209,6 +217,34 @@ static PyObject *join_planes4(PyObject *self, PyObject *args) {
     PyBuffer_Release(&q2);
     PyBuffer_Release(&q3);
     PyBuffer_Release(&o);
+    return ret;
+}
+
+/* n little-endian 4-byte words -> 4 separate plane buffers (n bytes each): the inverse of join_planes4. */
+static PyObject *split_planes4(PyObject *self, PyObject *args) {
+    Py_buffer w, q0, q1, q2, q3;
+    if (!PyArg_ParseTuple(args, "y*w*w*w*w*", &w, &q0, &q1, &q2, &q3)) return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t n = q0.len;
+    if (q1.len != n || q2.len != n || q3.len != n || w.len != 4 * n) {
+        PyErr_SetString(PyExc_ValueError, "split_planes4: planes of unequal length or wrong input size");
+    } else {
+        const uint32_t *in = w.buf;
+        uint8_t *b0 = q0.buf, *b1 = q1.buf, *b2 = q2.buf, *b3 = q3.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t z = in[i];
+            b0[i] = (uint8_t)z; b1[i] = (uint8_t)(z >> 8); b2[i] = (uint8_t)(z >> 16); b3[i] = (uint8_t)(z >> 24);
+        }
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&q0);
+    PyBuffer_Release(&q1);
+    PyBuffer_Release(&q2);
+    PyBuffer_Release(&q3);
     return ret;
 }
 
@@ -331,10 +367,11 @@ static PyMethodDef methods[] = {
     {"f32_delta_decode", f32_delta_decode, METH_VARARGS,
      "f32_delta_decode(z, prev, scales, rows, mode, out): inverse of f32_delta_encode"},
     {"f32_delta_encode_planes", f32_delta_encode_planes, METH_VARARGS,
-     "f32_delta_encode_planes(x, prev, scales, rows, mode, out): f32_delta_encode into 4 byte planes"},
+     "f32_delta_encode_planes(x, prev, scales, rows, mode, p0, p1, p2, p3): f32_delta_encode into 4 byte planes"},
     {"f32_delta_decode_planes", f32_delta_decode_planes, METH_VARARGS,
      "f32_delta_decode_planes(p0, p1, p2, p3, prev, scales, rows, mode, out): inverse of f32_delta_encode_planes"},
     {"join_planes4", join_planes4, METH_VARARGS, "join_planes4(p0, p1, p2, p3, out): 4 byte planes -> words"},
+    {"split_planes4", split_planes4, METH_VARARGS, "split_planes4(words, p0, p1, p2, p3): words -> 4 byte planes"},
     {"f32_row_dots", f32_row_dots, METH_VARARGS,
      "f32_row_dots(x, y, rows, num, den): per row sum(x*y) and sum(y*y) of float32 matrices, in double"},
     {"plane_histogram", plane_histogram, METH_VARARGS,

@@ -20,7 +20,7 @@ A worked example of a codec (array→array, no references)::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,6 +120,11 @@ class BytesCodec(Codec):
 
     @abstractmethod
     def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray: ...
+
+    def record_for(self, payload: Sequence[bytes | memoryview]) -> dict[str, Any]:
+        """The record of one payload this codec wrote (its pieces, in order): a codec whose newer versions add
+        payload forms records the oldest version that reads this payload, so older readers keep reading it."""
+        return self.record()
 
 
 # Filled by ``@register`` as codec modules are imported; ``import ckptstore.codecs`` (run before any of its

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import struct
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,14 @@ import numpy as np
 
 from ckptstore.codecs.base import ArrayCodec, BytesCodec, TensorSpec, from_record, registered
 from ckptstore.codecs.delta import OrderedDelta
-from ckptstore.codecs.planes import DEFAULT_LEVEL, BytePlanesZstd, estimate_bits
+from ckptstore.codecs.planes import (
+    DEFAULT_LEVEL,
+    PARALLEL_BYTES,
+    BytePlanesZstd,
+    estimate_bits,
+    kernels,
+    random_sample,
+)
 from ckptstore.errors import CodecError
 
 # The bytes codec that ends every chain unless a store records another (ckptstore.json "settings", format §3).
@@ -102,20 +109,41 @@ def _finish(
     coded = words
     refs = {"prev": prev} if prev is not None else {}
     planes = None
-    if len(array_codecs) == 1:
+    body: list[bytes | memoryview] | None = None
+    if isinstance(last, BytePlanesZstd) and len(array_codecs) <= 1:
+        fused = _span_encoder(words, spec, array_codecs, refs)  # chunk by chunk: the planes stay in the cache
+        if fused is not None:
+            body = last.encode_chunks(spec.size, fused[0], fused[1], words.nbytes >= PARALLEL_BYTES)
+    if body is None and len(array_codecs) == 1:
         planes = array_codecs[0].encode_planes(words, spec, refs)  # the codec's fused plane split, if it has one
-    if planes is None:
+    if body is None and planes is None:
         for c in array_codecs:
             coded = c.encode(coded, spec, refs)
-    parts: list[bytes | memoryview] = [_side_prefix(array_codecs)]
-    if isinstance(last, BytePlanesZstd):
-        parts += last.encode_parts(coded, spec, planes)
-    else:
-        parts += [last.encode(coded, spec)]
+    if body is None:
+        body = (
+            last.encode_parts(coded, spec, planes) if isinstance(last, BytePlanesZstd) else [last.encode(coded, spec)]
+        )
+    parts = [_side_prefix(array_codecs), *body]
     if sum(len(p) for p in parts) >= words.nbytes:
         return Encoded([], (), [memoryview(np.ascontiguousarray(words)).cast("B")])  # type: ignore[arg-type]
     roles = tuple(r for c in array_codecs for r in c.ref_roles())
-    return Encoded([c.record() for c in array_codecs] + [last.record()], roles, parts)
+    return Encoded([c.record() for c in array_codecs] + [last.record_for(body)], roles, parts)
+
+
+def _span_encoder(
+    words: np.ndarray, spec: TensorSpec, array_codecs: Sequence[ArrayCodec], refs: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, Callable[[int, int, list[np.ndarray]], None]] | None:
+    """``(sample, fill)`` for :meth:`BytePlanesZstd.encode_chunks`: a keyframe of 4-byte words (planes split
+    per chunk), or one delta codec with its C loop; None otherwise."""
+    if not array_codecs:
+        if words.dtype.itemsize != 4 or kernels is None or spec.dtype == "complex128":
+            return None
+        cur = np.ascontiguousarray(words)
+        sample = np.empty((4, len(range(cur.size)[random_sample(cur.size)])), dtype=np.uint8)
+        kernels.split_planes4(np.ascontiguousarray(cur[random_sample(cur.size)]), *sample)
+        return sample, lambda lo, hi, planes: kernels.split_planes4(cur[lo:hi], *planes)
+    codec = array_codecs[0]
+    return codec.span_encoder(words, spec, refs) if isinstance(codec, OrderedDelta) else None
 
 
 def _side_prefix(array_codecs: Sequence[ArrayCodec]) -> bytes:
@@ -163,6 +191,9 @@ def decode(
     stages = [c for c in array_codecs if isinstance(c, ArrayCodec)]  # all of them (checked above); typed
     spare = [refs[r] for r in stages[0].ref_roles() if r in reusable] if refs and len(stages) == 1 else []
     if isinstance(last, BytePlanesZstd):
+        chunked = _decode_chunks(last, view, spec, stages, refs or {}, spare[0] if spare else None)
+        if chunked is not None:  # chunk by chunk: planes, join and array codec in one pass per chunk
+            return chunked
         planes = last.decode_planes(view, spec)
         fused = None
         if len(stages) == 1:
@@ -182,6 +213,32 @@ def decode(
         np.copyto(spare[0], words)
         return spare[0]
     return words
+
+
+def _decode_chunks(
+    last: BytePlanesZstd,
+    view: memoryview,
+    spec: TensorSpec,
+    stages: Sequence[ArrayCodec],
+    refs: Mapping[str, np.ndarray],
+    spare: np.ndarray | None,
+) -> np.ndarray | None:
+    """A chunked payload (format §10.3, method 3) decoded chunk by chunk when a fused loop applies: a keyframe of
+    4-byte words (planes joined per chunk) or one delta codec with its C loop. None when it does not apply."""
+    if spec.dt.itemsize != 4 or spec.dtype == "complex128" or kernels is None or len(stages) > 1:
+        return None
+    if stages:
+        fused = stages[0].span_decoder(spec, refs, spare) if isinstance(stages[0], OrderedDelta) else None
+        if fused is None:
+            return None
+        out, consume = fused
+    else:
+        out = np.empty(spec.size, dtype=np.uint32)
+
+        def consume(planes: list[np.ndarray], lo: int, hi: int) -> None:
+            kernels.join_planes4(*planes, out[lo:hi])
+
+    return out if last.decode_chunks(view, spec, consume) else None
 
 
 def _fits(buffer: np.ndarray, words: np.ndarray) -> bool:

@@ -15,13 +15,13 @@ functions whose results vary across platforms.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, register
-from ckptstore.codecs.planes import PARALLEL_BYTES, estimate_bits, kernels, pmap
+from ckptstore.codecs.planes import PARALLEL_BYTES, estimate_bits, kernels, pmap, random_sample, spans
 from ckptstore.errors import CodecError
 
 PREDICTORS = ("prev", "scale", "rowscale")
@@ -85,7 +85,15 @@ def _row_scales(x: np.ndarray, y: np.ndarray, rows: int) -> np.ndarray:
     """Least-squares scale per row (x ≈ s * y), float32; 1 where a row is all zero or not finite."""
     if kernels is not None and x.dtype == np.float32 and y.dtype == np.float32:
         num, den = np.empty(rows), np.empty(rows)
-        kernels.f32_row_dots(np.ascontiguousarray(x), np.ascontiguousarray(y), rows, num, den)
+        xc, yc, cols = np.ascontiguousarray(x), np.ascontiguousarray(y), x.size // rows
+
+        def dots(lh: tuple[int, int]) -> None:  # rows are independent: any split gives the same sums
+            lo, hi = lh
+            a, b = xc[lo * cols : hi * cols], yc[lo * cols : hi * cols]
+            kernels.f32_row_dots(a, b, hi - lo, num[lo:hi], den[lo:hi])
+
+        cut = spans(rows, x.nbytes >= PARALLEL_BYTES)
+        pmap(dots, cut, len(cut) > 1)
     else:
         xs, ys = x.reshape(rows, -1), y.reshape(rows, -1)
         with np.errstate(all="ignore"):
@@ -196,9 +204,66 @@ class OrderedDelta(ArrayCodec):
         if kargs is None or kernels is None:
             return None
         prev = np.ascontiguousarray(_ref(refs, words))
+        cur = np.ascontiguousarray(words)
         out = np.empty((4, words.size), dtype=np.uint8)
-        kernels.f32_delta_encode_planes(np.ascontiguousarray(words), prev, kargs[0], kargs[1], kargs[2], out)
+        cut = spans(words.size, words.nbytes >= PARALLEL_BYTES)
+
+        def run(lh: tuple[int, int]) -> None:
+            for a, b, sc, rows, mode in self._calls(kargs, *lh, spec):
+                kernels.f32_delta_encode_planes(cur[a:b], prev[a:b], sc, rows, mode, *(p[a:b] for p in out))
+
+        pmap(run, cut, len(cut) > 1)
         return out
+
+    def span_encoder(
+        self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, Callable[[int, int, list[np.ndarray]], None]] | None:
+        """``(sample, fill)`` for :meth:`BytePlanesZstd.encode_chunks` when the fused C loop applies, else None:
+        the residual's byte planes at ``random_sample`` and a function writing those of any element range."""
+        kargs = self._kernel_args(spec)
+        if kargs is None or kernels is None:
+            return None
+        cur = np.ascontiguousarray(words)
+        prev = np.ascontiguousarray(_ref(refs, words))
+        pick = random_sample(cur.size)
+        index = np.arange(pick.start, pick.stop, pick.step)
+        sample = np.empty((4, index.size), dtype=np.uint8)
+        scales, rows, mode = kargs
+        if mode == 2:  # each sampled element with its own row's scale: "rows" of one element
+            scales = np.ascontiguousarray(scales[index // (cur.size // rows)])
+            rows = index.size
+        kernels.f32_delta_encode_planes(
+            np.ascontiguousarray(cur[pick]), np.ascontiguousarray(prev[pick]), scales, rows, mode, *sample
+        )
+
+        def fill(lo: int, hi: int, planes: list[np.ndarray]) -> None:
+            for a, b, sc, r, m in self._calls(kargs, lo, hi, spec):
+                kernels.f32_delta_encode_planes(cur[a:b], prev[a:b], sc, r, m, *(p[a - lo : b - lo] for p in planes))
+
+        return sample, fill
+
+    def _calls(
+        self, kargs: tuple[np.ndarray, int, int], lo: int, hi: int, spec: TensorSpec
+    ) -> list[tuple[int, int, np.ndarray, int, int]]:
+        """Kernel calls ``(lo, hi, scales, rows, mode)`` covering any element range: with per-row scales, whole
+        rows in one call and a partial row at either end as a one-scale call with that row's scale (the same
+        multiply, so the same bytes)."""
+        scales, rows, mode = kargs
+        if mode != 2:
+            return [(lo, hi, scales, rows, mode)]
+        cols = spec.size // rows
+        calls = []
+        pos = lo
+        while pos < hi:
+            row = pos // cols
+            if pos % cols == 0 and hi - pos >= cols:
+                end = (hi // cols) * cols
+                calls.append((pos, end, scales[row : end // cols], (end - pos) // cols, 2))
+            else:
+                end = min(hi, (row + 1) * cols)
+                calls.append((pos, end, scales[row : row + 1], 0, 1))
+            pos = end
+        return calls
 
     def decode_planes(
         self,
@@ -210,8 +275,22 @@ class OrderedDelta(ArrayCodec):
         """Decode straight from the residual's 4 byte planes (the inverse of :meth:`encode_planes`), when the
         fused C loop applies; else None. The loop reads ``prev[i]`` before it writes ``out[i]``, so ``out`` may be
         ``prev`` itself."""
+        fused = self.span_decoder(spec, refs, out)
+        if fused is None or len(planes) != 4:
+            return None
+        out, decode_span = fused
+        cut = spans(spec.size, spec.size * 4 >= PARALLEL_BYTES)  # the loop releases the GIL
+        pmap(lambda lh: decode_span([p[lh[0] : lh[1]] for p in planes], *lh), cut, parallel=len(cut) > 1)
+        return out
+
+    def span_decoder(
+        self, spec: TensorSpec, refs: Mapping[str, np.ndarray], out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, Callable[[list[np.ndarray], int, int], None]] | None:
+        """``(out, decode_span)`` for the fused C loop, or None when it does not apply: ``decode_span(planes, lo,
+        hi)`` decodes elements ``[lo, hi)`` from their 4 byte planes into ``out[lo:hi]``, for any range (a
+        payload's chunks), from any thread. ``out`` as for :meth:`decode_planes`."""
         kargs = self._kernel_args(spec)
-        if kargs is None or kernels is None or len(planes) != 4:
+        if kargs is None or kernels is None:
             return None
         usable = (
             out is not None
@@ -220,27 +299,16 @@ class OrderedDelta(ArrayCodec):
             and out.flags.c_contiguous
             and out.flags.writeable
         )
-        if not usable:
-            out = np.empty(spec.size, dtype=np.uint32)
-        assert out is not None
-        prev = np.ascontiguousarray(_ref(refs, out))
-        scales, rows, mode = kargs
-        n = spec.size
-        # Large tensors decode as two halves on the two plane threads (the loop releases the GIL); per-row
-        # scales cut at a row boundary.
-        cols = n // rows if mode == 2 and rows > 0 else 1
-        cut = (rows // 2) * cols if mode == 2 else n // 2
-        spans = [(0, cut), (cut, n)] if n * 4 >= PARALLEL_BYTES and 0 < cut < n else [(0, n)]
+        result = out if usable and out is not None else np.empty(spec.size, dtype=np.uint32)
+        prev = np.ascontiguousarray(_ref(refs, result))
 
-        def run(lo_hi: tuple[int, int]) -> None:
-            lo, hi = lo_hi
-            sc, r = scales, rows  # the whole tensor: the kernel checks the arguments as given
-            if mode == 2 and len(spans) == 2:
-                sc, r = scales[lo // cols : hi // cols], (hi - lo) // cols
-            kernels.f32_delta_decode_planes(*(p[lo:hi] for p in planes), prev[lo:hi], sc, r, mode, out[lo:hi])
+        def decode_span(planes: list[np.ndarray], lo: int, hi: int) -> None:
+            for a, b, sc, rows, mode in self._calls(kargs, lo, hi, spec):
+                kernels.f32_delta_decode_planes(
+                    *(p[a - lo : b - lo] for p in planes), prev[a:b], sc, rows, mode, result[a:b]
+                )
 
-        pmap(run, spans, parallel=len(spans) == 2)
-        return out
+        return result, decode_span
 
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:
         kargs = self._kernel_args(spec)
@@ -275,7 +343,7 @@ class OrderedDelta(ArrayCodec):
             rows = 0
             step = max(1, n // (1 << 14))
             w, p = np.ascontiguousarray(words[::step]), np.ascontiguousarray(prev[::step])
-        candidates: list[tuple[OrderedDelta, OrderedDelta, float]] = [(cls("prev"), cls("prev"), 0.0)]
+        candidates: list[tuple[OrderedDelta | None, OrderedDelta, float]] = [(cls("prev"), cls("prev"), 0.0)]
         if floaty:
             x, y = _values(w, spec).astype(np.float64), _values(p, spec).astype(np.float64)
             ok = np.isfinite(x) & np.isfinite(y)
@@ -287,15 +355,20 @@ class OrderedDelta(ArrayCodec):
                     c = cls("scale", float.hex(a))
                     candidates.append((c, c, 0.0))
             if rows:
-                full = _row_scales(_values(words, spec), _values(prev, spec), rows)
-                whole = cls("rowscale", rows=rows, scales=full)
-                sampled = cls("rowscale", rows=pick.size, scales=full[pick])
-                candidates.append((whole, sampled, 32.0 * rows / n))
-        best, best_bits = candidates[0][0], float("inf")
+                # judged on the sampled rows' own scales (each a whole row: the same values the full pass gives
+                # them); the full pass over the tensor runs only when rowscale wins
+                sampled = cls(
+                    "rowscale", rows=pick.size, scales=_row_scales(_values(w, spec), _values(p, spec), pick.size)
+                )
+                candidates.append((None, sampled, 32.0 * rows / n))
+        best: OrderedDelta | None = candidates[0][0]
+        best_bits = float("inf")
         for chosen, on_sample, extra in candidates:
             bits = estimate_bits(on_sample.encode(w, spec, {"prev": p}), sample=1 << 30) + extra
             if bits < best_bits:
                 best, best_bits = chosen, bits
+        if best is None:
+            best = cls("rowscale", rows=rows, scales=_row_scales(_values(words, spec), _values(prev, spec), rows))
         return best, best_bits
 
 

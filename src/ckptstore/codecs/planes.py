@@ -5,12 +5,17 @@ position has its own statistics: sign/exponent bytes are highly repetitive, low 
 Each plane is then stored as zstd, raw (when zstd does not pay: random bytes cost time to code and save nothing),
 or as one constant byte (a plane that never varies, such as the high bytes of small integer deltas).
 
-Payload: ``u8 nplanes``, then per plane ``u8 method`` (0 raw, 1 zstd, 2 constant) and ``u64 value`` (payload
-length, or the constant byte), all little-endian, then the plane payloads back to back.
+Payload: ``u8 nplanes``, then per plane ``u8 method`` (0 raw, 1 zstd, 2 constant, 3 zstd chunks) and ``u64 value``
+(payload length, or the constant byte), all little-endian, then the plane payloads back to back (format §10.3).
+
+Large planes are cut into fixed-size chunks, each its own zstd frame (method 3, codec version 2), so one tensor's
+coding spreads over every core in both directions: zstd decodes a frame on one thread only. The chunk size is fixed
+(not derived from the thread count), so the bytes written never depend on the machine.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -31,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised where the extension was not 
 if os.environ.get("CKPTSTORE_NO_KERNELS"):
     kernels = None
 
-RAW, ZSTD, CONST = 0, 1, 2
+RAW, ZSTD, CONST, ZSTD_CHUNKS = 0, 1, 2, 3
 # The zstd level every writer uses unless a store records another (ckptstore.json "settings", format §3).
 DEFAULT_LEVEL = 1
 
@@ -41,29 +46,64 @@ _MIN_SAVING = 0.02
 # Planes at least this large are first checked for randomness on a sample (low mantissa bytes usually are).
 _RANDOM_CHECK_BYTES = 1 << 16
 _RANDOM_BITS = 7.97  # sampled order-0 entropy (bits/byte) above which a plane is stored raw
-# Tensors at least this large have their planes coded, and their words joined, on the two plane threads.
+# Tensors at least this large have their planes coded, and their words joined, on the coding threads.
 PARALLEL_BYTES = 4 * 1024 * 1024
+# Planes longer than this are stored as independent zstd frames of this many bytes each (the last one shorter):
+# work items that balance across threads. 1 MiB frames cost 0.02 % in bytes on the benchmark trajectory's large
+# planes (256 KiB: 0.9 %), since zstd level 1 looks back 512 KiB at most.
+CHUNK_BYTES = 1 << 20
+_CHUNK_TABLE = struct.Struct("<QI")  # u64 chunk size, u32 chunk count; then count × u64 frame lengths
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
+_threads: int | None = None
 _pool_lock = threading.Lock()
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def coding_threads() -> int:
+    """How many threads code one large tensor: the cores this process may run on (``set_coding_threads`` or
+    ``CKPTSTORE_CODING_THREADS`` override it)."""
+    global _threads
+    if _threads is None:
+        env = os.environ.get("CKPTSTORE_CODING_THREADS", "")
+        _threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+    return _threads
+
+
+def set_coding_threads(n: int) -> None:
+    """Set the number of coding threads (at least 1) for the tensors coded from now on."""
+    global _threads, _pool
+    if n < 1:
+        raise ValueError("coding threads must be at least 1")
+    with _pool_lock:
+        _threads, old, _pool = int(n), _pool, None
+    if old is not None:
+        old.shutdown(wait=False)
 
 
 def plane_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-planes")
+            _pool = ThreadPoolExecutor(max_workers=max(2, coding_threads()), thread_name_prefix="ckpt-planes")
         return _pool
 
 
 def pmap(fn: Callable[[T], R], items: Sequence[T], parallel: bool) -> list[R]:
-    """``[fn(x) for x in items]``, on the two plane threads when ``parallel`` (for loops that release the GIL)."""
-    if not parallel or len(items) < 2:
+    """``[fn(x) for x in items]``, on the coding threads when ``parallel`` (for loops that release the GIL)."""
+    if not parallel or len(items) < 2 or coding_threads() < 2:
         return [fn(x) for x in items]
     return list(plane_pool().map(fn, items))
+
+
+def spans(n: int, parallel: bool, align: int = 1) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into one span per coding thread (boundaries multiples of ``align``), or one span."""
+    parts = coding_threads() if parallel else 1
+    cuts = sorted({min(n, (n // align * i // parts) * align) for i in range(1, parts)} - {0, n})
+    edges = [0, *cuts, n]
+    return list(itertools.pairwise(edges))
 
 
 def _cctx(level: int) -> zstandard.ZstdCompressor:
@@ -82,8 +122,19 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _looks_random(plane: np.ndarray, sample: int = 1 << 13) -> bool:
-    s = plane[:: max(1, plane.size // sample)]
+_RANDOM_SAMPLE = 1 << 13
+
+
+def _looks_random(plane: np.ndarray, sample: int = _RANDOM_SAMPLE) -> bool:
+    return _entropy_high(plane[:: max(1, plane.size // sample)])
+
+
+def random_sample(n: int) -> slice:
+    """The elements whose bytes decide whether a plane of ``n`` bytes is stored raw (see :func:`_looks_random`)."""
+    return slice(0, n, max(1, n // _RANDOM_SAMPLE))
+
+
+def _entropy_high(s: np.ndarray) -> bool:
     counts = np.bincount(s, minlength=256).astype(np.float64)
     nz = counts[counts > 0]
     return bool(-(nz * np.log2(nz / s.size)).sum() / s.size > _RANDOM_BITS)
@@ -110,6 +161,7 @@ def join_planes(planes: np.ndarray, word: np.dtype) -> np.ndarray:
 @register
 class BytePlanesZstd(BytesCodec):
     name = "planes-zstd"
+    version = 2  # what this reader reads; 2 added chunked planes (method 3). Records say what each payload needs.
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = int(level)
@@ -121,29 +173,136 @@ class BytePlanesZstd(BytesCodec):
         return b"".join(self.encode_parts(words, spec))
 
     def encode_parts(
-        self, words: np.ndarray, spec: TensorSpec, planes: np.ndarray | None = None
+        self,
+        words: np.ndarray,
+        spec: TensorSpec,
+        planes: np.ndarray | None = None,
+        chunk: int | None = None,
     ) -> list[bytes | memoryview]:
-        """The payload as header + one piece per plane, so a writer can stream it without concatenating.
-        ``planes``: the words already split (by a fused codec loop); ``words`` then only gives the width."""
+        """The payload as header + pieces per plane, so a writer can stream it without concatenating.
+        ``planes``: the words already split (by a fused codec loop); ``words`` then only gives the width.
+        ``chunk``: planes longer than this are coded as independent frames of this size (method 3); default
+        :data:`CHUNK_BYTES`."""
+        chunk = CHUNK_BYTES if chunk is None else chunk
         k = words.dtype.itemsize
         if planes is None:
             planes = split_planes(words) if k > 1 else words.view(np.uint8).reshape(1, -1)
+        rows = list(planes)
+        n = planes.shape[1] if planes.ndim == 2 else 0
         level = self.level
+        # Which planes go through zstd, cut into which frames: one task per frame, spread over the threads.
+        coded = [not (n >= _RANDOM_CHECK_BYTES and _looks_random(plane)) for plane in rows]
+        cuts = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)] if n > chunk else [(0, n)]
+        tasks = [(i, lo, hi) for i in range(len(rows)) if coded[i] for lo, hi in cuts]
+        frames = pmap(
+            lambda t: _cctx(level).compress(memoryview(rows[t[0]][t[1] : t[2]])),
+            tasks,
+            words.nbytes >= PARALLEL_BYTES,
+        )
+        by_plane: dict[int, list[bytes]] = {}
+        for (i, _, _), frame in zip(tasks, frames, strict=True):
+            by_plane.setdefault(i, []).append(frame)
+        entries: list[tuple[int, int]] = []
+        pieces: list[bytes | memoryview] = []
+        for i, plane in enumerate(rows):
+            raw = memoryview(plane)  # zstd: time spent, nothing saved
+            if not coded[i]:
+                entries.append((RAW, n))
+                pieces.append(raw)
+                continue
+            got = by_plane[i]
+            size = sum(len(f) for f in got)
+            if size < 64 * len(got) and n and (plane == plane[0]).all():
+                entries.append((CONST, int(plane[0])))
+                continue
+            table = b""
+            if len(got) > 1:
+                table = _CHUNK_TABLE.pack(chunk, len(got)) + struct.pack(f"<{len(got)}Q", *(len(f) for f in got))
+            if len(table) + size < n * (1 - _MIN_SAVING):
+                entries.append((ZSTD_CHUNKS if table else ZSTD, len(table) + size))
+                pieces += [table, *got] if table else got
+            else:
+                entries.append((RAW, n))
+                pieces.append(raw)
+        header = bytes([len(entries)]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v in entries)
+        return [header, *pieces]
 
-        def code(plane: np.ndarray) -> tuple[int, int, bytes | memoryview]:
-            n = plane.size
-            if n >= _RANDOM_CHECK_BYTES and _looks_random(plane):
-                return RAW, n, memoryview(plane)  # type: ignore[arg-type]  # zstd: time spent, nothing saved
-            packed = _cctx(level).compress(memoryview(plane))  # type: ignore[arg-type]
-            if len(packed) < 64 and n and (plane == plane[0]).all():
-                return CONST, int(plane[0]), b""
-            if len(packed) < n * (1 - _MIN_SAVING):
-                return ZSTD, len(packed), packed
-            return RAW, n, memoryview(plane)  # type: ignore[arg-type]
+    def encode_chunks(
+        self,
+        n: int,
+        sample: np.ndarray,
+        fill: Callable[[int, int, list[np.ndarray]], None],
+        parallel: bool,
+        chunk: int | None = None,
+    ) -> list[bytes | memoryview] | None:
+        """The payload of :meth:`encode_parts`, byte for byte, with the planes produced chunk by chunk:
+        ``fill(lo, hi, planes)`` writes the byte planes of elements ``[lo, hi)`` into the buffers given (from any
+        thread), and each chunk is compressed while it is still in the cache. ``sample``: the planes at
+        :func:`random_sample` (``(k, m)``), which decide the planes stored raw before any chunk is made. None
+        when the tensor is a single chunk (use :meth:`encode_parts`)."""
+        chunk = CHUNK_BYTES if chunk is None else chunk
+        k = sample.shape[0]
+        if n <= chunk:
+            return None
+        level = self.level
+        coded = [not (n >= _RANDOM_CHECK_BYTES and _entropy_high(sample[i])) for i in range(k)]
+        raw = {i: np.empty(n, dtype=np.uint8) for i in range(k) if not coded[i]}
+        cuts = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
 
-        parts = pmap(code, list(planes), words.nbytes >= PARALLEL_BYTES)
-        header = bytes([len(parts)]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v, _ in parts)
-        return [header, *(p for _, _, p in parts)]
+        def run(j: int) -> list[tuple[bytes, int | None]]:
+            lo, hi = cuts[j]
+            scratch = _scratch(k, chunk)
+            planes = [raw[i][lo:hi] if i in raw else scratch[i, : hi - lo] for i in range(k)]
+            fill(lo, hi, planes)
+            out: list[tuple[bytes, int | None]] = []
+            for i in range(k):
+                if i in raw:
+                    out.append((b"", None))
+                    continue
+                frame = _cctx(level).compress(memoryview(planes[i]))  # type: ignore[arg-type]
+                const = int(planes[i][0]) if len(frame) < 64 and (planes[i] == planes[i][0]).all() else None
+                out.append((frame, const))
+            return out
+
+        chunks = pmap(run, range(len(cuts)), parallel)
+        entries: list[tuple[int, int]] = []
+        pieces: list[bytes | memoryview] = []
+        for i in range(k):
+            if i in raw:
+                entries.append((RAW, n))
+                pieces.append(memoryview(raw[i]))  # type: ignore[arg-type]
+                continue
+            frames = [c[i][0] for c in chunks]
+            consts = {c[i][1] for c in chunks}
+            size = sum(len(f) for f in frames)
+            if size < 64 * len(frames) and len(consts) == 1 and None not in consts:
+                entries.append((CONST, int(consts.pop() or 0)))
+                continue
+            table = _CHUNK_TABLE.pack(chunk, len(frames)) + struct.pack(f"<{len(frames)}Q", *(len(f) for f in frames))
+            if len(table) + size < n * (1 - _MIN_SAVING):
+                entries.append((ZSTD_CHUNKS, len(table) + size))
+                pieces += [table, *frames]
+            else:  # zstd did not pay after all: the plane's bytes again, stored as they are
+                plane = np.empty(n, dtype=np.uint8)
+
+                def again(j: int, i: int = i, plane: np.ndarray = plane) -> None:
+                    lo, hi = cuts[j]
+                    scratch = _scratch(k, chunk)
+                    planes = [scratch[t, : hi - lo] for t in range(k)]
+                    fill(lo, hi, planes)
+                    plane[lo:hi] = planes[i]
+
+                pmap(again, range(len(cuts)), parallel)
+                entries.append((RAW, n))
+                pieces.append(memoryview(plane))  # type: ignore[arg-type]
+        header = bytes([k]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v in entries)
+        return [header, *pieces]
+
+    def record_for(self, payload: Sequence[bytes | memoryview]) -> dict[str, Any]:
+        """Version 1 unless the payload has a chunked plane (method 3), so version-1 readers read what they can."""
+        header = memoryview(payload[0]) if payload else memoryview(b"")
+        chunked = len(header) > 0 and any(header[1 + i * _PLANE_HEADER.size] == ZSTD_CHUNKS for i in range(header[0]))
+        return {"name": self.name, "version": 2 if chunked else 1, "config": self.config()}
 
     def decode(self, payload: memoryview | bytes, spec: TensorSpec) -> np.ndarray:
         return self.join(self.decode_planes(payload, spec), spec)
@@ -158,9 +317,8 @@ class BytePlanesZstd(BytesCodec):
         if k == 4 and kernels is not None:
             n = spec.size
             out = np.empty(n, dtype=word)
-            cut = n // 2 if n * 4 >= PARALLEL_BYTES else n
-            spans = [(0, cut), (cut, n)] if cut < n else [(0, n)]
-            pmap(lambda lh: kernels.join_planes4(*(p[lh[0] : lh[1]] for p in planes), out[lh[0] : lh[1]]), spans, True)
+            cuts = spans(n, n * 4 >= PARALLEL_BYTES)
+            pmap(lambda lh: kernels.join_planes4(*(p[lh[0] : lh[1]] for p in planes), out[lh[0] : lh[1]]), cuts, True)
             return out
         return join_planes(np.stack(planes), word)
 
@@ -169,46 +327,139 @@ class BytePlanesZstd(BytesCodec):
         ``payload`` (no copy), the others fresh arrays."""
         k = spec.dt.itemsize if spec.dtype != "complex128" else 8
         n = spec.size
-        buf = memoryview(payload)
-        if len(buf) < 1 or buf[0] != k:
-            raise CodecError(f"planes-zstd payload has {buf[0] if len(buf) else 0} planes, expected {k}")
-        pos = 1
-        entries = []
-        for _ in range(k):
-            if pos + _PLANE_HEADER.size > len(buf):
-                raise CodecError("planes-zstd header truncated")
-            entries.append(_PLANE_HEADER.unpack_from(buf, pos))
-            pos += _PLANE_HEADER.size
-        spans = []
-        for method, value in entries:
-            length = value if method in (RAW, ZSTD) else 0
-            if method not in (RAW, ZSTD, CONST) or pos + length > len(buf):
-                raise CodecError("planes-zstd payload truncated or corrupt")
-            spans.append((method, value, buf[pos : pos + length]))
-            pos += length
-
-        def plane(i: int) -> np.ndarray:
-            method, value, data = spans[i]
+        pieces = _pieces(payload, k)
+        out: list[np.ndarray] = []
+        tasks: list[tuple[np.ndarray, memoryview]] = []  # (where, frame): each frame decoded straight into place
+        for method, value, data in pieces:
             if method == CONST:
                 if value > 255:
                     raise CodecError(f"planes-zstd constant plane has value {value} > 255")
-                return np.full(n, value, dtype=np.uint8)
-            if method == RAW:
+                out.append(np.full(n, value, dtype=np.uint8))
+            elif method == RAW:
                 if len(data) != n:
                     raise CodecError("planes-zstd raw plane has the wrong length")
-                return np.frombuffer(data, dtype=np.uint8)
-            try:
-                declared = zstandard.frame_content_size(data)
-                if declared != n:  # refuse before allocating what a damaged header claims
-                    raise CodecError(f"zstd plane declares {declared} bytes, expected {n}")
-                out = _dctx().decompress(data, max_output_size=n)
-            except zstandard.ZstdError as exc:
-                raise CodecError(f"zstd plane does not decode: {exc}") from None
-            if len(out) != n:
-                raise CodecError("zstd plane decoded to the wrong length")
-            return np.frombuffer(out, dtype=np.uint8)
+                out.append(np.frombuffer(data, dtype=np.uint8))
+            else:
+                out.append(np.empty(n, dtype=np.uint8))
+                frames = [(0, n, data)] if method == ZSTD else _chunk_frames(data, n)
+                tasks += [(out[-1][lo:hi], frame) for lo, hi, frame in frames]
+        pmap(lambda t: _decompress_into(t[1], t[0]), tasks, n * k >= PARALLEL_BYTES)
+        return out
 
-        return pmap(plane, list(range(k)), n * k >= PARALLEL_BYTES)
+    def decode_chunks(
+        self, payload: memoryview | bytes, spec: TensorSpec, consume: Callable[[list[np.ndarray], int, int], None]
+    ) -> bool:
+        """Decode a chunked payload chunk by chunk: ``consume(planes, lo, hi)`` gets the byte planes of elements
+        ``[lo, hi)`` (reused per-thread buffers: copy what must outlive the call), on the coding threads. The
+        planes of a chunk never leave the cache between their decompression and their use, so a large tensor
+        crosses main memory once instead of three times. False (nothing done) when the payload is not chunked."""
+        k = spec.dt.itemsize if spec.dtype != "complex128" else 8
+        n = spec.size
+        pieces = _pieces(payload, k)
+        if not any(m == ZSTD_CHUNKS for m, _, _ in pieces) or any(m == ZSTD for m, _, _ in pieces):
+            return False
+        frames = [_chunk_frames(data, n) if m == ZSTD_CHUNKS else [] for m, _, data in pieces]
+        cuts = next(f for f in frames if f)
+        if any(f and [(lo, hi) for lo, hi, _ in f] != [(lo, hi) for lo, hi, _ in cuts] for f in frames):
+            return False  # planes chunked differently (not written by this encoder): plane by plane instead
+        for m, value, data in pieces:
+            if m == CONST and value > 255:
+                raise CodecError(f"planes-zstd constant plane has value {value} > 255")
+            if m == RAW and len(data) != n:
+                raise CodecError("planes-zstd raw plane has the wrong length")
+        size = cuts[0][1] - cuts[0][0]
+
+        def run(j: int) -> None:
+            lo, hi = cuts[j][0], cuts[j][1]
+            scratch = _scratch(k, size)
+            planes = []
+            for i, (m, value, data) in enumerate(pieces):
+                if m == RAW:
+                    planes.append(np.frombuffer(data[lo:hi], dtype=np.uint8))
+                    continue
+                plane = scratch[i, : hi - lo]
+                if m == CONST:
+                    plane.fill(value)
+                else:
+                    _decompress_into(frames[i][j][2], plane)
+                planes.append(plane)
+            consume(planes, lo, hi)
+
+        pmap(run, range(len(cuts)), n * k >= PARALLEL_BYTES)
+        return True
+
+
+def _pieces(payload: memoryview | bytes, k: int) -> list[tuple[int, int, memoryview]]:
+    """A payload's planes as ``(method, value, data)``, after checking the header against the payload."""
+    buf = memoryview(payload)
+    if len(buf) < 1 or buf[0] != k:
+        raise CodecError(f"planes-zstd payload has {buf[0] if len(buf) else 0} planes, expected {k}")
+    pos = 1
+    entries = []
+    for _ in range(k):
+        if pos + _PLANE_HEADER.size > len(buf):
+            raise CodecError("planes-zstd header truncated")
+        entries.append(_PLANE_HEADER.unpack_from(buf, pos))
+        pos += _PLANE_HEADER.size
+    pieces = []
+    for method, value in entries:
+        length = value if method in (RAW, ZSTD, ZSTD_CHUNKS) else 0
+        if method not in (RAW, ZSTD, CONST, ZSTD_CHUNKS) or pos + length > len(buf):
+            raise CodecError("planes-zstd payload truncated or corrupt")
+        pieces.append((method, value, buf[pos : pos + length]))
+        pos += length
+    return pieces
+
+
+def _scratch(k: int, size: int) -> np.ndarray:
+    """This thread's (k, size) buffer for the planes of one chunk (kept: reused by the next chunk)."""
+    buf: np.ndarray | None = getattr(_local, "scratch", None)
+    if buf is None or buf.shape[0] < k or buf.shape[1] < size:
+        buf = _local.scratch = np.empty((max(k, 4), max(size, CHUNK_BYTES)), dtype=np.uint8)
+    return buf
+
+
+def _chunk_frames(data: memoryview, n: int) -> list[tuple[int, int, memoryview]]:
+    """The frames of a chunked plane (method 3) as ``(lo, hi, frame)``, after checking its chunk table."""
+    if len(data) < _CHUNK_TABLE.size:
+        raise CodecError("planes-zstd chunk table truncated")
+    chunk, count = _CHUNK_TABLE.unpack_from(data, 0)
+    if chunk < 1 or count != -(-n // chunk) or count < 2:
+        raise CodecError(f"planes-zstd chunk table says {count} chunks of {chunk} bytes for a {n}-byte plane")
+    pos = _CHUNK_TABLE.size + 8 * count
+    if pos > len(data):
+        raise CodecError("planes-zstd chunk table truncated")
+    lengths = struct.unpack_from(f"<{count}Q", data, _CHUNK_TABLE.size)
+    if pos + sum(lengths) != len(data):
+        raise CodecError("planes-zstd chunk lengths do not add up to the plane's data")
+    tasks = []
+    for j, length in enumerate(lengths):
+        lo = j * chunk
+        tasks.append((lo, min(n, lo + chunk), data[pos : pos + length]))
+        pos += length
+    return tasks
+
+
+def _decompress_into(data: memoryview, target: np.ndarray) -> None:
+    """Decode one zstd frame, which must hold exactly ``target.size`` bytes, into ``target`` (no temporary)."""
+    n = target.size
+    view = memoryview(target)  # type: ignore[arg-type]
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared != n:  # refuse before writing what a damaged header claims
+            raise CodecError(f"zstd plane declares {declared} bytes, expected {n}")
+        reader = _dctx().stream_reader(data)
+        got = 0
+        while got < n:
+            step = reader.readinto(view[got:])
+            if not step:
+                break
+            got += step
+        extra = reader.read(1) if got == n else b""
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd plane does not decode: {exc}") from None
+    if got != n or extra:
+        raise CodecError("zstd plane decoded to the wrong length")
 
 
 def estimate_bits(words: np.ndarray, sample: int = 1 << 14) -> float:
