@@ -76,8 +76,8 @@ def run(directory: Path, reps: int, min_bytes: int, rounds: int) -> dict[str, An
                 planes.set_coding_threads(cores)
                 with ThreadPoolExecutor(cores) as pool:
                     for mode, each in (("one", map), ("store", pool.map)):
-                        enc = mb / _time(lambda: list(each(_encode, pairs)), reps)
-                        dec = mb / _time(lambda: decode_all(payloads, encoded, pairs, each), reps)
+                        enc = mb / _time(lambda each=each: list(each(_encode, pairs)), reps)
+                        dec = mb / _time(lambda each=each: decode_all(payloads, encoded, pairs, each), reps)
                         results.setdefault(f"{mode}_encode_{cores}", []).append(enc)
                         results.setdefault(f"{mode}_decode_{cores}", []).append(dec)
     finally:

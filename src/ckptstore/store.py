@@ -921,7 +921,12 @@ class Store:
             self.storage.prefetch(self._ranges_to_read(m, stored_names, known)),
             ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode") as ex,
         ):
-            return dict(ex.map(one, wanted))
+            # small tensors go in batches (a few hundred futures cost the GIL more than decoding them), large
+            # ones alone: each of those already runs on every coding thread
+            out: dict[str, tree.Leaf] = {}
+            for part in ex.map(lambda batch: [one(n) for n in batch], _batches(wanted, m.tensors)):
+                out.update(part)
+            return out
 
     def _ranges_to_read(
         self, m: Manifest, names: Iterable[str], known: Mapping[str, np.ndarray] | None
@@ -1538,6 +1543,28 @@ class Store:
             "pack_bytes": packs,
             "ratio": logical / packs if packs else None,
         }
+
+
+_BATCH_BYTES = 4 << 20  # tensors decoded in one task: up to this many bytes, or _BATCH_COUNT tensors
+_BATCH_COUNT = 32
+
+
+def _batches(names: list[str], tensors: Mapping[str, Any]) -> list[list[str]]:
+    """``names`` in order, cut into decode tasks: runs of small tensors, each large one alone."""
+    out: list[list[str]] = []
+    run: list[str] = []
+    size = 0
+    for n in names:
+        t = tensors.get(n)
+        nbytes = codecs.TensorSpec(t["dtype"], tuple(t["shape"])).nbytes if t is not None else _BATCH_BYTES
+        if run and (size + nbytes > _BATCH_BYTES or len(run) >= _BATCH_COUNT):
+            out.append(run)
+            run, size = [], 0
+        run.append(n)
+        size += nbytes
+    if run:
+        out.append(run)
+    return out
 
 
 def _next_bases(m: Manifest | None) -> set[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptstore.codecs import planes as _planes
 from ckptstore.codecs.base import ArrayCodec, BytesCodec, TensorSpec, from_record, registered
 from ckptstore.codecs.delta import OrderedDelta
 from ckptstore.codecs.planes import (
@@ -225,7 +226,9 @@ def _decode_chunks(
 ) -> np.ndarray | None:
     """A chunked payload (format §10.3, method 3) decoded chunk by chunk when a fused loop applies: a keyframe of
     4-byte words (planes joined per chunk) or one delta codec with its C loop. None when it does not apply."""
-    if spec.dt.itemsize != 4 or spec.dtype == "complex128" or kernels is None or len(stages) > 1:
+    if spec.size <= _planes.CHUNK_BYTES or spec.dt.itemsize != 4 or spec.dtype == "complex128" or kernels is None:
+        return None  # (a payload chunked finer than this writer does still decodes, plane by plane)
+    if len(stages) > 1:
         return None
     if stages:
         fused = stages[0].span_decoder(spec, refs, spare) if isinstance(stages[0], OrderedDelta) else None
