@@ -5,6 +5,7 @@ Equality is always on raw bytes (``.tobytes()``), never on float values, so NaN 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import struct
@@ -400,6 +401,31 @@ def test_damaged_chunk_tables_raise_codec_error(rng: np.random.Generator) -> Non
         with pytest.raises(CodecError):
             BytePlanesZstd().decode(bad, spec)
             pytest.fail(f"{what}: decoded")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_damaged_chunked_payloads_are_codec_errors(data: st.DataObject) -> None:
+    """Any byte of a chunked payload changed, or the payload cut anywhere: a CodecError or an array of the right
+    size (which the store's hash then refuses), never another exception, on both decode paths."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    _, spec, payload, _ = _chunked(rng)
+    bad = bytearray(payload)
+    if data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 4))):
+            bad[data.draw(st.integers(0, len(bad) - 1))] = data.draw(st.integers(0, 255))
+    else:
+        del bad[data.draw(st.integers(0, len(bad) - 1)) :]
+    codec = BytePlanesZstd()
+    try:
+        out = codec.decode(bytes(bad), spec)
+    except CodecError:
+        pass
+    else:
+        assert out.size == spec.size
+    got: list[np.ndarray] = []
+    with contextlib.suppress(CodecError):
+        codec.decode_chunks(bytes(bad), spec, lambda planes, lo, hi: got.append(planes[0][: hi - lo].copy()))
 
 
 @pytest.mark.parametrize("predictor", ["fit", "prev", "scale", "rowscale"])
