@@ -412,3 +412,41 @@ def test_delta_saves_do_not_wait_on_themselves(tmp_path: Path) -> None:
     for i, want in wants.items():
         assert store.load(f"r@{i}")["w"].tobytes() == want
     assert any(store.manifest("r", 5).objects[o].get("refs") for o in store.manifest("r", 5).objects), "no deltas"
+
+
+def _nice(thread: threading.Thread) -> int:
+    import os
+
+    assert thread.native_id is not None
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+
+def test_background_coding_runs_at_lower_priority_than_the_caller(tmp_path: Path) -> None:
+    """An async save's worker, the pools it starts and their coding threads run at nice + BACKGROUND_NICE, so a
+    training loop that keeps every core busy runs first; a sync save's coding threads keep the caller's priority."""
+    import os
+
+    from ckptstore.codecs import planes
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    expected = min(19, base + planes.BACKGROUND_NICE)
+    before = planes.coding_threads()
+    planes.set_coding_threads(2)  # fresh pools, started by whoever codes first
+    try:
+        rng = np.random.default_rng(0)
+        big = {"w": torch.from_numpy(rng.standard_normal(2_000_000).astype(np.float32))}  # 8 MB: coded on 2 threads
+        with ckptstore.create_store(tmp_path / "s") as store:
+            store.save("r", 1, big)
+            fg = [t for t in threading.enumerate() if t.name.startswith("ckpt-planes_")]
+            assert fg and all(_nice(t) == base for t in fg)
+            big["w"].mul_(1.0001)
+            store.save_async("r", 2, big).result()
+            worker = [t for t in threading.enumerate() if t.name.startswith("ckpt-async-save")]
+            bg = [t for t in threading.enumerate() if t.name.startswith("ckpt-planes-bg")]
+            assert worker and all(_nice(t) == expected for t in worker)
+            assert bg and all(_nice(t) == expected for t in bg)  # started by the worker's encode pool
+            assert all(_nice(t) == base for t in fg)  # the foreground pool is untouched
+            assert _nice(threading.current_thread()) == base
+            assert store.load("r@2")["w"].numpy().tobytes() == big["w"].numpy().tobytes()
+    finally:
+        planes.set_coding_threads(before)

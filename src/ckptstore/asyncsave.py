@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptstore.codecs.planes import run_in_background
 from ckptstore.errors import CheckpointExistsError, InvalidStateError
 from ckptstore.format import tree
 from ckptstore.format.manifest import CheckpointInfo
@@ -387,7 +388,8 @@ class AsyncSaver:
             self._pending[(run, step)] = handle
         if self._executor is None:
             # Non-daemon: at interpreter exit the queued saves still finish (concurrent.futures joins its threads).
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-async-save")
+            # The worker codes at a lower CPU priority than the caller (run_in_background): training runs first.
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-async-save", initializer=run_in_background)
         self._executor.submit(self._run, handle, prepared, snap, progress, on_commit)
         handle.stall = time.perf_counter() - t0
         return handle

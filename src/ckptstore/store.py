@@ -24,7 +24,7 @@ import numpy as np
 
 from ckptstore import codecs
 from ckptstore.asyncsave import DEFAULT_MAX_IN_FLIGHT, AsyncSaver, PreparedSave, SaveHandle
-from ckptstore.codecs.planes import estimate_bits
+from ckptstore.codecs.planes import estimate_bits, run_in_background, thread_initializer
 from ckptstore.codecs.planner import delta_base
 from ckptstore.errors import (
     CheckpointExistsError,
@@ -516,7 +516,7 @@ class Store:
         ``head`` replaces the Store's delta heads as the cache of base words (compaction keeps its own);
         without ``keep_heads`` no copies of the new words are made."""
         names = list(leaves)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash") as ex:
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash", initializer=thread_initializer()) as ex:
             oids = list(ex.map(lambda n: object_id(leaves[n]), names))
         tensors = {
             n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o}
@@ -616,7 +616,9 @@ class Store:
 
         stored = 0
         with PackWriter(self.storage, pack_key) as writer:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-encode") as ex:
+            with ThreadPoolExecutor(
+                self.threads, thread_name_prefix="ckpt-encode", initializer=thread_initializer()
+            ) as ex:
                 window: list[Future[tuple[str, dict[str, Any], list[bytes | memoryview]]]] = []
                 it = iter(todo)
                 done = 0
@@ -919,7 +921,7 @@ class Store:
             stored_names.extend([n] if n in m.tensors else [c["tensor"] for c in full[n]["chunks"]])
         with (
             self.storage.prefetch(self._ranges_to_read(m, stored_names, known)),
-            ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode") as ex,
+            ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode", initializer=thread_initializer()) as ex,
         ):
             # small tensors go in batches (a few hundred futures cost the GIL more than decoding them), large
             # ones alone: each of those already runs on every coding thread
@@ -1352,7 +1354,7 @@ class Store:
         if run in self._compact_pending:
             return
         if self._compactor is None:
-            self._compactor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-compact")
+            self._compactor = ThreadPoolExecutor(1, thread_name_prefix="ckpt-compact", initializer=run_in_background)
         self._compact_pending.add(run)
         self._compactor.submit(self._compact_background, run)
 

@@ -56,6 +56,8 @@ _CHUNK_TABLE = struct.Struct("<QI")  # u64 chunk size, u32 chunk count; then cou
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
+_background_pool: ThreadPoolExecutor | None = None
+_kind = threading.local()  # .background: the thread does background work (run_in_background)
 _threads: int | None = None
 _pool_lock = threading.Lock()
 T = TypeVar("T")
@@ -74,21 +76,34 @@ def coding_threads() -> int:
 
 def set_coding_threads(n: int) -> None:
     """Set the number of coding threads (at least 1) for the tensors coded from now on."""
-    global _threads, _pool
+    global _threads, _pool, _background_pool
     if n < 1:
         raise ValueError("coding threads must be at least 1")
     with _pool_lock:
-        _threads, old, _pool = int(n), _pool, None
-    if old is not None:
-        old.shutdown(wait=False)
+        _threads, old, _pool, old_bg, _background_pool = int(n), _pool, None, _background_pool, None
+    for pool in (old, old_bg):
+        if pool is not None:
+            pool.shutdown(wait=False)
 
 
 def plane_pool() -> ThreadPoolExecutor:
-    global _pool
+    """The coding threads of the calling thread's kind: foreground, or background (see :func:`run_in_background`),
+    whose threads are started from a background thread and so inherit its lower priority."""
+    global _pool, _background_pool
+    background = getattr(_kind, "background", False)
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(2, coding_threads()), thread_name_prefix="ckpt-planes")
-        return _pool
+        pool = _background_pool if background else _pool
+        if pool is None:
+            pool = ThreadPoolExecutor(
+                max_workers=max(2, coding_threads()),
+                thread_name_prefix="ckpt-planes-bg" if background else "ckpt-planes",
+                initializer=_mark_background if background else None,
+            )
+            if background:
+                _background_pool = pool
+            else:
+                _pool = pool
+        return pool
 
 
 def pmap(fn: Callable[[T], R], items: Sequence[T], parallel: bool) -> list[R]:
@@ -96,6 +111,42 @@ def pmap(fn: Callable[[T], R], items: Sequence[T], parallel: bool) -> list[R]:
     if not parallel or len(items) < 2 or coding_threads() < 2:
         return [fn(x) for x in items]
     return list(plane_pool().map(fn, items))
+
+
+# How much lower than the caller the background work runs (nice increment, 0-19); CKPTSTORE_BACKGROUND_NICE sets it.
+BACKGROUND_NICE = 10
+
+
+def run_in_background() -> None:
+    """Mark the calling thread as background work (an async save's worker, the compactor): it runs at a lower CPU
+    priority (nice + :data:`BACKGROUND_NICE`, Linux; best effort elsewhere), so on a machine whose cores the
+    training loop keeps busy the loop's threads run first and the store codes in what they leave idle. Pools it
+    starts (:func:`thread_initializer`) and its coding threads are background too."""
+    _mark_background()
+    env = os.environ.get("CKPTSTORE_BACKGROUND_NICE", "")
+    step = int(env) if env.isdigit() else BACKGROUND_NICE
+    if step <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (AttributeError, OSError):  # no per-thread priorities here: the work still runs, at normal priority
+        pass
+
+
+def _mark_background() -> None:
+    _kind.background = True
+
+
+def in_background() -> bool:
+    """Whether the calling thread is marked as background work."""
+    return bool(getattr(_kind, "background", False))
+
+
+def thread_initializer() -> Callable[[], None] | None:
+    """The ``initializer`` for a thread pool started by the calling thread: a background thread's pools are
+    background too (their threads already inherit its priority from Linux)."""
+    return _mark_background if in_background() else None
 
 
 def spans(n: int, parallel: bool, align: int = 1) -> list[tuple[int, int]]:
