@@ -121,7 +121,9 @@ def _now() -> str:
 class Store:
     """A store of training runs. Open one with :func:`open_store` or create it with :func:`create_store`.
 
-    ``threads`` sets encode/decode parallelism. ``keyframe_interval`` bounds delta chains: a tensor is stored whole
+    ``threads``: how many tensors are encoded or decoded at once (default 2); each large tensor is itself coded
+    in chunks on the process's coding threads (one per core it may use; ``CKPTSTORE_CODING_THREADS`` or
+    ``ckptstore.codecs.planes.set_coding_threads`` change that). ``keyframe_interval`` bounds delta chains: a tensor is stored whole
     at least every that many checkpoints, so reading any checkpoint decodes at most that many objects per tensor.
     The Store keeps a private copy of the last checkpoint it saved (about one checkpoint of memory), so the
     next save deltas against it without reading it back. ``max_in_flight`` bounds the :meth:`save_async` saves
