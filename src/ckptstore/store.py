@@ -123,9 +123,8 @@ class Store:
 
     ``threads``: how many tensors are encoded or decoded at once (default 2); each large tensor is itself coded
     in chunks on the process's coding threads (one per core it may use; ``CKPTSTORE_CODING_THREADS`` or
-    ``ckptstore.codecs.planes.set_coding_threads`` change that). ``keyframe_interval`` bounds delta chains: a
-    tensor is stored whole at least every that many checkpoints, so reading any checkpoint decodes at most that
-    many objects per tensor.
+    ``ckptstore.codecs.planes.set_coding_threads`` change that). ``keyframe_interval`` bounds delta chains: a tensor is stored whole
+    at least every that many checkpoints, so reading any checkpoint decodes at most that many objects per tensor.
     The Store keeps a private copy of the last checkpoint it saved (about one checkpoint of memory), so the
     next save deltas against it without reading it back. ``max_in_flight`` bounds the :meth:`save_async` saves
     in flight (each holds one snapshot of its state).
@@ -973,44 +972,30 @@ class Store:
         leaf = self.load_leaves(m, [name])[name]
         return _converter(tensors or m.data.get("framework", "numpy"))(leaf)
 
-    def iter_load(
-        self, run: str, *, tensors: str | None = None, read_ahead: bool = True
-    ) -> Iterator[tuple[Manifest, Any]]:
+    def iter_load(self, run: str, *, tensors: str | None = None) -> Iterator[tuple[Manifest, Any]]:
         """Every checkpoint of a run in step order; each delta decodes against the one just read.
 
         Between two checkpoints it keeps decoded only what the next one's tensors are coded against (their
-        ``prev`` objects) or share, in private copies. While the caller has checkpoint *i*, checkpoint *i + 1* is
-        already being decoded (one background thread): memory stays near three checkpoints whatever the chain
-        length (the one handed out, the next, and at most one base array per tensor); ``read_ahead=False``
-        decodes each only when asked for, near two checkpoints. A delta whose base was
-        kept decodes in one step; one whose base was not (a segment root further back) walks its chain as a single
-        load does."""
+        ``prev`` objects) or share: at most one array per tensor besides the checkpoint handed out, so memory
+        stays near two checkpoints whatever the chain length. A delta whose base was kept decodes in one step;
+        one whose base was not (a segment root further back) walks its chain as a single load does."""
         steps = self.steps(run)
-
-        def decode(i: int, known: dict[str, np.ndarray]) -> tuple[Manifest, dict[str, tree.Leaf], dict[str, Any]]:
-            m = self.manifest(run, steps[i])
-            wanted = _next_bases(self.manifest(run, steps[i + 1]) if i + 1 < len(steps) else None)
+        known: dict[str, np.ndarray] = {}
+        nxt = self.manifest(run, steps[0]) if steps else None
+        for i in range(len(steps)):
+            m = nxt
+            assert m is not None
+            nxt = self.manifest(run, steps[i + 1]) if i + 1 < len(steps) else None
+            wanted = _next_bases(nxt)
             keep: dict[str, Any] = {o: None for o in wanted if o not in known}
             leaves = self.load_leaves(m, known=known, keep=keep)
             # private copies: the caller may change the tensors it gets, the next delta must not see that
-            kept = {o: w for o, w in known.items() if o in wanted}
-            kept.update({o: w for o, w in keep.items() if w is not None})
-            return m, leaves, kept
-
-        if not steps:
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="ckpt-read-ahead") as ahead:
-            pending = ahead.submit(decode, 0, {}) if read_ahead else None
-            known: dict[str, Any] = {}
-            for i in range(len(steps)):
-                m, leaves, known = pending.result() if pending is not None else decode(i, known)
-                if read_ahead and i + 1 < len(steps):
-                    pending = ahead.submit(decode, i + 1, known)
-                if "dcp" in m.data:  # a sharded checkpoint's tree names full tensors: put them together
-                    leaves = {n: sharded.assemble_one(n, rec, leaves) for n, rec in m.full_tensors.items()}
-                convert = _converter(tensors or m.data.get("framework", "numpy"))
-                yield m, tree.unflatten(m.data["tree"], lambda n, lv=leaves, c=convert: c(lv[n]))  # type: ignore[misc]
-                del leaves
+            known = {o: w for o, w in known.items() if o in wanted}
+            known.update({o: w for o, w in keep.items() if w is not None})
+            if "dcp" in m.data:  # a sharded checkpoint's tree names full tensors: put them together
+                leaves = {n: sharded.assemble_one(n, rec, leaves) for n, rec in m.full_tensors.items()}
+            convert = _converter(tensors or m.data.get("framework", "numpy"))
+            yield m, tree.unflatten(m.data["tree"], lambda n, lv=leaves, c=convert: c(lv[n]))  # type: ignore[misc]
 
     # ------------------------------------------------------------------ metadata edits
     def update_metadata(self, ref: str | Ref, update: Callable[[dict[str, Any]], None]) -> Manifest:
