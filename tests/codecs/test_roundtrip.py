@@ -895,3 +895,17 @@ def test_tensor_spec_sizes() -> None:
     assert TensorSpec("float32", ()).size == 1
     assert TensorSpec("float32", (0, 5)).size == 0
     assert math.prod(()) == 1
+
+
+def test_coding_threads_default_to_the_cores_and_follow_the_environment() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from ckptstore.codecs import planes; print(planes.coding_threads())"
+    env = {k: v for k, v in os.environ.items() if k != "CKPTSTORE_CODING_THREADS"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(default.stdout) == len(os.sched_getaffinity(0))
+    env["CKPTSTORE_CODING_THREADS"] = "3"
+    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(chosen.stdout) == 3

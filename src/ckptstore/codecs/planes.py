@@ -70,7 +70,10 @@ def coding_threads() -> int:
     global _threads
     if _threads is None:
         env = os.environ.get("CKPTSTORE_CODING_THREADS", "")
-        _threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+        if env.isdigit() and int(env) > 0:
+            _threads = int(env)
+        else:  # sched_getaffinity is Linux-only; elsewhere every core counts
+            _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return _threads
 
 
