@@ -16,4 +16,6 @@ export PATH="$venv/bin:$PATH"
 export CKPTSTORE_REQUIRE_KERNELS=1
 echo "== ruff"; ruff check src tests benchmarks
 echo "== mypy"; mypy
-echo "== pytest"; python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (CI has 2 cores); whole files per worker, so a module's expensive fixtures (a trained run, a DCP
+# job, an ingested store) are built once, not once per worker. Later options win: pass -n 0 to run in-process.
+echo "== pytest"; python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@"

@@ -40,8 +40,19 @@ def test_errors_are_one_line(adam_store: Path, tmp_path: Path) -> None:
     assert res.returncode == 2 and "holds no optimizer state" in res.stderr and "Traceback" not in res.stderr
 
 
+def ckpt_here(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``ckpt`` in this process: the same parser and command, without a Python start-up importing open_clip."""
+    from ckptstore.cli.main import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return out
+
+
 @pytest.mark.slow
-def test_openclip_commands(tmp_path: Path) -> None:
+def test_openclip_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("open_clip")
     from ckptstore.demo import trajectory as tj
     from ckptstore.integrations.openclip import ingest
@@ -49,12 +60,14 @@ def test_openclip_commands(tmp_path: Path) -> None:
     ckpts = tj.ensure_trajectory(epochs=2, size="tiny", n_images=256)
     s = tmp_path / "s"
     ingest(create_store(s), [ckpts], run="tiny")
+    # One command as a real program (the model commands' imports in a fresh process), the others in this one.
     i = json.loads(ckpt("analyze", "interpolation", "-s", str(s), "tiny@1", "tiny@2", "--points", "3", "--n", "30",
                         "--json"))  # fmt: skip
     assert i["alphas"] == [0.0, 0.5, 1.0] and len(i["paths"]) == 1 and i["paths"][0]["barrier"]["loss"] >= 0
-    a = json.loads(ckpt("analyze", "averages", "-s", str(s), "tiny", "--k", "2", "--n", "30", "--json"))
+    a = json.loads(ckpt_here(capsys, "analyze", "averages", "-s", str(s), "tiny", "--k", "2", "--n", "30", "--json"))
     assert [c["name"] for c in a["candidates"]] == ["last", "lawa2", "ema0.9"]
-    p = json.loads(ckpt("analyze", "plasticity", "-s", str(s), "tiny", "--n", "30", "--json", "--no-spectral"))
+    p = json.loads(ckpt_here(capsys, "analyze", "plasticity", "-s", str(s), "tiny", "--n", "30", "--json",
+                             "--no-spectral"))  # fmt: skip
     assert len(p["dormant"]) == 6 and len(p["dormant_total"]["count"]) == 2
 
 

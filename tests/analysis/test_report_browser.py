@@ -476,19 +476,10 @@ def test_a_fetch_fails_the_check(chromium: str, sample: tuple[Path, str], tmp_pa
 
 
 @pytest.mark.slow
-def test_demo_report_renders_in_chromium(chromium: str, tmp_path: Path) -> None:
-    """The acceptance check of issue 5: ``ckpt report`` on the demo run, rendered and screenshotted."""
-    pytest.importorskip("torch")
-    pytest.importorskip("open_clip_train")
-    pytest.importorskip("sklearn")
-    from ckptstore.cli.main import main as ckpt_main
-    from ckptstore.demo import trajectory as tj
-
-    ckpts = tj.ensure_trajectory(epochs=2, size="tiny", n_images=256)
-    store = str(tmp_path / "store")
-    assert ckpt_main(["ingest", "-s", store, "--init", str(ckpts), "--run", "demo"]) == 0
-    out = tmp_path / "report.html"
-    assert ckpt_main(["report", "demo", "-s", store, "-O", str(out)]) == 0
+def test_demo_report_renders_in_chromium(chromium: str, demo_report: tuple[Path, str], tmp_path: Path) -> None:
+    """The acceptance check of issue 5: ``ckpt report`` on the demo run (the ``demo_report`` fixture, made once
+    for this test and test_report.py's), rendered and screenshotted."""
+    out, _stdout = demo_report
     page = out.read_text(encoding="utf-8")
     r = render(chromium, out)
     assert_rendered_ok(r, _n_images(page))

@@ -6,6 +6,9 @@ touch thousands of token-table rows, the trainer's own checkpoint layout, and we
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,12 +94,33 @@ def test_real_training_writes_trained_checkpoints(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ensure_trajectory_caches_finished_runs(tmp_path: Path) -> None:
-    def ensure() -> Path:
-        return tj.ensure_trajectory(tmp_path, epochs=1, dataset="synthetic", n_images=128, val_samples=0)
+    def ensure(progress: Callable[[str], None] | None = None) -> Path:
+        return tj.ensure_trajectory(tmp_path, epochs=1, dataset="synthetic", n_images=128, val_samples=0,
+                                    progress=progress)  # fmt: skip
 
-    ckpts = ensure()
+    # Two callers at once (two test workers, two demos): one trains, the other waits for it and reuses its run.
+    first: list[str] = []
+    second: list[str] = []
+    training = threading.Event()
+
+    def first_progress(line: str) -> None:
+        first.append(line)
+        if line.startswith("not cached yet"):
+            training.set()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a = pool.submit(ensure, first_progress)
+        assert training.wait(600), first
+        b = pool.submit(ensure, second.append)
+        ckpts = a.result(timeout=900)
+        assert b.result(timeout=900) == ckpts
+    assert first[0].startswith("not cached yet: training now")
+    assert second[0] == "waiting: another process is training the same run", second
+    assert len(second) == 2 and second[1].startswith("cached: trained by another process while this one waited")
     assert (ckpts / "epoch_1.pt").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [ckpts.parents[2].name]  # no temporary leftovers
+    key = ckpts.parents[2].name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", key]  # no temporary leftovers
+    assert [p.name for p in (tmp_path / ".locks").iterdir()] == [key]  # the build lock of this key only
     stamp = (ckpts / "epoch_1.pt").stat().st_mtime_ns
     assert ensure() == ckpts
     assert (ckpts / "epoch_1.pt").stat().st_mtime_ns == stamp  # reused, not retrained

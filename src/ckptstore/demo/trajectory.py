@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import importlib.metadata
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -481,7 +482,9 @@ def ensure_trajectory(
 
     The cache key covers every parameter plus the torch/open_clip versions and this module's layout version. A
     run is built in a temporary sibling directory and renamed into place, so a killed build never leaves a
-    half-written cache entry (its leftovers are removed by the next call for the same key).
+    half-written cache entry (its leftovers are removed by the next call for the same key). Builds of one key
+    are serialised by a lock file (``.locks/KEY`` under the cache root): a second process asking for a run that
+    is being trained waits for it and reuses the entry.
     """
     _check_size(size)
     root = Path(cache_root) if cache_root is not None else default_cache_root()
@@ -496,16 +499,56 @@ def ensure_trajectory(
     name = f"{size}-{dataset}-e{epochs}-s{seed}"
     final = root / key
     ckpt_dir = final / "logs" / name / "checkpoints"
-    if not rebuild and (final / "trajectory.json").is_file() and (ckpt_dir / f"epoch_{epochs}.pt").is_file():
+
+    def finished() -> bool:
+        return (final / "trajectory.json").is_file() and (ckpt_dir / f"epoch_{epochs}.pt").is_file()
+
+    if not rebuild and finished():
         if progress is not None:
             progress(f"cached: trained by an earlier run, reused from {final}")
         return ckpt_dir
+    root.mkdir(parents=True, exist_ok=True)
+    # One build per key at a time (two test workers, or two demos, asking for the same run): the second waits for
+    # the first and then reuses its entry instead of training the same run again beside it.
+    with _build_lock(root / ".locks" / key, progress):
+        if not rebuild and finished():
+            if progress is not None:
+                progress(f"cached: trained by another process while this one waited, reused from {final}")
+            return ckpt_dir
+        _build(root, key, name, final, params, epochs=epochs, size=size, batch_size=batch_size, lr=lr,
+               warmup=warmup, seed=seed, dataset=dataset, n_images=n_images, val_samples=val_samples,
+               extra_args=extra_args, progress=progress)  # fmt: skip
+    return ckpt_dir
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, progress: Callable[[str], None] | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing, never removed: removing a lock file races with a
+    process that is opening it), released when the block ends or the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress is not None:
+                progress("waiting: another process is training the same run")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _build(
+    root: Path, key: str, name: str, final: Path, params: dict[str, Any], *, epochs: int, size: str, batch_size: int,
+    lr: float, warmup: int | None, seed: int, dataset: DatasetKind, n_images: int | None, val_samples: int,
+    extra_args: Sequence[str], progress: Callable[[str], None] | None,
+) -> None:  # fmt: skip
+    """Train the run of cache entry ``key`` in a temporary sibling of ``final`` and rename it into place."""
     if progress is not None:
         progress(f"not cached yet: training now (kept in {root} for later runs)")
     if final.exists():  # asked to rebuild, or someone deleted files from the entry
         shutil.rmtree(final)
-
-    root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".tmp-{key}-*"):  # leftovers of builds whose process is gone
         with contextlib.suppress(ValueError, IndexError):
             if not pid_alive(int(stale.name[len(f".tmp-{key}-") :].split("-")[0])):
@@ -527,7 +570,6 @@ def ensure_trajectory(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ckpt_dir
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -228,8 +228,9 @@ class MotoS3Server:
         except ImportError as exc:
             raise MissingDependencyError("the S3 test server needs moto", hint="pip install 'moto[server]'") from exc
         self.process = process
-        self.port = port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        # In a thread the server binds port 0 itself (no window in which another process can take a port picked
+        # in advance, as two test workers starting servers at once could); a child process needs one up front.
+        self.port = port or (free_port() if process else 0)
         self.faults: FaultInjector
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -257,10 +258,16 @@ class MotoS3Server:
             self._server = make_server(
                 "127.0.0.1", self.port, self.faults, threaded=True, request_handler=MotoRequestHandler
             )
+            self.port = self._server.server_port
             self._thread = threading.Thread(target=self._server.serve_forever, name="moto-s3", daemon=True)
             self._thread.start()
         self._wait_ready()
         return self
+
+    @property
+    def endpoint(self) -> str:
+        """``http://127.0.0.1:PORT`` (in thread mode, the port is known once the server is started)."""
+        return f"http://127.0.0.1:{self.port}"
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
