@@ -123,8 +123,9 @@ class Store:
 
     ``threads``: how many tensors are encoded or decoded at once (default 2); each large tensor is itself coded
     in chunks on the process's coding threads (one per core it may use; ``CKPTSTORE_CODING_THREADS`` or
-    ``ckptstore.codecs.planes.set_coding_threads`` change that). ``keyframe_interval`` bounds delta chains: a tensor is stored whole
-    at least every that many checkpoints, so reading any checkpoint decodes at most that many objects per tensor.
+    ``ckptstore.codecs.planes.set_coding_threads`` change that). ``keyframe_interval`` bounds delta chains: a
+    tensor is stored whole at least every that many checkpoints, so reading any checkpoint decodes at most that
+    many objects per tensor.
     The Store keeps a private copy of the last checkpoint it saved (about one checkpoint of memory), so the
     next save deltas against it without reading it back. ``max_in_flight`` bounds the :meth:`save_async` saves
     in flight (each holds one snapshot of its state).

@@ -12,7 +12,7 @@ fs_zsave (plain DCP FileSystemWriter, without / with ZStandard, into STORE/step_
 STORE/export_N). LAYOUT picks
 the sharding of each tensor (``a``: rows, ``b``: columns), so a load can use another sharding than the save.
 Every rank rebuilds the full tensors from the step number and compares bytes.
-Environment: MASTER_PORT, DIE_RANK (for kill).
+Environment: GLOO_INIT_FILE (the rendezvous file, set by the launcher), DIE_RANK (for kill).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from ckptstore.dcp import StoreReader, StoreWriter
 from ckptstore.testing.ranks import fork_ranks
-from ckptstore.testing.s3 import free_port
 
 
 def full_state(step: int) -> dict[str, torch.Tensor]:
@@ -170,7 +171,15 @@ def check(state: dict, step: int) -> None:
 
 
 def main(store: str, options: dict | None, action: str, step: int, layout: str) -> None:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    # A file rendezvous, not a TCP port: with two test workers running rank groups at once, a port picked free
+    # here could be taken by the other before the store binds it. Gloo's own connections bind port 0.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.environ['GLOO_INIT_FILE']}",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=datetime.timedelta(seconds=60),
+    )
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     if action in ("save", "async_save", "kill"):
@@ -247,15 +256,18 @@ def main(store: str, options: dict | None, action: str, step: int, layout: str) 
 def launch(store: str, options: dict | None, stage: str) -> int:
     world_s, action, step, layout = stage.split(":")
     world = int(world_s)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(free_port())
+    rendezvous = tempfile.mkdtemp(prefix="gloo-rdzv-")
+    os.environ["GLOO_INIT_FILE"] = os.path.join(rendezvous, "init")  # one fresh file per stage
     os.environ["WORLD_SIZE"] = str(world)
 
     def rank(r: int) -> None:
         os.environ["RANK"] = str(r)
         main(store, options, action, int(step), layout)
 
-    failed = fork_ranks(world, rank)
+    try:
+        failed = fork_ranks(world, rank)
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
     if failed:  # fork_ranks killed its peers: they would wait for it until gloo's timeout
         print(f"rank {failed[0]} exited with {failed[1]}", flush=True)
         return 3
