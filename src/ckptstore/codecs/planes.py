@@ -15,6 +15,7 @@ coding spreads over every core in both directions: zstd decodes a frame on one t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import struct
@@ -155,6 +156,8 @@ def thread_initializer() -> Callable[[], None] | None:
 def spans(n: int, parallel: bool, align: int = 1) -> list[tuple[int, int]]:
     """``[0, n)`` cut into one span per coding thread (boundaries multiples of ``align``), or one span."""
     parts = coding_threads() if parallel else 1
+    if parts == 1 or n < 2:
+        return [(0, n)]
     cuts = sorted({min(n, (n // align * i // parts) * align) for i in range(1, parts)} - {0, n})
     edges = [0, *cuts, n]
     return list(itertools.pairwise(edges))
@@ -448,21 +451,23 @@ def _pieces(payload: memoryview | bytes, k: int) -> list[tuple[int, int, memoryv
     buf = memoryview(payload)
     if len(buf) < 1 or buf[0] != k:
         raise CodecError(f"planes-zstd payload has {buf[0] if len(buf) else 0} planes, expected {k}")
-    pos = 1
-    entries = []
-    for _ in range(k):
-        if pos + _PLANE_HEADER.size > len(buf):
-            raise CodecError("planes-zstd header truncated")
-        entries.append(_PLANE_HEADER.unpack_from(buf, pos))
-        pos += _PLANE_HEADER.size
+    pos = 1 + k * _PLANE_HEADER.size
+    if pos > len(buf):
+        raise CodecError("planes-zstd header truncated")
+    fields = _headers(k).unpack_from(buf, 1)  # (method, value) for every plane, in one call
     pieces = []
-    for method, value in entries:
+    for method, value in zip(fields[::2], fields[1::2], strict=True):
         length = value if method in (RAW, ZSTD, ZSTD_CHUNKS) else 0
         if method not in (RAW, ZSTD, CONST, ZSTD_CHUNKS) or pos + length > len(buf):
             raise CodecError("planes-zstd payload truncated or corrupt")
         pieces.append((method, value, buf[pos : pos + length]))
         pos += length
     return pieces
+
+
+@functools.cache
+def _headers(k: int) -> struct.Struct:
+    return struct.Struct("<" + "BQ" * k)
 
 
 def _scratch(k: int, size: int) -> np.ndarray:

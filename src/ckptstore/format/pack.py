@@ -52,8 +52,13 @@ def repacked_key(key: str) -> str:
     return key.rsplit("-", 1)[0] + f"-{uuid.uuid4().hex[:_ID_CHARS]}.pack"
 
 
+_GOOD_KEYS: set[str] = set()  # keys already checked (a load checks every object's; most share a few packs)
+
+
 def check_pack_key(key: Any, where: str) -> None:
     """Object locations must stay inside the store's packs/ folder, whatever a (damaged) manifest says."""
+    if isinstance(key, str) and key in _GOOD_KEYS:
+        return
     if (
         not isinstance(key, str)
         or not key.startswith(f"{PACKS_DIR}/")
@@ -61,6 +66,9 @@ def check_pack_key(key: Any, where: str) -> None:
         or any(part in ("", ".", "..") or "\\" in part for part in key.split("/"))
     ):
         raise FormatError(f"object location {str(key)[:80]!r} is outside the store's packs", path=where)
+    if len(_GOOD_KEYS) > 100_000:  # bounded: a long-lived process reading many stores
+        _GOOD_KEYS.clear()
+    _GOOD_KEYS.add(key)
 
 
 class PackWriter:
