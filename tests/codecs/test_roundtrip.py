@@ -442,11 +442,8 @@ def test_payload_bytes_do_not_depend_on_the_thread_count(rng: np.random.Generato
             if predictor == "fit":
                 enc = codecs.encode(cur, spec, {"prev": prev})
             else:
-                codec = {
-                    "prev": OrderedDelta("prev"),
-                    "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
-                    "rowscale": OrderedDelta("rowscale", rows=1031, scales=delta_row_scales(cur, prev, 1031)),
-                }[predictor]
+                codec = delta_codec(predictor, cur, prev, 1031)
+                assert codec is not None
                 enc = finish(cur, spec, [codec], bytes_codec("planes-zstd", 1), prev)
             payloads.append((enc.codecs, enc.payload))
             assert codecs.decode(enc.payload, enc.codecs, spec, {"prev": prev}).tobytes() == cur.tobytes()
@@ -462,6 +459,15 @@ def delta_row_scales(cur: np.ndarray, prev: np.ndarray, rows: int) -> np.ndarray
     return _row_scales(cur.view(np.float32), prev.view(np.float32), rows)
 
 
+def delta_codec(predictor: str | None, cur: np.ndarray, prev: np.ndarray, rows: int) -> OrderedDelta | None:
+    """The delta codec of each predictor for a float32 pair of ``rows`` rows (None: a keyframe)."""
+    if predictor is None:
+        return None
+    if predictor == "rowscale":
+        return OrderedDelta("rowscale", rows=rows, scales=delta_row_scales(cur, prev, rows))
+    return OrderedDelta("scale", float.hex(float(np.float32(0.995)))) if predictor == "scale" else OrderedDelta("prev")
+
+
 @pytest.mark.parametrize("predictor", [None, "prev", "scale", "rowscale"])
 def test_chunked_payloads_decode_chunk_by_chunk(
     rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, predictor: str | None
@@ -473,12 +479,7 @@ def test_chunked_payloads_decode_chunk_by_chunk(
     cur, prev = _words_pair(rng, rows * cols)
     spec = TensorSpec("float32", (rows, cols))
     monkeypatch.setattr(planes_mod, "CHUNK_BYTES", 1000)
-    codec = {
-        None: None,
-        "prev": OrderedDelta("prev"),
-        "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
-        "rowscale": OrderedDelta("rowscale", rows=rows, scales=delta_row_scales(cur, prev, rows)),
-    }[predictor]
+    codec = delta_codec(predictor, cur, prev, rows)
     enc = finish(cur, spec, [codec] if codec else [], bytes_codec("planes-zstd", 1), prev)
     assert ZSTD_CHUNKS in [m for m, _ in plane_methods(enc.payload[(8 + 4 * rows) if predictor == "rowscale" else 0 :])]
     whole_planes = BytePlanesZstd.decode_planes
@@ -489,7 +490,8 @@ def test_chunked_payloads_decode_chunk_by_chunk(
     assert (out is handed) == (codec is not None)
     monkeypatch.setattr(BytePlanesZstd, "decode_planes", whole_planes)
     planes = BytePlanesZstd().decode_planes(enc.payload[(8 + 4 * rows) if predictor == "rowscale" else 0 :], spec)
-    assert len(planes) == 4  # the plane-by-plane path reads the same payload
+    whole = codec.decode_planes(planes, spec, {"prev": prev}) if codec else BytePlanesZstd.join(planes, spec)
+    assert whole is not None and whole.tobytes() == cur.tobytes()  # the plane-by-plane path reads it the same
 
 
 @pytest.mark.parametrize("predictor", [None, "prev", "scale", "rowscale"])
@@ -509,12 +511,7 @@ def test_chunk_by_chunk_encode_writes_the_plane_by_plane_payload(
         prev = prev ^ (noise & np.uint32(0xFF))  # low residual byte random except at the sample
     spec = TensorSpec("float32", (rows, cols))
     monkeypatch.setattr(planes_mod, "CHUNK_BYTES", 7000)
-    codec = {
-        None: None,
-        "prev": OrderedDelta("prev"),
-        "scale": OrderedDelta("scale", float.hex(float(np.float32(0.995)))),
-        "rowscale": OrderedDelta("rowscale", rows=rows, scales=delta_row_scales(cur, prev, rows)),
-    }[predictor]
+    codec = delta_codec(predictor, cur, prev, rows)
     last = BytePlanesZstd()
     if codec is None:  # a keyframe: the planes of the words themselves
         cur = cur ^ (noise & np.uint32(0xFF)) if content == "random-off-sample" else cur
@@ -539,14 +536,13 @@ def _words_pair(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
     return cur.view(np.uint32), prev.view(np.uint32)
 
 
-def test_spans_cover_the_range_on_row_boundaries() -> None:
+def test_spans_cover_the_range_once() -> None:
     before = planes_mod.coding_threads()
     try:
         planes_mod.set_coding_threads(3)
         assert planes_mod.spans(10, False) == [(0, 10)]
         assert planes_mod.spans(10, True) == [(0, 3), (3, 6), (6, 10)]
-        assert planes_mod.spans(12, True, align=4) == [(0, 4), (4, 8), (8, 12)]
-        assert planes_mod.spans(8, True, align=4) == [(0, 4), (4, 8)]  # two rows: no empty span
+        assert planes_mod.spans(2, True) == [(0, 1), (1, 2)]  # fewer elements than threads: no empty span
         assert planes_mod.spans(1, True) == [(0, 1)]
         with pytest.raises(ValueError):
             planes_mod.set_coding_threads(0)

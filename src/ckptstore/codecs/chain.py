@@ -140,8 +140,9 @@ def _span_encoder(
         if words.dtype.itemsize != 4 or kernels is None or spec.dtype == "complex128":
             return None
         cur = np.ascontiguousarray(words)
-        sample = np.empty((4, len(range(cur.size)[random_sample(cur.size)])), dtype=np.uint8)
-        kernels.split_planes4(np.ascontiguousarray(cur[random_sample(cur.size)]), *sample)
+        picked = np.ascontiguousarray(cur[random_sample(cur.size)])
+        sample = np.empty((4, picked.size), dtype=np.uint8)
+        kernels.split_planes4(picked, *sample)
         return sample, lambda lo, hi, planes: kernels.split_planes4(cur[lo:hi], *planes)
     codec = array_codecs[0]
     return codec.span_encoder(words, spec, refs) if isinstance(codec, OrderedDelta) else None

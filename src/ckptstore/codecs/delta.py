@@ -226,15 +226,13 @@ class OrderedDelta(ArrayCodec):
         cur = np.ascontiguousarray(words)
         prev = np.ascontiguousarray(_ref(refs, words))
         pick = random_sample(cur.size)
-        index = np.arange(pick.start, pick.stop, pick.step)
-        sample = np.empty((4, index.size), dtype=np.uint8)
+        picked = np.ascontiguousarray(cur[pick])
+        sample = np.empty((4, picked.size), dtype=np.uint8)
         scales, rows, mode = kargs
         if mode == 2:  # each sampled element with its own row's scale: "rows" of one element
-            scales = np.ascontiguousarray(scales[index // (cur.size // rows)])
-            rows = index.size
-        kernels.f32_delta_encode_planes(
-            np.ascontiguousarray(cur[pick]), np.ascontiguousarray(prev[pick]), scales, rows, mode, *sample
-        )
+            scales = np.ascontiguousarray(scales[np.arange(pick.start, pick.stop, pick.step) // (cur.size // rows)])
+            rows = picked.size
+        kernels.f32_delta_encode_planes(picked, np.ascontiguousarray(prev[pick]), scales, rows, mode, *sample)
 
         def fill(lo: int, hi: int, planes: list[np.ndarray]) -> None:
             for a, b, sc, r, m in self._calls(kargs, lo, hi, spec):

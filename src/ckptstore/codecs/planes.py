@@ -153,12 +153,12 @@ def thread_initializer() -> Callable[[], None] | None:
     return _mark_background if in_background() else None
 
 
-def spans(n: int, parallel: bool, align: int = 1) -> list[tuple[int, int]]:
-    """``[0, n)`` cut into one span per coding thread (boundaries multiples of ``align``), or one span."""
+def spans(n: int, parallel: bool) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into one span per coding thread, or one span."""
     parts = coding_threads() if parallel else 1
     if parts == 1 or n < 2:
         return [(0, n)]
-    cuts = sorted({min(n, (n // align * i // parts) * align) for i in range(1, parts)} - {0, n})
+    cuts = sorted({n * i // parts for i in range(1, parts)} - {0, n})
     edges = [0, *cuts, n]
     return list(itertools.pairwise(edges))
 
@@ -262,25 +262,13 @@ class BytePlanesZstd(BytesCodec):
         entries: list[tuple[int, int]] = []
         pieces: list[bytes | memoryview] = []
         for i, plane in enumerate(rows):
-            raw = memoryview(plane)  # zstd: time spent, nothing saved
-            if not coded[i]:
-                entries.append((RAW, n))
-                pieces.append(raw)
-                continue
-            got = by_plane[i]
-            size = sum(len(f) for f in got)
-            if size < 64 * len(got) and n and (plane == plane[0]).all():
-                entries.append((CONST, int(plane[0])))
-                continue
-            table = b""
-            if len(got) > 1:
-                table = _CHUNK_TABLE.pack(chunk, len(got)) + struct.pack(f"<{len(got)}Q", *(len(f) for f in got))
-            if len(table) + size < n * (1 - _MIN_SAVING):
-                entries.append((ZSTD_CHUNKS if table else ZSTD, len(table) + size))
-                pieces += [table, *got] if table else got
-            else:
-                entries.append((RAW, n))
-                pieces.append(raw)
+            got = by_plane.get(i)
+            constant = int(plane[0]) if got is not None and _tiny(got) and n and (plane == plane[0]).all() else None
+            stored = _zstd_entry(got, n, chunk, constant) if got is not None else None
+            if stored is None:  # zstd: time spent, nothing saved
+                stored = (RAW, n), [memoryview(plane)]
+            entries.append(stored[0])
+            pieces += stored[1]
         header = bytes([len(entries)]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v in entries)
         return [header, *pieces]
 
@@ -325,33 +313,17 @@ class BytePlanesZstd(BytesCodec):
         entries: list[tuple[int, int]] = []
         pieces: list[bytes | memoryview] = []
         for i in range(k):
-            if i in raw:
-                entries.append((RAW, n))
-                pieces.append(memoryview(raw[i]))  # type: ignore[arg-type]
-                continue
             frames = [c[i][0] for c in chunks]
             consts = {c[i][1] for c in chunks}
-            size = sum(len(f) for f in frames)
-            if size < 64 * len(frames) and len(consts) == 1 and None not in consts:
-                entries.append((CONST, int(consts.pop() or 0)))
-                continue
-            table = _CHUNK_TABLE.pack(chunk, len(frames)) + struct.pack(f"<{len(frames)}Q", *(len(f) for f in frames))
-            if len(table) + size < n * (1 - _MIN_SAVING):
-                entries.append((ZSTD_CHUNKS, len(table) + size))
-                pieces += [table, *frames]
-            else:  # zstd did not pay after all: the plane's bytes again, stored as they are
-                plane = np.empty(n, dtype=np.uint8)
-
-                def again(j: int, i: int = i, plane: np.ndarray = plane) -> None:
-                    lo, hi = cuts[j]
-                    scratch = _scratch(k, chunk)
-                    planes = [scratch[t, : hi - lo] for t in range(k)]
-                    fill(lo, hi, planes)
-                    plane[lo:hi] = planes[i]
-
-                pmap(again, range(len(cuts)), parallel)
-                entries.append((RAW, n))
-                pieces.append(memoryview(plane))  # type: ignore[arg-type]
+            constant = consts.pop() if i not in raw and len(consts) == 1 and _tiny(frames) else None
+            stored = _zstd_entry(frames, n, chunk, constant) if i not in raw else None
+            if stored is None:
+                if i not in raw:  # zstd did not pay after all: the plane's bytes again, stored as they are
+                    plane = raw[i] = np.empty(n, dtype=np.uint8)
+                    pmap(functools.partial(_refill, cuts, k, chunk, fill, i, plane), range(len(cuts)), parallel)
+                stored = (RAW, n), [memoryview(raw[i])]  # type: ignore[arg-type]
+            entries.append(stored[0])
+            pieces += stored[1]
         header = bytes([k]) + b"".join(_PLANE_HEADER.pack(m, v) for m, v in entries)
         return [header, *pieces]
 
@@ -444,6 +416,40 @@ class BytePlanesZstd(BytesCodec):
 
         pmap(run, range(len(cuts)), n * k >= PARALLEL_BYTES)
         return True
+
+
+def _tiny(frames: Sequence[bytes]) -> bool:
+    """Frames this small can only hold a constant plane (checked byte by byte before CONST is written)."""
+    return sum(len(f) for f in frames) < 64 * len(frames)
+
+
+def _zstd_entry(
+    frames: Sequence[bytes], n: int, chunk: int, constant: int | None
+) -> tuple[tuple[int, int], list[bytes | memoryview]] | None:
+    """How a plane coded as ``frames`` (one per chunk of ``chunk`` bytes) is stored: ``((method, value), pieces)``
+    for a constant plane (``constant``: its byte), one zstd frame or a chunk table and its frames; None when zstd
+    does not save enough and the plane is to be stored raw."""
+    if constant is not None:
+        return (CONST, constant), []
+    size = sum(len(f) for f in frames)
+    if len(frames) == 1:
+        return ((ZSTD, size), list(frames)) if size < n * (1 - _MIN_SAVING) else None
+    table = _CHUNK_TABLE.pack(chunk, len(frames)) + struct.pack(f"<{len(frames)}Q", *(len(f) for f in frames))
+    if len(table) + size < n * (1 - _MIN_SAVING):
+        return (ZSTD_CHUNKS, len(table) + size), [table, *frames]
+    return None
+
+
+def _refill(
+    cuts: list[tuple[int, int]], k: int, chunk: int, fill: Callable[[int, int, list[np.ndarray]], None], i: int,
+    plane: np.ndarray, j: int,
+) -> None:  # fmt: skip
+    """Plane ``i`` of chunk ``j`` made again (``fill``) and copied into ``plane``."""
+    lo, hi = cuts[j]
+    scratch = _scratch(k, chunk)
+    planes = [scratch[t, : hi - lo] for t in range(k)]
+    fill(lo, hi, planes)
+    plane[lo:hi] = planes[i]
 
 
 def _pieces(payload: memoryview | bytes, k: int) -> list[tuple[int, int, memoryview]]:
