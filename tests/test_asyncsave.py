@@ -88,10 +88,16 @@ def test_stored_checkpoint_is_the_state_at_call_time(tmp_path: Path) -> None:
     store.close()
 
 
-def test_parallel_copy_shares_chunks_among_threads_bit_exactly() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_many", "numpy"])
+def test_parallel_copy_shares_chunks_among_threads_bit_exactly(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Large copies are cut into chunks that the helpers start on at once and the caller finishes with them:
     every byte still lands in its own buffer (odd sizes that end mid-chunk, small and large arrays, several
-    dtypes); with one thread, or only small arrays, no helper runs."""
+    dtypes); with one thread, or only small arrays, no helper runs. The same with the batch kernel and with the
+    numpy fallback (no C kernels)."""
+    if kernel and asyncsave._copy_many is None:
+        pytest.skip("the C kernels were not built (optional extension)")
+    if not kernel:
+        monkeypatch.setattr(asyncsave, "_copy_many", None)
     rng = np.random.default_rng(0)
     sizes = [3, (4 << 20) + 7, 1, (9 << 20) // 4 + 5, 1000, (6 << 20) + 1]
     dtypes = [np.uint8, np.float32, np.bool_, np.float32, np.int64, np.uint16]

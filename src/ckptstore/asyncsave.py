@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore.codecs.planes import run_in_background
+from ckptstore.codecs.planes import kernels, run_in_background
 from ckptstore.errors import CheckpointExistsError, InvalidStateError
 from ckptstore.format import tree
 from ckptstore.format.manifest import CheckpointInfo
@@ -124,6 +124,7 @@ def _synchronize(devices: set[Any]) -> None:
             torch.cuda.current_stream(dev).synchronize()
 
 
+_copy_many = getattr(kernels, "copy_many", None)  # None without the C kernels (or an older build of them)
 _COPY_CHUNK = 4 << 20  # bytes: large tensors are copied in pieces of this size, shared among the copy threads
 _EARLY_COPY_MIN = 1 << 20  # bytes: a tensor this large is handed to the helpers as soon as the walk meets it
 
@@ -133,34 +134,64 @@ class ParallelCopy:
 
     :meth:`add` queues a copy cut into chunks; a large one also wakes a helper, which starts copying while the
     caller goes on (an async save keeps walking its state). :meth:`finish` has the caller copy what is still
-    queued alongside the helpers, then waits for them. numpy releases the GIL while it copies, so two threads
-    copy about 1.7x as fast as one here (docs/benchmarks.md, async saves): the snapshot is the whole stall."""
+    queued alongside the helpers, then waits for them. Each thread takes a batch of queued copies at a time and
+    copies it under one release of the GIL (the ``copy_many`` kernel): a thread that took the GIL back after every
+    array would wait, for each, until the caller's Python let go of it (up to the switch interval, 5 ms). While the
+    caller walks its state it lets go of the GIL after queuing each large tensor, and a helper waiting for it takes
+    everything queued; once the caller copies too, batches shrink with what is left,
+    so both threads finish together. Two threads copy about 1.5x as fast as one here (docs/benchmarks.md, async
+    saves): the snapshot is the whole stall."""
 
     def __init__(self, helpers: ThreadPoolExecutor | None, threads: int) -> None:
         self.helpers = helpers if threads > 1 else None
         self.threads = threads
         self.queue: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
+        self.queued = 0  # bytes in the queue
+        self.lock = threading.Lock()
+        self.finishing = False  # the caller copies too: take a share, not everything
         self.running: list[Future[None]] = []
 
     def add(self, dst: np.ndarray, src: np.ndarray) -> None:
         if self.helpers is None or dst.nbytes <= _COPY_CHUNK:
-            self.queue.append((dst, src))
+            pieces = [(dst, src)]
         else:
             d, s = dst.view(np.uint8), src.view(np.uint8)  # both flat and contiguous: bytes are bytes
-            self.queue.extend((d[i : i + _COPY_CHUNK], s[i : i + _COPY_CHUNK]) for i in range(0, d.nbytes, _COPY_CHUNK))
-        if self.helpers is not None and dst.nbytes >= _EARLY_COPY_MIN and len(self.running) < self.threads - 1:
-            self.running.append(self.helpers.submit(self._drain))
+            pieces = [(d[i : i + _COPY_CHUNK], s[i : i + _COPY_CHUNK]) for i in range(0, d.nbytes, _COPY_CHUNK)]
+        with self.lock:
+            self.queue.extend(pieces)
+            self.queued += dst.nbytes
+        if self.helpers is not None and dst.nbytes >= _EARLY_COPY_MIN:
+            if len(self.running) < self.threads - 1:
+                self.running.append(self.helpers.submit(self._drain))
+            # Let go of the GIL for a moment: a helper waiting for it (to start, or for its next batch) takes
+            # what is queued and copies it while this thread walks on. Without this it waits until the
+            # interpreter's switch interval (5 ms), longer than the whole walk of a 350-tensor state.
+            time.sleep(0)
+
+    def _take(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        with self.lock:
+            # everything while the caller only walks; a shrinking share once it copies too
+            share = max(_COPY_CHUNK, self.queued // (2 * self.threads)) if self.finishing else self.queued
+            batch: list[tuple[np.ndarray, np.ndarray]] = []
+            taken = 0
+            while self.queue and taken < share:
+                pair = self.queue.popleft()
+                batch.append(pair)
+                taken += pair[0].nbytes
+            self.queued -= taken
+            return batch
 
     def _drain(self) -> None:
-        queue = self.queue
-        while True:
-            try:
-                dst, src = queue.popleft()  # deque pops are atomic: no chunk is copied twice
-            except IndexError:
-                return
-            np.copyto(dst, src)
+        while batch := self._take():
+            if _copy_many is not None:
+                _copy_many(batch)
+            else:
+                for dst, src in batch:
+                    np.copyto(dst, src)
 
     def finish(self) -> None:
+        with self.lock:
+            self.finishing = True
         try:
             self._drain()
         finally:
@@ -170,7 +201,9 @@ class ParallelCopy:
 
     def wait(self) -> None:
         """Wait for the helpers without copying (a failed snapshot gives its buffers back only after this)."""
-        self.queue.clear()
+        with self.lock:
+            self.queue.clear()
+            self.queued = 0
         for f in self.running:
             f.exception()
         self.running = []

@@ -161,3 +161,28 @@ def test_kernels_refuse_mismatched_buffers() -> None:
         kernels.f32_row_dots(np.zeros(6, np.float32), np.zeros(6, np.float32), 4, np.zeros(4), np.zeros(4))
     with pytest.raises(ValueError):
         kernels.plane_histogram(np.zeros(6, np.uint8), 4, 1, np.zeros(1024, np.int64))
+
+
+def test_copy_many_copies_every_pair_and_refuses_bad_ones() -> None:
+    rng = np.random.default_rng(1)
+    srcs = [rng.integers(0, 255, n, dtype=np.uint8) for n in (0, 1, 4097, 3 << 20)]
+    srcs.append(rng.standard_normal(1001).astype(np.float32))
+    dsts = [np.zeros_like(s) for s in srcs]
+    kernels.copy_many([(d, s) for d, s in zip(dsts, srcs, strict=True)])
+    assert [d.tobytes() for d in dsts] == [s.tobytes() for s in srcs]
+    kernels.copy_many([])
+    dst = np.zeros(8, np.uint8)
+    for bad, err in (
+        ([(dst, np.zeros(9, np.uint8))], ValueError),  # lengths differ
+        ([(np.frombuffer(bytes(8), np.uint8), np.zeros(8, np.uint8))], (ValueError, BufferError)),  # read-only dst
+        ([(dst, np.zeros(16, np.uint8)[::2])], (ValueError, BufferError)),  # not contiguous
+        ([[dst, np.zeros(8, np.uint8)]], TypeError),  # not a tuple
+        (5, TypeError),
+    ):
+        with pytest.raises(err):
+            kernels.copy_many(bad)
+    # a failure after some pairs were accepted copies nothing at all
+    first = np.zeros(4, np.uint8)
+    with pytest.raises(ValueError):
+        kernels.copy_many([(first, np.ones(4, np.uint8)), (dst, np.zeros(3, np.uint8))])
+    assert not first.any()

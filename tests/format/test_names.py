@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptstore.errors import InvalidNameError
+from ckptstore.format import names
 from ckptstore.format.names import check_component, check_run_name, check_step, check_tensor_name
 from ckptstore.format.spec import MAX_STEP
 
@@ -128,3 +129,26 @@ def test_a_name_with_a_lone_surrogate_is_an_invalid_name() -> None:
     for check in (check_component, check_tensor_name):
         with pytest.raises(InvalidNameError, match="not valid Unicode"):
             check("w\udcff")
+
+
+def test_names_checked_once_are_remembered_and_bad_ones_never_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(names, "_CHECKED_MAX", 4)
+    names._CHECKED_NAMES.clear()
+    names._CHECKED_COMPONENTS.clear()
+    assert names.check_tensor_name("model/w") == "model/w"
+    assert "model/w" in names._CHECKED_NAMES and {"model", "w"} <= names._CHECKED_COMPONENTS
+    for bad in ("model/..", "a//b", "x\x00y"):
+        with pytest.raises(InvalidNameError):
+            names.check_tensor_name(bad)
+        with pytest.raises(InvalidNameError):  # refused again: a failure is never remembered
+            names.check_tensor_name(bad)
+    assert not {"model/..", "a//b", "x\x00y", ".."} & (names._CHECKED_NAMES | names._CHECKED_COMPONENTS)
+
+    class Sneaky(str):  # a str subclass is checked every time, never taken from (or put into) the cache
+        pass
+
+    assert names.check_tensor_name(Sneaky("model/w")) == "model/w"
+    assert all(type(n) is str for n in names._CHECKED_NAMES)
+    for i in range(10):  # bounded
+        names.check_tensor_name(f"n{i}")
+    assert len(names._CHECKED_NAMES) <= 4 and len(names._CHECKED_COMPONENTS) <= 4

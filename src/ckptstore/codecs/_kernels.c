@@ -361,6 +361,57 @@ static PyObject *plane_histogram(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* copy_many([(dst, src), ...]): memcpy of each pair, all under one release of the GIL. An async save's snapshot
+ * copies hundreds of arrays: one np.copyto each would take the GIL back after every array, and a copy thread
+ * waiting for it while the training thread runs Python waits up to the interpreter's switch interval (5 ms). */
+static PyObject *copy_many(PyObject *self, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "copy_many: expected a sequence of (dst, src) pairs");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0;
+    Py_buffer *bufs = PyMem_Calloc(n > 0 ? 2 * (size_t)n : 1, sizeof(Py_buffer));
+    PyObject *ret = NULL;
+    if (bufs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, got);
+        PyObject *dst, *src;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "copy_many: each item must be a (dst, src) tuple");
+            goto done;
+        }
+        dst = PyTuple_GET_ITEM(pair, 0);
+        src = PyTuple_GET_ITEM(pair, 1);
+        if (PyObject_GetBuffer(dst, &bufs[2 * got], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (PyObject_GetBuffer(src, &bufs[2 * got + 1], PyBUF_C_CONTIGUOUS) < 0) {
+            PyBuffer_Release(&bufs[2 * got]);
+            goto done;
+        }
+        if (bufs[2 * got].len != bufs[2 * got + 1].len) {
+            PyErr_SetString(PyExc_ValueError, "copy_many: dst and src differ in length");
+            PyBuffer_Release(&bufs[2 * got]);
+            PyBuffer_Release(&bufs[2 * got + 1]);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) memcpy(bufs[2 * i].buf, bufs[2 * i + 1].buf, (size_t)bufs[2 * i].len);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (bufs != NULL) {
+        for (Py_ssize_t i = 0; i < got; i++) {
+            PyBuffer_Release(&bufs[2 * i]);
+            PyBuffer_Release(&bufs[2 * i + 1]);
+        }
+        PyMem_Free(bufs);
+    }
+    Py_DECREF(seq);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"f32_delta_encode", f32_delta_encode, METH_VARARGS,
      "f32_delta_encode(x, prev, scales, rows, mode, out): zigzag(ord(x) - ord(pred(prev))) into out"},
@@ -378,6 +429,7 @@ static PyMethodDef methods[] = {
      "plane_histogram(src, itemsize, step, counts): byte counts per plane over every step-th word"},
     {"split_planes", split_planes, METH_VARARGS, "split_planes(src, itemsize, dst): words -> byte planes"},
     {"join_planes", join_planes, METH_VARARGS, "join_planes(src, itemsize, dst): byte planes -> words"},
+    {"copy_many", copy_many, METH_O, "copy_many([(dst, src), ...]): copy each src into dst (equal lengths)"},
     {NULL, NULL, 0, NULL},
 };
 

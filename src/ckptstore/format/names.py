@@ -31,8 +31,23 @@ def _utf8(text: str, where: str) -> bytes:
         ) from None
 
 
+# Names that passed the checks: a training loop saves the same few hundred names every time, and checking them
+# again is a measurable part of an async save's stall. Bounded: cleared when it grows past a size no real state has.
+_CHECKED_COMPONENTS: set[str] = set()
+_CHECKED_NAMES: set[str] = set()
+_CHECKED_MAX = 1 << 16
+
+
+def _remember(checked: set[str], text: str) -> None:
+    if len(checked) >= _CHECKED_MAX:
+        checked.clear()
+    checked.add(text)
+
+
 def check_component(component: str, *, full: str | None = None) -> str:
     """One component of a tensor name (a state-dict key). Rejects path tricks such as ``..`` and separators."""
+    if type(component) is str and component in _CHECKED_COMPONENTS:
+        return component
     where = full if full is not None else component
     if component in ("", ".", ".."):
         raise InvalidNameError(
@@ -46,15 +61,21 @@ def check_component(component: str, *, full: str | None = None) -> str:
         )
     if len(_utf8(component, where)) > MAX_NAME_LENGTH:
         raise InvalidNameError(f"tensor name component longer than {MAX_NAME_LENGTH} bytes: {where[:80]!r}...")
+    if type(component) is str:  # (a str subclass could compare equal to another text)
+        _remember(_CHECKED_COMPONENTS, component)
     return component
 
 
 def check_tensor_name(name: str) -> str:
     """A tensor name is its path in the state tree, components joined by ``/``."""
+    if type(name) is str and name in _CHECKED_NAMES:
+        return name
     if not isinstance(name, str) or len(_utf8(name, name)) > MAX_TENSOR_NAME_LENGTH:
         raise InvalidNameError(f"tensor name too long or not a string: {str(name)[:80]!r}")
     for part in name.split("/"):
         check_component(part, full=name)
+    if type(name) is str:
+        _remember(_CHECKED_NAMES, name)
     return name
 
 
