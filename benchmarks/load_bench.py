@@ -10,7 +10,8 @@ In one process, on the same disk:
   ``compact(newest=True)`` (a finished run);
 - compaction throughput (logical bytes re-encoded per second of compaction);
 - load times against torch.load of the same ``epoch_N.pt``, a fresh Store each time, alternating, medians: the
-  newest checkpoint, every single older checkpoint, every checkpoint in order (2 threads);
+  newest checkpoint, every single older checkpoint, every checkpoint in order (2 threads), kept in a list and
+  streamed (each one let go of before the next);
 - a bit-exact check of every tensor of every checkpoint of both stores, before and after compaction.
 
     python benchmarks/load_bench.py --checkpoints DIR [--limit N] [--reps 5] [--json out.json]
@@ -159,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: [torch.load(p, weights_only=True) for p in files],
                 max(1, a.reps // 2),
             )
+            # the same, each checkpoint let go of before the next (how a reader of a run uses it): both sides
+            # then hold one checkpoint instead of all of them (2 GB of fresh memory a pass on this trajectory)
+            pair(
+                f"{label}_in_order_streamed",
+                lambda f=fresh: _consume(x for _, x in f().iter_load("bench")),
+                lambda: _consume(torch.load(p, weights_only=True) for p in files),
+                max(1, a.reps // 2),
+            )
             singles = {}
             for s, f in zip(steps, files, strict=True):
                 ours = lambda s=s, fr=fresh: fr().load(f"bench@{s}")  # noqa: E731
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 singles[s] = times.pop("_one")
             times[f"{label}_single"] = singles
             times[f"{label}_single_worst"] = max(v["ratio"] for s, v in singles.items() if s != newest)
+            times[f"{label}_single_median"] = statistics.median(v["ratio"] for s, v in singles.items() if s != newest)
             print(f"  timed {label}", file=sys.stderr)
         rep["load"] = times
         rep["bit_exact_hot_newest_hot"] = check_exact(work / "hot", files, steps)
@@ -186,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _consume(states: Any) -> None:
+    """Go through an iterable of checkpoints holding one at a time."""
+    for state in states:
+        del state
 
 
 def _print(rep: dict[str, Any]) -> None:
@@ -212,6 +228,8 @@ def _print(rep: dict[str, Any]) -> None:
             print(f"load {k:<16} {v['ours']:.3f} s vs torch.load {v['torch']:.3f} s = {v['ratio']:.2f}x")
         elif k.endswith("_worst"):
             print(f"load {k:<16} {v:.2f}x (single older checkpoint, worst)")
+        elif k.endswith("_single_median"):
+            print(f"load {k:<16} {v:.2f}x (single older checkpoint, median)")
     print(
         f"bit-exact: dense {rep['bit_exact_dense']}, hot {rep['bit_exact_hot_newest_hot']}, "
         f"hot fully compacted {rep['bit_exact_hot_all_compacted']}"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import ckptstore
+import ckptstore.store as store_module
 from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -527,9 +528,9 @@ def test_iter_load_keeps_only_the_next_checkpoints_bases(tmp_path: Path, rng: np
     kept: list[tuple[int, set[str]]] = []
     real = fresh._load_leaves
 
-    def spy(m: Manifest, names: Any, known: Any, keep: Any = None) -> Any:
+    def spy(m: Manifest, names: Any, known: Any, *rest: Any) -> Any:
         kept.append((m.step, set(known or {})))
-        return real(m, names, known, keep)
+        return real(m, names, known, *rest)
 
     fresh._load_leaves = spy  # type: ignore[method-assign]
     for m, state in fresh.iter_load("r", tensors="numpy"):
@@ -543,6 +544,60 @@ def test_iter_load_keeps_only_the_next_checkpoints_bases(tmp_path: Path, rng: np
         needed |= {m.objects[o].get("refs", {}).get("prev") for o in needed}
         assert known and known <= needed, step  # nothing the checkpoint does not need ("only<k-1>" is dropped)
         assert len(known) <= len(m.tensors)
+
+
+def test_iter_load_copies_into_spent_bases_only(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies iter_load keeps for the next checkpoint go into the memory of bases nothing reads again (a
+    delta's base read once); never into a base two tensors read (twins sharing an object), one the checkpoint
+    hands out (an unchanged tensor) or one the next checkpoint needs. The caller zeroing everything it gets
+    changes nothing that follows."""
+    store = ckptstore.create_store(tmp_path / "s.store", keyframe_interval=4)
+    states = {}
+    w = rng.standard_normal(6000).astype(np.float32)
+    t = rng.standard_normal(3000).astype(np.float32)
+    fixed = np.arange(200.0)
+    for step in range(1, 9):
+        w = (w + rng.standard_normal(w.size).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+        t = (t + rng.standard_normal(t.size).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+        states[step] = {"w": w.copy(), "twin_a": t.copy(), "twin_b": t.copy(), "fixed": fixed.copy()}
+        store.save("r", step, states[step])
+    fresh = ckptstore.open_store(store.url)
+    spent: list[tuple[int, set[str]]] = []
+    real = store_module._spent_bases
+
+    def spy(m: Manifest, known: Any, wanted: set[str]) -> dict[str, np.ndarray]:
+        out = real(m, known, wanted)
+        spent.append((m.step, set(out)))
+        return out
+
+    monkeypatch.setattr(store_module, "_spent_bases", spy)
+    into_spent = []
+    real_copy = store_module._private_copy
+
+    def copy_spy(words: np.ndarray, rec: Any, recycle: Any) -> np.ndarray:
+        offered = {id(a) for a in (recycle or {}).values()}
+        out = real_copy(words, rec, recycle)
+        into_spent.append(id(out) in offered)
+        return out
+
+    monkeypatch.setattr(store_module, "_private_copy", copy_spy)
+    reused = 0
+    previous: set[str] = set()
+    for m, state in fresh.iter_load("r", tensors="numpy"):
+        assert {k: v.tobytes() for k, v in state.items()} == {k: v.tobytes() for k, v in states[m.step].items()}
+        for v in state.values():
+            v[...] = 0  # the caller reuses what it got
+        assert spent[-1][1] <= previous  # objects of the checkpoint before, read by this one's deltas
+        previous = {t["object"] for t in m.tensors.values()}
+        reused += len(spent[-1][1])
+    assert reused > 0 and any(into_spent)  # "w" changes every step: its base is spent at every delta
+    for step, objs in spent:
+        m = fresh.manifest("r", step)
+        twin = m.objects[m.tensors["twin_a"]["object"]]
+        assert twin.get("refs", {}).get("prev") not in objs  # read by two tensors
+        assert m.tensors["fixed"]["object"] not in objs  # handed out unchanged
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -852,18 +852,22 @@ class Store:
         *,
         known: Mapping[str, np.ndarray] | None = None,
         keep: Mapping[str, np.ndarray] | None = None,
+        recycle: dict[str, np.ndarray] | None = None,
     ) -> dict[str, tree.Leaf]:
         """Decode the named tensors (default: every stored tensor), each checked against its content hash. For a
         sharded (DCP) checkpoint a name may also be a *full* tensor of :attr:`Manifest.full_tensors`: its shards
         are decoded and put together bit-exactly, one full tensor at a time (its shards freed once copied).
 
         ``keep``: a dict (object id -> None) of objects to keep a private copy of: each one decoded is copied into
-        it by the decoding thread (the caller may change the arrays it gets; the copies stay as decoded)."""
+        it by the decoding thread (the caller may change the arrays it gets; the copies stay as decoded).
+        ``recycle``: arrays of ``known`` that the caller lets go of after this call and that exactly one decode
+        of this call reads (object id -> array, see :func:`_spent_bases`): a private copy of the object decoded
+        from one of them goes into that array once it has been read, instead of into fresh memory."""
         m = ref if isinstance(ref, Manifest) else self.resolve(ref)
         names = None if names is None else list(names)
         for _ in range(4):
             try:
-                return self._load_leaves(m, names, known, keep)
+                return self._load_leaves(m, names, known, keep, recycle)
             except IntegrityError:
                 # Compaction or gc may have replaced the manifest (same tensors, new objects) and freed the packs
                 # this one named: read it again and decode from the new objects alone, never a mix of both.
@@ -871,7 +875,7 @@ class Store:
                 if fresh is None or fresh.objects == m.objects:
                     raise
                 m = fresh
-        return self._load_leaves(m, names, known, keep)
+        return self._load_leaves(m, names, known, keep, recycle)
 
     def _reread_manifest(self, m: Manifest) -> Manifest | None:
         """The checkpoint's manifest read again (CheckpointNotFoundError if it was deleted meanwhile); None if
@@ -886,6 +890,7 @@ class Store:
         names: Iterable[str] | None,
         known: Mapping[str, np.ndarray] | None,
         keep: Mapping[str, np.ndarray] | None = None,
+        recycle: dict[str, np.ndarray] | None = None,
     ) -> dict[str, tree.Leaf]:
         wanted = list(m.tensors) if names is None else list(names)
         full = m.full_tensors if "dcp" in m.data else {}
@@ -909,7 +914,7 @@ class Store:
             if (known is not None and t["object"] in known) or t["object"] in self._head:
                 words = words.copy()  # never hand out the arrays we keep as delta bases
             elif keep is not None and t["object"] in keep:
-                keep[t["object"]] = words.copy()  # type: ignore[index]  # copied here, on the decoding thread
+                keep[t["object"]] = _private_copy(words, m.objects[t["object"]], recycle)  # type: ignore[index]
             return tree.Leaf(t["dtype"], tuple(t["shape"]), words)
 
         def one(n: str) -> tuple[str, tree.Leaf]:
@@ -989,7 +994,9 @@ class Store:
             nxt = self.manifest(run, steps[i + 1]) if i + 1 < len(steps) else None
             wanted = _next_bases(nxt)
             keep: dict[str, Any] = {o: None for o in wanted if o not in known}
-            leaves = self.load_leaves(m, known=known, keep=keep)
+            # the bases this checkpoint reads once and the next one does not need: their memory takes the copies
+            # kept for the next one (fresh memory would cost a page fault per 4 KB, the largest cost here)
+            leaves = self.load_leaves(m, known=known, keep=keep, recycle=_spent_bases(m, known, wanted))
             # private copies: the caller may change the tensors it gets, the next delta must not see that
             known = {o: w for o, w in known.items() if o in wanted}
             known.update({o: w for o, w in keep.items() if w is not None})
@@ -1585,6 +1592,36 @@ def _next_bases(m: Manifest | None) -> set[str]:
         if base is not None:
             out.add(base)
     return out
+
+
+def _spent_bases(m: Manifest, known: Mapping[str, np.ndarray], wanted: set[str]) -> dict[str, np.ndarray]:
+    """The arrays of ``known`` that decoding all of ``m`` reads exactly once, as a delta's reference, and that
+    neither ``m`` hands out (an unchanged tensor) nor the next checkpoint needs (``wanted``): once that delta is
+    decoded nothing reads them again, so their memory may take a copy of its result."""
+    reads: dict[str, int] = {}
+    for t in m.tensors.values():
+        todo = [t["object"]]
+        while todo:  # each tensor's chain, as _decode_chain walks it: down to the first object already known
+            o = todo.pop()
+            if o in known:
+                reads[o] = reads.get(o, 0) + 2  # handed out (copied) or read: not reusable either way
+                continue
+            for dep in m.objects.get(o, {}).get("refs", {}).values():
+                if dep in known:
+                    reads[dep] = reads.get(dep, 0) + 1
+                else:
+                    todo.append(dep)
+    return {o: known[o] for o, n in reads.items() if n == 1 and o not in wanted}
+
+
+def _private_copy(words: np.ndarray, rec: Mapping[str, Any], recycle: dict[str, np.ndarray] | None) -> np.ndarray:
+    """A copy of ``words`` that nobody else holds: in the spent base it was decoded from, if there is one."""
+    for dep in rec.get("refs", {}).values() if recycle else ():
+        buf = recycle.pop(dep, None)  # type: ignore[union-attr]  # (pop: each base takes one copy, once)
+        if buf is not None and buf is not words and buf.dtype == words.dtype and buf.shape == words.shape:
+            np.copyto(buf, words)
+            return buf
+    return words.copy()
 
 
 def _run_of(ref: str | Ref) -> str:
