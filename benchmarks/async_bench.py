@@ -158,7 +158,7 @@ from ckptstore.integrations.openclip import read_checkpoint
 mode, ckpt_file, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 torch.set_num_threads(2)
 state = read_checkpoint(ckpt_file)
-store = create_store(work / f"{mode}.store", threads=2)
+store = create_store(work / f"memory-{mode}.store", threads=2)
 saves = 5
 with PeakRSS() as mem:
     for i in range(saves):
@@ -189,10 +189,10 @@ def memory(ckpt_file: Path, work: Path) -> dict[str, Any]:
             if res.returncode == 0:
                 break
             print(f"memory child {mode} failed (attempt {attempt + 1}): {res.stderr[-1500:]}", file=sys.stderr)
-            shutil.rmtree(work / f"{mode}.store", ignore_errors=True)
+            shutil.rmtree(work / f"memory-{mode}.store", ignore_errors=True)
         res.check_returncode()
         out[mode] = json.loads(res.stdout.strip().splitlines()[-1])["extra"]
-        shutil.rmtree(work / f"{mode}.store", ignore_errors=True)
+        shutil.rmtree(work / f"memory-{mode}.store", ignore_errors=True)
         for p in work.glob("m*.pt"):
             p.unlink()
     ckpt = read_checkpoint(ckpt_file)
