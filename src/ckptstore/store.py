@@ -984,7 +984,9 @@ class Store:
         Between two checkpoints it keeps decoded only what the next one's tensors are coded against (their
         ``prev`` objects) or share: at most one array per tensor besides the checkpoint handed out, so memory
         stays near two checkpoints whatever the chain length. A delta whose base was kept decodes in one step;
-        one whose base was not (a segment root further back) walks its chain as a single load does."""
+        one whose base was not (a segment root further back) walks its chain as a single load does. The copies
+        kept go into the memory of bases read for the last time where there are such (fresh memory costs a page
+        fault per 4 KB: the largest single cost of this loop, docs/benchmarks.md)."""
         steps = self.steps(run)
         known: dict[str, np.ndarray] = {}
         nxt = self.manifest(run, steps[0]) if steps else None
