@@ -12,9 +12,14 @@ In one process, on the same disk:
 - load times against torch.load of the same ``epoch_N.pt``, a fresh Store each time, alternating, medians: the
   newest checkpoint, every single older checkpoint, every checkpoint in order (2 threads), kept in a list and
   streamed (each one let go of before the next);
+- with ``--processes N``: the same single loads and the streamed in-order pass of the hot store, each in a
+  new process (N alternating pairs each), timed inside the child around the load alone. A user who resumes or
+  exports reads in a fresh process; within one long process torch.load's own time for the same file moves
+  1.5-2x with what the allocator kept from earlier work (memory it can reuse without page faults), so the
+  in-process ratios above depend on the benchmark's history as much as on either reader;
 - a bit-exact check of every tensor of every checkpoint of both stores, before and after compaction.
 
-    python benchmarks/load_bench.py --checkpoints DIR [--limit N] [--reps 5] [--json out.json]
+    python benchmarks/load_bench.py --checkpoints DIR [--limit N] [--reps 5] [--processes 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,8 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write all figures here")
     ap.add_argument("--workdir", type=Path, help="scratch folder on the disk to measure (default: a temp dir)")
     ap.add_argument("--skip-baseline", action="store_true", help="no XOR baseline (sizes of our stores only)")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time single loads and the in-order pass of the hot store in fresh processes, N pairs each",
+    )
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # one timed load in this process, printed
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if a.child:
+        return _child(a.child)
     files = epoch_files(a.checkpoints)[: a.limit]
     work = Path(tempfile.mkdtemp(prefix="loadbench-", dir=a.workdir))
     rep: dict[str, Any] = {"checkpoints": str(a.checkpoints), "files": len(files), "reps": a.reps}
@@ -177,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             times[f"{label}_single_worst"] = max(v["ratio"] for s, v in singles.items() if s != newest)
             times[f"{label}_single_median"] = statistics.median(v["ratio"] for s, v in singles.items() if s != newest)
             print(f"  timed {label}", file=sys.stderr)
+        if a.processes:
+            times.update(_in_processes(work / "hot", files, steps, a.processes))
         rep["load"] = times
         rep["bit_exact_hot_newest_hot"] = check_exact(work / "hot", files, steps)
         full = open_store(work / "hot", threads=2)
@@ -196,6 +214,55 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _child(args: list[str]) -> int:
+    """``ours STORE REF`` | ``ours-order STORE RUN`` | ``torch FILE`` | ``torch-order FILE...``: print the
+    seconds of that one load (imports and start-up not counted)."""
+    what, rest = args[0], args[1:]
+    state: Any = None
+    t0 = time.perf_counter()
+    if what == "ours":
+        state = open_store(rest[0], threads=2).load(rest[1])
+    elif what == "ours-order":
+        _consume(x for _, x in open_store(rest[0], threads=2).iter_load(rest[1]))
+    elif what == "torch":
+        state = torch.load(rest[0], weights_only=True)
+    else:
+        _consume(torch.load(p, weights_only=True) for p in rest)
+    print(f"{time.perf_counter() - t0:.6f}")
+    del state
+    return 0
+
+
+def _in_processes(store: Path, files: list[Path], steps: list[int], pairs: int) -> dict[str, Any]:
+    """Single loads and the streamed in-order pass, each in a new process, ``pairs`` alternating pairs each."""
+
+    def one(*args: str) -> float:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--checkpoints", ".", "--child", *args]
+        return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+    def pair(ours: list[str], theirs: list[str]) -> dict[str, float]:
+        o, t = [], []
+        for i in range(pairs):  # alternating, the order swapped every pair
+            for side in ("ours", "torch") if i % 2 == 0 else ("torch", "ours"):
+                (o if side == "ours" else t).append(one(*(ours if side == "ours" else theirs)))
+        return {
+            "ours": statistics.median(o),
+            "torch": statistics.median(t),
+            "ratio": statistics.median(o) / statistics.median(t),
+        }
+
+    out: dict[str, Any] = {}
+    out["process_in_order_streamed"] = pair(["ours-order", str(store), "bench"], ["torch-order", *map(str, files)])
+    singles = {}
+    for s, f in zip(steps, files, strict=True):
+        singles[s] = pair(["ours", str(store), f"bench@{s}"], ["torch", str(f)])
+        print(f"  timed bench@{s} in fresh processes: {singles[s]['ratio']:.2f}x", file=sys.stderr)
+    out["process_single"] = singles
+    older = [v["ratio"] for s, v in singles.items() if s != steps[-1]]
+    out["process_single_worst"], out["process_single_median"] = max(older), statistics.median(older)
+    return out
 
 
 def _consume(states: Any) -> None:

@@ -1033,3 +1033,37 @@ def test_loads_never_write_into_delta_bases(tmp_path: Path, rng: np.random.Gener
     depths = [int(rec.get("depth", 0)) for rec in store.manifest("r", 8).objects.values()]
     assert max(depths) >= 2  # chains long enough that bases are decoded only for their delta
     assert store.verify()["ok"]
+
+
+def test_a_long_run_keeps_few_manifests_parsed_and_selectors_still_see_every_checkpoint(
+    tmp_path: Path, assert_same_state: Any
+) -> None:
+    """Reading a run in order (or listing it) used to keep every manifest parsed for the Store's life: ~1 MB of
+    Python objects per checkpoint of a real model. The cache is bounded; metadata selectors need no re-parse."""
+    store = ckptstore.create_store(tmp_path / "s")
+    states = {}
+    for s in range(1, 13):
+        states[s] = {"w": np.full(64, s, dtype=np.float32), "b": np.arange(s, dtype=np.int64)}
+        store.save("r", s, states[s], {"epoch": s, "metrics": {"loss": float((s - 7) ** 2)}})
+    fresh = ckptstore.open_store(tmp_path / "s")
+    per_manifest = len(fresh.manifest("r", 1).objects) + len(fresh.manifest("r", 1).tensors) + 1
+    fresh._manifests.max_records = 3 * per_manifest
+    most = 0
+    for m, state in fresh.iter_load("r"):
+        assert_same_state(state, states[m.step])
+        most = max(most, len(fresh._manifests))
+    assert most <= 3, "at most the budget stays parsed while a run is read in order"
+    reads: list[str] = []
+    real_read = fresh.storage.read
+    fresh.storage.read = lambda key: (reads.append(key), real_read(key))[1]  # type: ignore[method-assign]
+    assert fresh.resolve("r@best:metrics.loss").step == 7
+    assert fresh.resolve("r@epoch=2").step == 2
+    assert reads == ["runs/r/ckpt/00000000000000000007.json", "runs/r/ckpt/00000000000000000002.json"], (
+        "a selector reads the metadata kept, then only the manifest it picks"
+    )
+    # edits and deletes of checkpoints whose manifests were dropped are seen by the next selector
+    fresh.update_metadata("r@3", lambda md: md["metrics"].update(loss=-1.0))
+    assert fresh.resolve("r@best:metrics.loss").step == 3
+    fresh.delete(["r@3"])
+    assert fresh.resolve("r@best:metrics.loss").step == 7
+    assert len(fresh._manifests) <= 3

@@ -46,6 +46,7 @@ from ckptstore.format.manifest import (
     MAX_CHAIN,
     CheckpointInfo,
     Manifest,
+    ManifestCache,
     json_bytes,
     manifest_bytes,
     manifest_key,
@@ -171,7 +172,7 @@ class Store:
         # Private copies of the words of the last checkpoint this Store saved: the delta bases of the next save,
         # so a training loop never reads its own checkpoints back. About one checkpoint of memory.
         self._head: dict[str, np.ndarray] = {}
-        self._manifests: dict[tuple[str, int], Manifest] = {}
+        self._manifests = ManifestCache()
         self._saver = AsyncSaver(self._commit_prepared, max_in_flight=max_in_flight, copy_threads=self.threads)
 
     # ------------------------------------------------------------------ opening
@@ -337,6 +338,11 @@ class Store:
         self._manifests[(run, step)] = m
         return m
 
+    def _metadata_of(self, run: str, step: int) -> dict[str, Any]:
+        """A checkpoint's metadata, without parsing its manifest again if this Store has seen it."""
+        meta = self._manifests.metadata((run, step))
+        return meta if meta is not None else self.manifest(run, step).metadata
+
     def checkpoints(self, run: str | None = None) -> list[CheckpointInfo]:
         """Checkpoints in step order; ``stored_bytes`` counts the objects each one added to the store (the
         first checkpoint in step order that references an object owns it), so a run's rows sum to its size."""
@@ -364,7 +370,7 @@ class Store:
         elif r.kind in ("latest", "first"):
             entries = [{"step": s} for s in steps]
         else:
-            entries = [{"step": s, "metadata": self.manifest(r.run, s).metadata} for s in steps]
+            entries = [{"step": s, "metadata": self._metadata_of(r.run, s)} for s in steps]
         step = resolve(r, entries)
         return self.manifest(r.run, step)
 
