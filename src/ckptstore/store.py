@@ -938,10 +938,20 @@ class Store:
             ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode", initializer=thread_initializer()) as ex,
         ):
             # small tensors go in batches (a few hundred futures cost the GIL more than decoding them), large
-            # ones alone: each of those already runs on every coding thread
+            # ones alone: each of those already runs on every coding thread. Batches of tiny tensors are nearly all
+            # Python, so on pool threads they only pass the GIL back and forth at every read and zstd call (1,032
+            # tensors of 64 bytes: 65-71 ms on 2 threads, 29-40 ms on one, docs/benchmarks.md): the calling thread
+            # decodes those while the pool decodes the rest.
+            batches = _batches(wanted, m.tensors)
+            pooled = {
+                i: ex.submit(lambda batch: [one(n) for n in batch], b)
+                for i, (b, nbytes) in enumerate(batches)
+                if nbytes >= _INLINE_BYTES
+            }
+            here = {i: [one(n) for n in b] for i, (b, _) in enumerate(batches) if i not in pooled}
             out: dict[str, tree.Leaf] = {}
-            for part in ex.map(lambda batch: [one(n) for n in batch], _batches(wanted, m.tensors)):
-                out.update(part)
+            for i in range(len(batches)):  # in the order asked
+                out.update(pooled[i].result() if i in pooled else here[i])
             return out
 
     def _ranges_to_read(
@@ -1567,23 +1577,24 @@ class Store:
 
 _BATCH_BYTES = 4 << 20  # tensors decoded in one task: up to this many bytes, or _BATCH_COUNT tensors
 _BATCH_COUNT = 32
+_INLINE_BYTES = 16 << 10  # a batch of tensors this small in all is decoded on the calling thread (_load_leaves)
 
 
-def _batches(names: list[str], tensors: Mapping[str, Any]) -> list[list[str]]:
-    """``names`` in order, cut into decode tasks: runs of small tensors, each large one alone."""
-    out: list[list[str]] = []
+def _batches(names: list[str], tensors: Mapping[str, Any]) -> list[tuple[list[str], int]]:
+    """``names`` in order, cut into decode tasks: runs of small tensors, each large one alone; with their bytes."""
+    out: list[tuple[list[str], int]] = []
     run: list[str] = []
     size = 0
     for n in names:
         t = tensors.get(n)
         nbytes = codecs.TensorSpec(t["dtype"], tuple(t["shape"])).nbytes if t is not None else _BATCH_BYTES
         if run and (size + nbytes > _BATCH_BYTES or len(run) >= _BATCH_COUNT):
-            out.append(run)
+            out.append((run, size))
             run, size = [], 0
         run.append(n)
         size += nbytes
     if run:
-        out.append(run)
+        out.append((run, size))
     return out
 
 
