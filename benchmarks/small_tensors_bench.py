@@ -1,10 +1,11 @@
-"""Benchmark: loading checkpoints made of many tiny tensors (norms, biases, optimizer step counters), where the
-per-tensor work is nearly all Python, against torch.load of the same states.
+"""Benchmark: saving and loading checkpoints made of many tiny tensors (norms, biases, optimizer step counters),
+where the per-tensor work is nearly all Python, against torch.save / torch.load of the same states.
 
 Stores ``--checkpoints`` checkpoints of ``--tensors`` weights of ``--elements`` float32 each, plus an AdamW-like
-state (two moments each), in a fresh store and as ``epoch_N.pt`` files; then, alternating, medians of ``--reps``:
-every checkpoint in order (streamed: each let go of before the next) and single loads of three checkpoints,
-fresh Store each time, with ``threads`` 1 and 2, and torch.load of the same files.
+state (two moments and a scalar step each), in a fresh store and as ``epoch_N.pt`` files, timing each save against
+torch.save of the same state; then, alternating, medians of ``--reps``: every checkpoint in order (streamed: each
+let go of before the next) and single loads of three checkpoints, fresh Store each time, with ``threads`` 1 and
+2, and torch.load of the same files.
 
     python benchmarks/small_tensors_bench.py [--checkpoints 30] [--tensors 344] [--elements 16] [--reps 5]
 """
@@ -34,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="small-tensors-") as tmp:
         root = Path(tmp)
-        store = create_store(root / "s")
+        store = create_store(root / "s", threads=2)
         rng = np.random.default_rng(0)
         files = []
+        saves: dict[str, list[float]] = {"ours": [], "torch": []}
         for s in range(1, a.checkpoints + 1):
             state = {
                 "state_dict": {
@@ -54,12 +56,21 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 },
             }
+            t0 = time.perf_counter()
             store.save("run", s, state)
+            saves["ours"].append(time.perf_counter() - t0)
             files.append(root / f"epoch_{s}.pt")
+            t0 = time.perf_counter()
             torch.save(state, files[-1])
+            saves["torch"].append(time.perf_counter() - t0)
         store.close()
         n = 4 * a.tensors
         print(f"{a.checkpoints} checkpoints of {n} tensors ({a.elements} elements)", file=sys.stderr)
+        ours_save, torch_save = statistics.median(saves["ours"][1:]), statistics.median(saves["torch"][1:])
+        print(
+            f"save, threads=2        {ours_save * 1e3:7.1f} ms per checkpoint  ({ours_save / torch_save:.2f}x "
+            f"torch.save, {torch_save * 1e3:.1f} ms; medians after the first)"
+        )
         picks = [a.checkpoints // 3, 2 * a.checkpoints // 3, a.checkpoints]
 
         def ours_order(threads: int) -> None:

@@ -1098,3 +1098,43 @@ def test_tiny_tensors_decode_on_the_calling_thread_the_rest_in_the_pool(
     by_name = {n: where[t["object"]] for n, t in m.tensors.items()}
     assert by_name["big"].startswith("ckpt-decode")
     assert all(by_name[n] == threading.current_thread().name for n in by_name if n != "big")
+
+
+def test_tiny_tensors_encode_on_the_saving_thread_and_their_errors_leave_the_store_as_it_was(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save codes tensors under 16 KB on its own thread (on pool threads they only traded the GIL), larger ones
+    in the pool, and writes them into the pack in order; a failure in a tiny one is the save's failure."""
+    import threading
+
+    state = {f"norm{i}": rng.standard_normal(8).astype(np.float32) for i in range(20)}
+    state["big"] = rng.standard_normal(1 << 16).astype(np.float32)  # 256 KB
+    store = ckptstore.create_store(tmp_path / "s", threads=2)
+    store.save("r", 1, state)
+    packs = pack_files(store)
+    where: dict[int, str] = {}
+    real = store_module.codecs.encode
+
+    def spy(words: np.ndarray, *a: Any, **kw: Any) -> Any:
+        where[words.size] = threading.current_thread().name
+        return real(words, *a, **kw)
+
+    monkeypatch.setattr(store_module.codecs, "encode", spy)
+    nxt = {k: v + np.float32(1) for k, v in state.items()}
+    store.save("r", 2, nxt)
+    assert where[8] == threading.current_thread().name and where[1 << 16].startswith("ckpt-encode")
+    fresh = ckptstore.open_store(tmp_path / "s")
+    for k, v in nxt.items():
+        assert fresh.load("r@2")[k].tobytes() == v.tobytes()
+
+    def fail_on_tiny(words: np.ndarray, *a: Any, **kw: Any) -> Any:
+        if words.size == 8:
+            raise RuntimeError("disk on fire")
+        return real(words, *a, **kw)
+
+    monkeypatch.setattr(store_module.codecs, "encode", fail_on_tiny)
+    before = set(pack_files(store))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        store.save("r", 3, {k: v + np.float32(2) for k, v in state.items()})
+    assert store.steps("r") == [1, 2] and set(pack_files(store)) == before and set(packs) <= before
+    assert ckptstore.open_store(tmp_path / "s").verify()["ok"]

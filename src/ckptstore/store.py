@@ -632,7 +632,12 @@ class Store:
                 it = iter(todo)
                 done = 0
                 for item in it:
-                    window.append(ex.submit(job, item))
+                    if leaves[item[0]].nbytes < _INLINE_BYTES:
+                        # a tiny tensor's encode is all Python: on a pool thread it would only trade the GIL,
+                        # so this thread does it meanwhile (its result still goes into the pack in order)
+                        window.append(_run_here(job, item))
+                    else:
+                        window.append(ex.submit(job, item))
                     if len(window) >= _WINDOW * self.threads:
                         done = self._drain(window.pop(0), writer, pack_key, records, done, total, progress)
                 for fut in window:
@@ -1577,7 +1582,17 @@ class Store:
 
 _BATCH_BYTES = 4 << 20  # tensors decoded in one task: up to this many bytes, or _BATCH_COUNT tensors
 _BATCH_COUNT = 32
-_INLINE_BYTES = 16 << 10  # a batch of tensors this small in all is decoded on the calling thread (_load_leaves)
+_INLINE_BYTES = 16 << 10  # tensors (a save) or batches (a load) this small are coded on the calling thread
+
+
+def _run_here(fn: Callable[[Any], Any], arg: Any) -> Future[Any]:
+    """``fn(arg)`` run on this thread, as a finished future (its exception kept for ``result()``)."""
+    fut: Future[Any] = Future()
+    try:
+        fut.set_result(fn(arg))
+    except Exception as exc:  # raised by result(), in the pack's order, as a pool's future would
+        fut.set_exception(exc)
+    return fut
 
 
 def _batches(names: list[str], tensors: Mapping[str, Any]) -> list[tuple[list[str], int]]:

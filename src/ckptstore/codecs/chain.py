@@ -7,6 +7,7 @@ picks, the result is raw when coding does not pay. ``decode`` runs a stored chai
 
 from __future__ import annotations
 
+import functools
 import inspect
 import struct
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -93,10 +94,15 @@ def bytes_codec(name: str, level: int = DEFAULT_LEVEL) -> BytesCodec:
     if cls is None or not issubclass(cls, BytesCodec):
         known = sorted(n for n, c in registered().items() if issubclass(c, BytesCodec))
         raise CodecError(f"no bytes codec named {name!r}", hint=f"registered bytes codecs: {', '.join(known)}")
-    takes_level = "level" in inspect.signature(cls).parameters
-    codec = cls.from_config({"level": level} if takes_level else {})
+    codec = cls.from_config({"level": level} if _takes_level(cls) else {})
     assert isinstance(codec, BytesCodec)
     return codec
+
+
+@functools.cache
+def _takes_level(cls: type) -> bool:
+    # inspect.signature costs ~20 µs: once per class, not once per tensor saved
+    return "level" in inspect.signature(cls).parameters
 
 
 def _finish(
