@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -1072,10 +1073,9 @@ def test_a_long_run_keeps_few_manifests_parsed_and_selectors_still_see_every_che
 def test_tiny_tensors_decode_on_the_calling_thread_the_rest_in_the_pool(
     tmp_path: Path, rng: np.random.Generator
 ) -> None:
-    """On pool threads tiny tensors only pass the GIL back and forth (measured twice as slow): the loading thread
-    decodes batches under 16 KB itself; larger ones still go to the pool. Order and bytes are unchanged."""
-    import threading
-
+    """On pool threads tiny tensors only pass the GIL back and forth (a load of 1,032 of them: 65-75 ms there,
+    35 ms on the loading thread): that thread decodes batches under 16 KB itself; larger ones still go to the pool.
+    Order and bytes are unchanged."""
     state = {f"norm{i}": rng.standard_normal(8).astype(np.float32) for i in range(40)}
     state["big"] = rng.standard_normal(5 << 18).astype(np.float32)  # 5 MB: a batch of its own (over 4 MB)
     state["last"] = np.arange(5, dtype=np.int64)
@@ -1105,13 +1105,10 @@ def test_tiny_tensors_encode_on_the_saving_thread_and_their_errors_leave_the_sto
 ) -> None:
     """A save codes tensors under 16 KB on its own thread (on pool threads they only traded the GIL), larger ones
     in the pool, and writes them into the pack in order; a failure in a tiny one is the save's failure."""
-    import threading
-
     state = {f"norm{i}": rng.standard_normal(8).astype(np.float32) for i in range(20)}
     state["big"] = rng.standard_normal(1 << 16).astype(np.float32)  # 256 KB
     store = ckptstore.create_store(tmp_path / "s", threads=2)
     store.save("r", 1, state)
-    packs = pack_files(store)
     where: dict[int, str] = {}
     real = store_module.codecs.encode
 
@@ -1136,5 +1133,5 @@ def test_tiny_tensors_encode_on_the_saving_thread_and_their_errors_leave_the_sto
     before = set(pack_files(store))
     with pytest.raises(RuntimeError, match="disk on fire"):
         store.save("r", 3, {k: v + np.float32(2) for k, v in state.items()})
-    assert store.steps("r") == [1, 2] and set(pack_files(store)) == before and set(packs) <= before
+    assert store.steps("r") == [1, 2] and set(pack_files(store)) == before, "no checkpoint, no orphan pack"
     assert ckptstore.open_store(tmp_path / "s").verify()["ok"]
