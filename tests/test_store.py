@@ -1135,3 +1135,33 @@ def test_tiny_tensors_encode_on_the_saving_thread_and_their_errors_leave_the_sto
         store.save("r", 3, {k: v + np.float32(2) for k, v in state.items()})
     assert store.steps("r") == [1, 2] and set(pack_files(store)) == before, "no checkpoint, no orphan pack"
     assert ckptstore.open_store(tmp_path / "s").verify()["ok"]
+
+
+def test_a_save_hashes_small_tensors_on_its_thread_and_large_ones_in_the_pool(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing tiny tensors on pool threads cost a future each, more than the hash: the saving thread hashes those
+    while the pool hashes the large ones; every tensor still gets its own content address, in order."""
+    from ckptstore.format.tree import Leaf
+
+    state = {f"norm{i}": rng.standard_normal(8).astype(np.float32) for i in range(20)}
+    state["big1"] = rng.standard_normal(1 << 16).astype(np.float32)  # 256 KB
+    state["big2"] = rng.standard_normal(1 << 16).astype(np.float32)
+    state["step"] = np.array(3.0, dtype=np.float32)
+    where: dict[int, set[str]] = {}
+    real = store_module.object_id
+
+    def spy(leaf: Any) -> str:
+        where.setdefault(int(np.prod(leaf.shape)), set()).add(threading.current_thread().name)
+        return real(leaf)
+
+    monkeypatch.setattr(store_module, "object_id", spy)
+    store = ckptstore.create_store(tmp_path / "s", threads=2)
+    store.save("r", 1, state)
+    here = threading.current_thread().name
+    assert where[8] == {here} and where[1] == {here}
+    assert all(t.startswith("ckpt-hash") for t in where[1 << 16])
+    m = ckptstore.open_store(tmp_path / "s").manifest("r", 1)
+    for name, arr in state.items():
+        assert m.tensors[name]["object"] == real(Leaf.from_numpy(arr)), name
+    assert list(m.tensors) == list(state)

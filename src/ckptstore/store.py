@@ -18,7 +18,7 @@ import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -525,8 +525,7 @@ class Store:
         ``head`` replaces the Store's delta heads as the cache of base words (compaction keeps its own);
         without ``keep_heads`` no copies of the new words are made."""
         names = list(leaves)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash", initializer=thread_initializer()) as ex:
-            oids = list(ex.map(lambda n: object_id(leaves[n]), names))
+        oids = self._object_ids(names, leaves)
         tensors = {
             n: {"dtype": leaves[n].dtype, "shape": list(leaves[n].shape), "object": o}
             for n, o in zip(names, oids, strict=True)
@@ -558,6 +557,17 @@ class Store:
                             objects.setdefault(d, base.objects[d])
         return tensors, objects, bool(todo), stored, new_head
 
+    def _object_ids(self, names: list[str], leaves: Mapping[str, tree.Leaf]) -> list[str]:
+        """The content address of each tensor, in order: large ones hashed on the pool (xxh3 lets go of the GIL),
+        small ones here meanwhile (for those a pool thread's future costs more than the hash)."""
+        large = [n for n in names if leaves[n].nbytes >= _INLINE_BYTES]
+        if len(large) < 2:
+            return [object_id(leaves[n]) for n in names]
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-hash", initializer=thread_initializer()) as ex:
+            pooled = {n: ex.submit(object_id, leaves[n]) for n in large}
+            here = {n: object_id(leaves[n]) for n in names if n not in pooled}
+            return [here[n] if n in here else pooled[n].result() for n in names]
+
     def _encode_into_pack(
         self,
         pack_key: str,
@@ -579,7 +589,7 @@ class Store:
         # so their head arrays are never overwritten in place.
         referenced = {d for r in base.objects.values() for d in r.get("refs", {}).values()} if base else set()
 
-        def job(item: tuple[str, str]) -> tuple[str, dict[str, Any], list[bytes | memoryview]]:
+        def job(item: tuple[str, str]) -> _Encoded:
             name, oid = item
             leaf = leaves[name]
             spec = codecs.TensorSpec(leaf.dtype, leaf.shape)
@@ -628,7 +638,7 @@ class Store:
             with ThreadPoolExecutor(
                 self.threads, thread_name_prefix="ckpt-encode", initializer=thread_initializer()
             ) as ex:
-                window: list[Future[tuple[str, dict[str, Any], list[bytes | memoryview]]]] = []
+                window: list[Future[_Encoded] | _Ran[_Encoded]] = []
                 it = iter(todo)
                 done = 0
                 for item in it:
@@ -662,7 +672,7 @@ class Store:
 
     @staticmethod
     def _drain(
-        fut: Future[tuple[str, dict[str, Any], list[bytes | memoryview]]],
+        fut: Future[_Encoded] | _Ran[_Encoded],
         writer: PackWriter,
         pack_key: str,
         records: dict[str, dict[str, Any]],
@@ -1579,19 +1589,36 @@ class Store:
         }
 
 
+R = TypeVar("R")
+_Encoded = tuple[str, dict[str, Any], list[bytes | memoryview]]  # an encode job's (object id, record, payload)
+
 _BATCH_BYTES = 4 << 20  # tensors decoded in one task: up to this many bytes, or _BATCH_COUNT tensors
 _BATCH_COUNT = 32
 _INLINE_BYTES = 16 << 10  # tensors (a save) or batches (a load) this small are coded on the calling thread
 
 
-def _run_here(fn: Callable[[Any], Any], arg: Any) -> Future[Any]:
-    """``fn(arg)`` run on this thread, as a finished future (its exception kept for ``result()``)."""
-    fut: Future[Any] = Future()
-    try:
-        fut.set_result(fn(arg))
-    except Exception as exc:  # raised by result(), in the pack's order, as a pool's future would
-        fut.set_exception(exc)
-    return fut
+class _Ran(Generic[R]):
+    """``fn(arg)`` run on this thread, kept like a pool's finished future: ``result()`` returns it or raises its
+    exception, in the pack's order. (A ``Future`` builds a ``threading.Condition``: ~3 µs a tensor for nothing.)"""
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(self, fn: Callable[[Any], R], arg: Any) -> None:
+        self._value: R | None = None
+        self._error: Exception | None = None
+        try:
+            self._value = fn(arg)
+        except Exception as exc:
+            self._error = exc
+
+    def result(self) -> R:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def _run_here(fn: Callable[[Any], R], arg: Any) -> _Ran[R]:
+    return _Ran(fn, arg)
 
 
 def _batches(names: list[str], tensors: Mapping[str, Any]) -> list[tuple[list[str], int]]:

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from ckptstore import codecs
 from ckptstore.codecs import planes as planes_mod
 from ckptstore.codecs.base import ArrayCodec, TensorSpec, from_record, register, registered
+from ckptstore.codecs.chain import RAW_MAX_BYTES, bytes_codec
 from ckptstore.codecs.chain import _finish as finish
 from ckptstore.codecs.chain import _span_encoder as span_encoder
-from ckptstore.codecs.chain import bytes_codec
 from ckptstore.codecs.delta import OrderedDelta, to_ordered, unzigzag, zigzag
 from ckptstore.codecs.planes import CONST, RAW, ZSTD, ZSTD_CHUNKS, BytePlanesZstd, estimate_bits
 from ckptstore.errors import CodecError
@@ -171,8 +171,8 @@ def test_roundtrip_with_reference(t: tuple[np.ndarray, TensorSpec], seed: int, h
     else:
         prev = words.copy()
     enc = roundtrip(words, spec, {"prev": prev})
-    if how == "same" and spec.size >= 16 and estimate_bits(words) > 0:
-        # identical reference: a delta costs nothing, so it must be chosen over a keyframe
+    if how == "same" and spec.size >= 16 and spec.nbytes > RAW_MAX_BYTES and estimate_bits(words) > 0:
+        # identical reference: a delta costs nothing, so it must be chosen over a keyframe (tiny tensors are raw)
         assert not enc.is_keyframe, enc.codecs
         assert len(enc.payload) < words.nbytes
 
@@ -232,6 +232,40 @@ def test_every_dtype_and_shape(name: str, shape: tuple[int, ...], rng: np.random
     roundtrip(words, spec)
     roundtrip(near(words, spec, rng), spec, {"prev": words})
     assert codecs.encode(np.empty(0, word_dtype(name)), TensorSpec(name, (0,))).payload == b""
+
+
+@pytest.mark.parametrize("name", ALL_DTYPES)
+def test_tiny_tensors_are_stored_raw_without_trying_the_codecs(
+    name: str, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tensor of at most RAW_MAX_BYTES, or no larger than the planes header (a step counter, a 1-element norm),
+    is stored raw without running the planes codec; anything larger still goes through it. Up to the header's size
+    that is the payload the full path makes too."""
+    last = bytes_codec(BytePlanesZstd.name)
+    specs = [TensorSpec(name, (n,)) for n in (1, 2, 3, 4, 5, 8, 9, 10, 15, 16, 17, 31, 32, 33, 65, 100)]
+    cases = [(spec, smooth_words(name, spec.size, rng)) for spec in specs]
+    full = {spec.size: (finish(words, spec, [], last), near(words, spec, rng)) for spec, words in cases}
+    calls: list[int] = []
+    real = BytePlanesZstd.encode_parts
+
+    def counting(self: BytePlanesZstd, words: np.ndarray, spec: TensorSpec, *a: Any, **kw: Any) -> Any:
+        calls.append(spec.size)
+        return real(self, words, spec, *a, **kw)
+
+    monkeypatch.setattr(BytePlanesZstd, "encode_parts", counting)
+    header = BytePlanesZstd.smallest_payload(specs[0])
+    for spec, words in cases:
+        key, prev = full[spec.size]
+        calls.clear()
+        enc = codecs.encode(words, spec, {"prev": prev})
+        raw = spec.nbytes <= max(RAW_MAX_BYTES, header)
+        assert (calls == []) == raw, f"{spec}: coded {calls} (header {header} B)"
+        if raw:
+            assert enc.codecs == [] and enc.payload == words.tobytes()
+        if spec.nbytes <= header:
+            assert key.codecs == [] and key.payload == enc.payload, "nothing is shorter than raw there"
+        roundtrip(words, spec, {"prev": prev})
+    assert any(s.nbytes > max(RAW_MAX_BYTES, header) for s in specs), "some cases must be coded"
 
 
 @pytest.mark.parametrize("name", ALL_DTYPES)

@@ -72,6 +72,13 @@ def encode(
     prev = (refs or {}).get("prev")
     usable = prev is not None and prev.shape == words.shape and prev.dtype == words.dtype and spec.size >= 16
     last = bytes_codec(codec, level)
+    if isinstance(last, BytePlanesZstd) and words.nbytes <= max(RAW_MAX_BYTES, last.smallest_payload(spec)):
+        # A step counter, a one-element norm: stored raw without trying the codecs. Up to the planes header's
+        # size nothing is shorter than raw anyway; up to RAW_MAX_BYTES coding saves at most a few dozen bytes
+        # (64 - 19 for a 2-byte dtype), a fraction of the ~260-byte manifest record each object costs whatever
+        # its payload, for ~50 µs of Python per tensor (trying a keyframe and a delta): 3/4 of a save of 1,376
+        # such tensors (benchmarks/small_tensors_bench.py).
+        return _raw(words)
     if usable and spec.size <= SMALL_TENSOR:
         # Small tensors (biases, norms, counters): coding both candidates outright is cheaper than fitting a
         # cost model, and exact. Predictor fitting is left to tensors where it pays.
@@ -86,6 +93,10 @@ def encode(
         if delta_bits < key_bits * DELTA_MIN_GAIN:
             array_codecs.append(delta)
     return _finish(words, spec, array_codecs, last, prev)
+
+
+# Tensors of at most this many bytes are stored raw (see encode).
+RAW_MAX_BYTES = 64
 
 
 def bytes_codec(name: str, level: int = DEFAULT_LEVEL) -> BytesCodec:
@@ -132,9 +143,13 @@ def _finish(
         )
     parts = [_side_prefix(array_codecs), *body]
     if sum(len(p) for p in parts) >= words.nbytes:
-        return Encoded([], (), [memoryview(np.ascontiguousarray(words)).cast("B")])  # type: ignore[arg-type]
+        return _raw(words)
     roles = tuple(r for c in array_codecs for r in c.ref_roles())
     return Encoded([c.record() for c in array_codecs] + [last.record_for(body)], roles, parts)
+
+
+def _raw(words: np.ndarray) -> Encoded:
+    return Encoded([], (), [memoryview(np.ascontiguousarray(words)).cast("B")])  # type: ignore[arg-type]
 
 
 def _span_encoder(

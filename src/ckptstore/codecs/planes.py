@@ -229,6 +229,12 @@ class BytePlanesZstd(BytesCodec):
     def encode(self, words: np.ndarray, spec: TensorSpec) -> bytes:
         return b"".join(self.encode_parts(words, spec))
 
+    @staticmethod
+    def smallest_payload(spec: TensorSpec) -> int:
+        """No payload of this codec for ``spec`` is shorter than its header: one count byte and a (method, value)
+        entry per byte plane. A tensor no larger than this is always stored raw."""
+        return 1 + (spec.dt.itemsize if spec.dtype != "complex128" else 8) * _PLANE_HEADER.size
+
     def encode_parts(
         self,
         words: np.ndarray,
