@@ -117,6 +117,31 @@ def test_export_safetensors_and_pt(clip_store: str, tmp_path: Path) -> None:
     assert bits(opt.state[params[2]]["exp_avg"]) == bits(clip_state(3)["optimizer"]["state"][2]["exp_avg"])
 
 
+def test_a_trajectory_indexes_the_shards_of_its_weights(clip_store: str) -> None:
+    """StoreTrajectory keeps, per checkpoint, the weights' shard tensors, their chain objects and their part of the
+    ``dcp`` section only; its walks and state dicts are the original full tensors bit for bit."""
+    from ckptstore.analysis.trajectory import StoreTrajectory
+
+    store = open_store(clip_store)
+    traj = StoreTrajectory(store, "clip")
+    assert [p.step for p in traj.points] == [1, 2, 3]
+    kept, whole = traj._index[1], store.manifest("clip", 2)
+    weights = {f"state_dict/{k}" for k in CLIP_SHAPES}
+    assert set(kept.full_tensors) == weights
+    assert {it["name"] for it in kept.data["dcp"]["items"].values()} == weights
+    shards = {c["tensor"] for n in weights for c in whole.full_tensors[n]["chunks"]}
+    assert set(kept.tensors) == shards and len(shards) < len(whole.tensors)
+    assert set(kept.objects) == {o for t in shards for o in whole.chain(whole.tensors[t]["object"])}
+    assert all(kept.full_tensors[n] == whole.full_tensors[n] for n in weights)
+    for k in CLIP_SHAPES:
+        for i, x in enumerate(traj.iter_tensor(k)):
+            want = clip_state(i + 1)["state_dict"][k]
+            if want.dtype == torch.bfloat16:  # walks widen bfloat16 to float32 exactly
+                want = want.float()
+            assert x.tobytes() == bits(want), (k, i)
+    same_state(traj.state_dict(1), clip_state(2)["state_dict"])
+
+
 def test_analyze_and_thin(clip_store: str, tmp_path: Path) -> None:
     r = ckpt("analyze", "weights", "-s", clip_store, "clip", "--json", "--no-pca")
     assert r.returncode == 0, r.stderr

@@ -101,7 +101,8 @@ def average_leaves(
     bit); the result is cast back to the tensor's dtype."""
     if len(weights) != len(traj):
         raise TrajectoryError(f"{len(weights)} weights for {len(traj)} checkpoints")
-    last = traj.manifests[-1]
+    last_index = len(traj) - 1
+    last = traj.manifest(last_index)
     root = last.data.get("tree")
     key = next((k for k in WEIGHT_KEYS if isinstance(root, Mapping) and isinstance(root.get(k), Mapping)), "")
     node: Any = root[key] if key and isinstance(root, Mapping) else root
@@ -126,7 +127,7 @@ def average_leaves(
             out[param] = cast_back(acc, floats[name].dtype, framework)
         else:  # integer / bool buffers: the last checkpoint's value
             tname = node[param]["$tensor"]
-            out[param] = traj.store.load_leaves(last, [tname])[tname]
+            out[param] = traj.read(last_index, [tname])[tname]
         if progress is not None:
             progress(done, len(params))
     return key, out
@@ -150,7 +151,7 @@ def average_checkpoints(
         raise TrajectoryError(f"the average would go into run {run!r} itself", hint="name another run for it (--name)")
     traj = StoreTrajectory(store, run, list(r.refs))
     key, leaves = average_leaves(traj, r.weights, progress=progress)
-    src = traj.manifests[-1]
+    src = traj.manifest(len(traj) - 1)
     state: dict[str, Any] = {key: leaves} if key else dict(leaves)
     meta: dict[str, Any] = {"average": {**r.to_dict(), "run": run, "accumulate": "float64"}}
     for k in ("epoch", "model", "model_config", "hparams", "name"):

@@ -31,6 +31,7 @@ import numpy as np
 
 from ckptstore.analysis.trajectory import StoreTrajectory, Trajectory, TrajectoryError, leaf_values
 from ckptstore.format import tree
+from ckptstore.format.manifest import Manifest
 
 
 def _num(x: float) -> float | None:
@@ -92,7 +93,7 @@ def _plain(skeleton: Any) -> Any:
 
 def optimizer_layout(traj: StoreTrajectory, index: int = 0) -> tuple[dict[str, Slot], list[dict[str, Any]], str]:
     """``({weight name: Slot}, param groups, how they were matched)`` of checkpoint ``index``."""
-    m = traj.manifests[index]
+    m = traj.manifest(index)
     node = _optimizer_node(m.data.get("tree"))
     if node is None:
         raise TrajectoryError(
@@ -137,24 +138,54 @@ def iter_state_tensor(traj: StoreTrajectory, index_name: Callable[[int], str | N
     """Per checkpoint, the tensor named ``index_name(i)`` (a stored tensor name) as float values, or ``None``;
     walks in order so each delta decodes against the object read just before."""
     known: dict[str, np.ndarray] = {}
-    for i, m in enumerate(traj.manifests):
+    for i in range(len(traj)):
         name = index_name(i)
-        if name is None or name not in m.full_tensors:
+        rec = None if name is None else traj.tensor_record(i, name)
+        if name is None or rec is None:
             yield None
             continue
-        leaf = traj.store.load_leaves(m, [name], known=known)[name]
+        leaf = traj.read(i, [name], known=known)[name]
         known.clear()
-        known[m.full_tensors[name]["object"]] = leaf.data
+        known[rec["object"]] = leaf.data
         yield leaf_values(leaf) if leaf.dtype in ("float16", "bfloat16", "float32", "float64") else leaf.to_numpy()
 
 
+_STATE_READ = ("step", "exp_avg_sq")  # what tensor_optimizer reads of a parameter's state
+
+
+def _optimizer_of(m: Manifest) -> tuple[dict[str, Any] | None, list[str]]:
+    """One checkpoint's optimizer state as :func:`tensor_optimizer` reads it: its param groups (without their
+    parameter lists) and, per parameter id, the stored names of ``step`` and ``exp_avg_sq`` (None where the
+    checkpoint lacks the tensor); and those names, for the trajectory's index."""
+    node = _optimizer_node(m.data.get("tree"))
+    if node is None:
+        return None, []
+    opt = _plain(node)
+    groups = opt["param_groups"]
+    if isinstance(groups, list | tuple):
+        groups = [{k: v for k, v in g.items() if k != "params"} if isinstance(g, Mapping) else g for g in groups]
+    state: dict[Any, dict[str, Any]] = {}
+    names: list[str] = []
+    full = m.full_tensors
+    if isinstance(opt.get("state"), Mapping):
+        for pid, st in opt["state"].items():
+            if not isinstance(st, Mapping):
+                continue
+            kept = {k: st[k] for k in _STATE_READ if k in st}
+            for k, v in kept.items():
+                if isinstance(v, str):
+                    if v in full:
+                        names.append(v)
+                    else:
+                        kept[k] = None  # no such tensor: read as missing, like a name the state lacks
+            state[pid] = kept
+    return {"state": state, "param_groups": groups}, names
+
+
 def optimizer_states(traj: StoreTrajectory) -> list[dict[str, Any] | None]:
-    """Per checkpoint, its optimizer state as plain values (tensors as their stored names), or ``None``."""
-    out: list[dict[str, Any] | None] = []
-    for m in traj.manifests:
-        node = _optimizer_node(m.data.get("tree"))
-        out.append(_plain(node) if node is not None else None)
-    return out
+    """Per checkpoint, what the per-tensor jobs read of its optimizer state (:func:`_optimizer_of`), or ``None``:
+    gathered once per trajectory, the tensors it names added to the trajectory's index."""
+    return traj.gather("optimizer", _optimizer_of)
 
 
 def _state_name(opt: Mapping[str, Any] | None, pid: int, key: str) -> str | None:

@@ -12,25 +12,26 @@ import os
 import sys
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 
-from ckptstore.errors import CkptStoreError, InvalidStateError
+from ckptstore.errors import CkptStoreError, IntegrityError, InvalidStateError
 from ckptstore.format import tree
 from ckptstore.format.dtypes import dtype as dtype_of
+from ckptstore.format.manifest import Manifest
 
 if TYPE_CHECKING:
-    from ckptstore.format.manifest import Manifest
     from ckptstore.store import Store
 
 # Where a checkpoint keeps its model weights, in order of preference: open_clip_train and most trainers use
 # ``state_dict``, ckptstore.torch.training_state ``model``.
 WEIGHT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+T = TypeVar("T")
 
 
 class TrajectoryError(CkptStoreError, ValueError):
@@ -147,11 +148,43 @@ def _weight_infos(named: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[Weig
 
 
 # ---------------------------------------------------------------------------------------------- a store run
+def _indexed_names(m: Manifest) -> list[str]:
+    """The tensor names a compact index (a :meth:`Manifest.subset`) was made of, enough to make it again."""
+    return [*m.tensors, *(n for n in m.full_tensors if n not in m.tensors)]
+
+
+class _Manifests(Sequence[Manifest]):
+    """The whole manifests of a trajectory's checkpoints, each parsed on access (through the store's bounded
+    manifest cache), none held here."""
+
+    def __init__(self, traj: StoreTrajectory) -> None:
+        self._traj = traj
+
+    def __len__(self) -> int:
+        return len(self._traj)
+
+    @overload
+    def __getitem__(self, index: int) -> Manifest: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Manifest]: ...
+    def __getitem__(self, index: int | slice) -> Manifest | list[Manifest]:
+        if isinstance(index, slice):
+            return [self._traj.manifest(i) for i in range(len(self))[index]]
+        return self._traj.manifest(index)
+
+
 class StoreTrajectory(Trajectory):
     """The checkpoints of one store run (or the chosen references of it), read tensor by tensor.
 
     Walking a tensor through the run in order decodes each delta against the object read just before, so a full
     pass costs about one decode of every weight, and memory stays at a few copies of the tensor being read.
+
+    Per checkpoint it keeps a compact index, not the parsed manifest (one of a CLIP training checkpoint is ~1 MB of
+    Python objects, most of it optimizer state and tree that the walks never read; a trajectory of thousands held
+    GBs): a :meth:`Manifest.subset` that lists the weight tensors and the objects on their delta chains (records
+    shared between checkpoints), and the metadata. Whole manifests come from :meth:`manifest`, through the store's
+    bounded manifest cache; an analysis that reads more of every checkpoint than its weights adds that to the index
+    once with :meth:`gather` (docs/design.md).
     """
 
     def __init__(self, store: Store, run: str, refs: Sequence[str] | None = None) -> None:
@@ -161,38 +194,117 @@ class StoreTrajectory(Trajectory):
             steps = store.steps(run)
             if not steps:
                 raise TrajectoryError(f"run {run!r} has no checkpoints", hint="`ckpt ls` lists the runs")
-            self._manifests = [store.manifest(run, s) for s in steps]
+            opened: Iterator[Manifest] = (store.manifest(run, s) for s in steps)
         else:
-            self._manifests = [store.resolve(r) for r in refs]
+            opened = (store.resolve(r) for r in refs)
+        self._keys: list[tuple[str, int]] = []  # per checkpoint: (run, step), to read its whole manifest again
+        self._index: list[Manifest] = []  # per checkpoint: the subset of its manifest that its reads need
         self._names: list[dict[str, str]] = []  # per checkpoint: parameter name -> stored tensor name
+        self._gathered: dict[str, list[Any]] = {}
         infos: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for i, m in enumerate(self._manifests):
+        points = []
+        reuse: dict[tuple[str, str], Any] = {}  # records shared by the checkpoints' indexes
+        strings: dict[str, str] = {}  # one copy of each name, not one per checkpoint
+        for i, m in enumerate(opened):
             node = _weights_node(m.data.get("tree"))
             names: dict[str, str] = {}
             for param, sub in node.items():
                 if isinstance(sub, dict) and set(sub) == {"$tensor"}:
-                    names[str(param).removeprefix("module.")] = sub["$tensor"]
+                    p, t = str(param).removeprefix("module."), sub["$tensor"]
+                    names[strings.setdefault(p, p)] = strings.setdefault(t, t)
             self._names.append(names)
             if i == 0:
                 for param, tname in names.items():
                     t = m.full_tensors[tname]
                     infos[param] = (t["dtype"], tuple(t["shape"]))
-        points = [
-            Point(
-                i,
-                m.ref,
-                m.metadata["step"] if isinstance(m.metadata.get("step"), int) else m.step,
-                m.metadata.get("epoch") if isinstance(m.metadata.get("epoch"), int) else None,
-                m.metadata,
+            self._keys.append((m.run, m.step))
+            self._index.append(m.subset(names.values(), reuse=reuse))
+            points.append(
+                Point(
+                    i,
+                    m.ref,
+                    m.metadata["step"] if isinstance(m.metadata.get("step"), int) else m.step,
+                    m.metadata.get("epoch") if isinstance(m.metadata.get("epoch"), int) else None,
+                    m.metadata,
+                )
             )
-            for i, m in enumerate(self._manifests)
-        ]
         super().__init__(points, _weight_infos(infos))
         self._known: OrderedDict[str, np.ndarray] = OrderedDict()  # recently decoded objects, as delta bases
 
+    def manifest(self, index: int) -> Manifest:
+        """The whole manifest of checkpoint ``index``, from the store (its bounded cache, else storage)."""
+        return self.store.manifest(*self._keys[index])
+
     @property
-    def manifests(self) -> list[Manifest]:
-        return list(self._manifests)
+    def manifests(self) -> Sequence[Manifest]:
+        """Every checkpoint's whole manifest, parsed on access (:meth:`manifest`); holding them all costs ~1 MB
+        each for a CLIP training checkpoint, so read one at a time."""
+        return _Manifests(self)
+
+    def tensor_record(self, index: int, name: str) -> dict[str, Any] | None:
+        """Checkpoint ``index``'s record (dtype, shape, object) of full tensor ``name``, or None if it has none."""
+        rec = self._index[index].full_tensors.get(name)
+        return rec if rec is not None else self.manifest(index).full_tensors.get(name)
+
+    def gather(self, key: str, take: Callable[[Manifest], tuple[T, Iterable[str]]]) -> list[T]:
+        """``take(manifest)`` of every checkpoint, computed on first use under ``key`` and kept with the
+        trajectory: for an analysis that needs a little more of each checkpoint than its weights (the optimizer
+        analysis: Adam's state names and param groups). ``take`` returns that value and the stored tensors the
+        analysis will read, which join the compact index, so reading them through the run parses no manifest."""
+        done = self._gathered.get(key)
+        if done is not None:
+            return done
+        out: list[T] = []
+        reuse: dict[tuple[str, str], Any] = {}
+        for i in range(len(self)):
+            m = self.manifest(i)
+            value, more = take(m)
+            index = self._index[i]
+            extra = [n for n in more if n not in index.tensors and n not in index.full_tensors]
+            if extra:
+                self._check_same(i, m)
+                self._index[i] = m.subset([*_indexed_names(index), *extra], reuse=reuse)
+            out.append(value)
+        self._gathered[key] = out
+        return out
+
+    def read(
+        self, index: int, names: Iterable[str], *, known: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, tree.Leaf]:
+        """Stored tensors ``names`` of checkpoint ``index`` (names of its full tensors) as ``Store.load_leaves``
+        decodes them: from the compact index when it lists them all, else from the whole manifest."""
+        wanted = list(names)
+        m = self._index[index]
+        if not all(n in m.tensors or n in m.full_tensors for n in wanted):
+            return self.store.load_leaves(self.manifest(index), wanted, known=known)
+        try:
+            return self.store.load_leaves(m, wanted, known=known)
+        except IntegrityError:
+            # Compaction or gc may have replaced the checkpoint's objects and freed the packs the index names.
+            # load_leaves' own retry re-reads the manifest but compares its tensors with the index's, which are
+            # fewer: read from the whole manifest (load_leaves reads that again if it is stale), then index the
+            # new objects. Damage, not a compaction, raises the store's error from there.
+            whole = self.manifest(index)
+            self._check_same(index, whole)
+            try:
+                leaves = self.store.load_leaves(whole, wanted, known=known)
+            except IntegrityError:
+                self._check_same(index, self.manifest(index))  # as load_leaves read it again: changed, or damaged
+                raise
+            fresh = self.manifest(index)
+            self._check_same(index, fresh)
+            self._index[index] = fresh.subset(_indexed_names(m))
+            return leaves
+
+    def _check_same(self, index: int, whole: Manifest) -> None:
+        """``whole`` (the checkpoint's manifest as read now) lists the tensors of its index as they were."""
+        for n, t in self._index[index].tensors.items():
+            if whole.tensors.get(n) != t:
+                raise TrajectoryError(
+                    f"{self.points[index].label} changed while this trajectory was open: tensor {n!r} is not "
+                    "what it was (the checkpoint was deleted and saved again?)",
+                    hint="open the trajectory again",
+                )
 
     def _stored_name(self, index: int, name: str) -> str:
         try:
@@ -204,10 +316,9 @@ class StoreTrajectory(Trajectory):
             ) from None
 
     def _tensor(self, index: int, name: str) -> np.ndarray:
-        m = self._manifests[index]
         tname = self._stored_name(index, name)
-        leaf = self.store.load_leaves(m, [tname], known=self._known)[tname]
-        oid = m.full_tensors[tname]["object"]
+        leaf = self.read(index, [tname], known=self._known)[tname]
+        oid = self._index[index].full_tensors[tname]["object"]
         self._known[oid] = leaf.data
         self._known.move_to_end(oid)
         while len(self._known) > 1:  # walking in order, a delta's base is the object read just before
@@ -224,9 +335,8 @@ class StoreTrajectory(Trajectory):
     def state_dict(self, index: int) -> dict[str, Any]:
         from ckptstore.torch import leaf_to_tensor
 
-        m = self._manifests[index]
         names = self._names[index]
-        leaves = self.store.load_leaves(m, list(dict.fromkeys(names.values())))
+        leaves = self.read(index, list(dict.fromkeys(names.values())))
         return {param: leaf_to_tensor(leaves[t]) for param, t in names.items()}
 
 

@@ -19,13 +19,20 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from ckptstore.errors import DamagedManifestError, FormatError, InvalidStateError, UnsupportedVersionError
+from ckptstore.errors import (
+    DamagedManifestError,
+    FormatError,
+    InvalidStateError,
+    TensorNotFoundError,
+    UnsupportedVersionError,
+)
 from ckptstore.format import parts, sharded, tree
 from ckptstore.format.spec import FORMAT_VERSION, MANIFEST_KIND, MAX_NDIM, RUNS_DIR
 
@@ -307,6 +314,66 @@ class Manifest:
                 raise FormatError(f"manifest references unknown object {o}", path=self.key)
             todo.extend(rec.get("refs", {}).values())
         return out
+
+    def subset(self, names: Iterable[str], *, reuse: dict[tuple[str, str], Any] | None = None) -> Manifest:
+        """A manifest of this checkpoint that lists only the tensors ``names`` (names of :attr:`full_tensors`; a
+        sharded checkpoint's full tensors bring their shards and their part of the ``dcp`` section), the objects
+        on their delta chains and the metadata, nothing else (an empty tree): what ``Store.load_leaves`` reads to
+        decode those tensors, exactly as from the whole manifest. For keeping an index of a few tensors of many
+        checkpoints (``StoreTrajectory``) at a fraction of a parsed manifest's memory.
+
+        ``reuse`` (``("object", id)`` / ``("tensor", name)`` -> record) shares records between the subsets of the
+        checkpoints of one run: a record equal to one in it is taken from it, a new one is added. Consecutive
+        checkpoints have most of their delta chains in common, so this keeps one record per object, not one per
+        checkpoint that reaches it. A subset's ``tensors`` are not the checkpoint's, so the retry of
+        ``load_leaves`` after a compaction (which re-reads the manifest and compares them) does not apply to it:
+        its holder reads the whole manifest again instead."""
+        wanted = list(dict.fromkeys(names))
+        full = self.full_tensors
+        missing = [n for n in wanted if n not in self.tensors and n not in full]
+        if missing:
+            raise TensorNotFoundError(f"no tensor {missing[0]!r}", ref=self.ref, tensor=missing[0])
+        stored: list[str] = []
+        for n in wanted:
+            stored.extend([n] if n in self.tensors else [c["tensor"] for c in full[n]["chunks"]])
+        shared: dict[tuple[str, str], Any] = {} if reuse is None else reuse
+
+        def name(v: str) -> str:
+            out: str = shared.setdefault(("str", v), v)
+            return out
+
+        def take(kind: str, key: str, rec: dict[str, Any]) -> dict[str, Any]:
+            have = shared.get((kind, key))
+            if have is not None and (have is rec or have == rec):
+                return have
+            if reuse is not None:  # a copy (the record may belong to a manifest the Store keeps) sharing equal
+                rec = dict(rec)  # names, shapes and codec chains with the records taken before it
+                for k, v in rec.items():
+                    if isinstance(v, str):
+                        rec[k] = name(v)
+                    elif isinstance(v, list):  # repr, not ==, as the key: it tells 1 from 1.0 and True
+                        rec[k] = shared.setdefault(("list", repr(v)), v)
+            shared[(kind, key)] = rec
+            return rec
+
+        tensors = {name(n): take("tensor", n, self.tensors[n]) for n in dict.fromkeys(stored)}
+        objects: dict[str, dict[str, Any]] = {}
+        for t in tensors.values():
+            for o in self.chain(t["object"]):
+                if o not in objects:
+                    objects[name(o)] = take("object", o, self.objects[o])
+        data: dict[str, Any] = {
+            k: self.data[k] for k in ("kind", "format_version", "run", "step", "framework") if k in self.data
+        }
+        data.update(tree={}, tensors=tensors, objects=objects, metadata=self.metadata)
+        if "dcp" in self.data:
+            chosen = set(wanted) - set(self.tensors)
+            layout = self.data["dcp"]
+            data["dcp"] = {
+                **{k: v for k, v in layout.items() if k != "items"},
+                "items": {fqn: it for fqn, it in sharded.items(layout).items() if it.get("name") in chosen},
+            }
+        return Manifest(data, self.key)
 
     def info(self) -> CheckpointInfo:
         st = self.data.get("stats", {})
