@@ -1165,3 +1165,32 @@ def test_a_save_hashes_small_tensors_on_its_thread_and_large_ones_in_the_pool(
     for name, arr in state.items():
         assert m.tensors[name]["object"] == real(Leaf.from_numpy(arr)), name
     assert list(m.tensors) == list(state)
+
+
+def test_a_parsed_manifest_keeps_one_list_per_distinct_shape_and_codec_chain(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """Each JSON record had its own ``shape`` and ``codecs`` lists (a few dozen distinct ones in thousands of
+    records, each tracked by the garbage collector for as long as the manifest is kept): equal ones are one
+    object once a Store reads the manifest, and the checkpoint reads, edits and re-reads exactly as before."""
+    state = {f"layer{i}.{p}": rng.standard_normal((8, 4) if p == "w" else 4).astype(np.float32)
+             for i in range(30) for p in ("w", "b")}  # fmt: skip
+    store = ckptstore.create_store(tmp_path / "s")
+    store.save("r", 1, state)
+    store.save("r", 2, {k: v + np.float32(1e-3) for k, v in state.items()})
+    fresh = ckptstore.open_store(tmp_path / "s")
+    m = fresh.manifest("r", 2)
+    records = [*m.objects.values(), *m.tensors.values()]
+    for field in ("shape", "codecs"):
+        values = [r[field] for r in records if field in r]
+        assert len({id(v) for v in values}) == len({repr(v) for v in values}) < len(values), field
+    raw = json.loads((tmp_path / "s" / "runs" / "r" / "ckpt" / f"{2:020d}.json").read_bytes().decode())
+    assert {o: (r["shape"], r["codecs"]) for o, r in m.objects.items()} == {
+        o: (r["shape"], r["codecs"]) for o, r in raw["objects"].items()
+    }, "the same values as stored"
+    fresh.update_metadata("r@2", lambda md: md.update(note="x"))
+    again = ckptstore.open_store(tmp_path / "s")
+    assert again.manifest("r", 2).metadata["note"] == "x"
+    got = again.load("r@2")
+    for k, v in state.items():
+        assert got[k].tobytes() == (v + np.float32(1e-3)).tobytes()

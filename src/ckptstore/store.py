@@ -53,6 +53,7 @@ from ckptstore.format.manifest import (
     object_id,
     parse_manifest,
     run_lock_key,
+    share_equal_lists,
     with_true_depths,
 )
 from ckptstore.format.names import check_run_name, check_step, check_tensor_name
@@ -335,6 +336,7 @@ class Store:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise FormatError("manifest larger than the format's limit", path=key)
         m = Manifest(parse_manifest(bytes(raw), key), key)
+        share_equal_lists(m.data)
         self._manifests[(run, step)] = m
         return m
 
