@@ -647,7 +647,7 @@ class Store:
                     if leaves[item[0]].nbytes < _INLINE_BYTES:
                         # a tiny tensor's encode is all Python: on a pool thread it would only trade the GIL,
                         # so this thread does it meanwhile (its result still goes into the pack in order)
-                        window.append(_run_here(job, item))
+                        window.append(_Ran(job, item))
                     else:
                         window.append(ex.submit(job, item))
                     if len(window) >= _WINDOW * self.threads:
@@ -964,7 +964,7 @@ class Store:
 
             batches = _batches(wanted, m.tensors)
             pooled = [ex.submit(decode, b) if nbytes >= _INLINE_BYTES else None for b, nbytes in batches]
-            parts = [f if f is not None else _run_here(decode, b) for f, (b, _) in zip(pooled, batches, strict=True)]
+            parts = [f if f is not None else _Ran(decode, b) for f, (b, _) in zip(pooled, batches, strict=True)]
             out: dict[str, tree.Leaf] = {}
             for part in parts:
                 out.update(part.result())
@@ -1617,10 +1617,6 @@ class _Ran(Generic[R]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
-
-
-def _run_here(fn: Callable[[Any], R], arg: Any) -> _Ran[R]:
-    return _Ran(fn, arg)
 
 
 def _batches(names: list[str], tensors: Mapping[str, Any]) -> list[tuple[list[str], int]]:

@@ -75,7 +75,7 @@ def encode(
     if isinstance(last, BytePlanesZstd) and words.nbytes <= max(RAW_MAX_BYTES, last.smallest_payload(spec)):
         # A step counter, a one-element norm: stored raw without trying the codecs. Up to the planes header's
         # size nothing is shorter than raw anyway; up to RAW_MAX_BYTES coding saves at most a few dozen bytes
-        # (64 - 19 for a 2-byte dtype), a fraction of the ~260-byte manifest record each object costs whatever
+        # (64 - 10 for a 1-byte dtype), a fraction of the ~260-300-byte manifest record each object costs whatever
         # its payload, for ~50 µs of Python per tensor (trying a keyframe and a delta): 3/4 of a save of 1,376
         # such tensors (benchmarks/small_tensors_bench.py).
         return _raw(words)
