@@ -936,6 +936,73 @@ def test_load_of_corrupted_data_raises_instead_of_returning_wrong_bytes(tmp_path
     assert got.tobytes() == x.tobytes(), "load returned silently corrupted data"
 
 
+def _many_small(rng: np.random.Generator, i: int, prev: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """A state of many small tensors, as a real model's biases and norms: the batch decoder's share of a load."""
+    if prev is None:
+        return {f"t{j}": (rng.standard_normal(300 + 37 * j) * 0.02).astype(np.float32) for j in range(40)} | {
+            "h": rng.standard_normal(900).astype(np.float16),
+            "steps": np.arange(700, dtype=np.int64),
+        }
+    out = {k: (v * np.float32(0.999) + np.float32(1e-4)).astype(np.float32) for k, v in prev.items() if k[0] == "t"}
+    return out | {"h": prev["h"], "steps": prev["steps"] + i}
+
+
+def test_small_tensors_load_through_the_batch_decoder_bit_exactly(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loads in order and singly go through native.decode_many for keyframes and deltas alike, and give the
+    bytes the codec chain gives (native off)."""
+    from ckptstore.codecs import native
+
+    if not native.available:
+        pytest.skip("the C kernels were not built (optional extension)")
+    store = ckptstore.create_store(tmp_path / "s", keyframe_interval=3)
+    states: dict[int, dict[str, np.ndarray]] = {}
+    prev = None
+    for step in range(1, 7):
+        prev = states[step] = _many_small(rng, step, prev)
+        store.save("r", step, prev)
+    seen: list[tuple[bool, int]] = []
+    real = native.decode_many
+
+    def spy(items: Any) -> bytes:
+        seen.extend((it[3] is not None, it[2].size) for it in items)
+        return real(items)
+
+    monkeypatch.setattr(native, "decode_many", spy)
+    fresh = ckptstore.open_store(store.url)
+    for m, state in fresh.iter_load("r", tensors="numpy"):
+        assert all(state[k].tobytes() == states[m.step][k].tobytes() for k in states[m.step]), m.step
+    for step in states:
+        got = ckptstore.open_store(store.url).load(f"r@{step}", tensors="numpy")
+        assert all(got[k].tobytes() == states[step][k].tobytes() for k in states[step]), step
+    assert any(d for d, _ in seen) and any(not d for d, _ in seen)  # deltas and keyframes both went through it
+    monkeypatch.setattr(native, "available", False)
+    seen.clear()
+    for step in states:
+        got = ckptstore.open_store(store.url).load(f"r@{step}", tensors="numpy")
+        assert all(got[k].tobytes() == states[step][k].tobytes() for k in states[step]), step
+    assert seen == []
+
+
+def test_a_damaged_payload_in_a_batch_is_reported_by_the_chain(tmp_path: Path, rng: np.random.Generator) -> None:
+    """The batch decoder leaves a payload it cannot read to the codec chain, which names the object."""
+    store = ckptstore.create_store(tmp_path / "s")
+    state = _many_small(rng, 1, None)
+    store.save("r", 1, state)
+    m = store.resolve("r@1")
+    oid = m.tensors["t5"]["object"]
+    rec = m.objects[oid]
+    assert rec["codecs"][-1]["name"] == "planes-zstd"
+    path = Path(store.url) / rec["pack"]
+    data = bytearray(path.read_bytes())
+    data[rec["offset"]] = 7  # the payload's plane count
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=oid[:20]):
+        ckptstore.open_store(store.url).load("r@1")
+    assert ckptstore.open_store(store.url).load_tensor("r@1", "t4", tensors="numpy").tobytes() == state["t4"].tobytes()
+
+
 # ---------------------------------------------------------------------------------------------- keyframes
 def _check_depths(store: Store, interval: int) -> list[int]:
     depths = []

@@ -24,6 +24,7 @@ import numpy as np
 
 from ckptstore import codecs
 from ckptstore.asyncsave import DEFAULT_MAX_IN_FLIGHT, AsyncSaver, PreparedSave, SaveHandle
+from ckptstore.codecs import native
 from ckptstore.codecs.planes import estimate_bits, run_in_background, thread_initializer
 from ckptstore.codecs.planner import delta_base
 from ckptstore.errors import (
@@ -926,6 +927,9 @@ class Store:
         def stored(n: str) -> tree.Leaf:
             t = m.tensors[n]
             words, _ = self._decode_chain(m, t["object"], known=known)
+            return checked(n, t, words)
+
+        def checked(n: str, t: Mapping[str, Any], words: np.ndarray) -> tree.Leaf:
             leaf = tree.Leaf(t["dtype"], tuple(t["shape"]), words)
             if object_id(leaf) != t["object"]:  # xxh3 runs at >10 GB/s: every load checks what it returns
                 raise IntegrityError(
@@ -960,7 +964,9 @@ class Store:
             # of 1,032 tensors of 64 bytes: 65-75 ms through the pool, 35 ms on the calling thread): the calling
             # thread decodes those, after handing the rest to the pool, and the results are taken in order.
             def decode(batch: list[str]) -> list[tuple[str, tree.Leaf]]:
-                return [one(n) for n in batch]
+                if not native.available or len(batch) < 2:
+                    return [one(n) for n in batch]
+                return self._decode_batch(m, batch, known, one, checked)
 
             batches = _batches(wanted, m.tensors)
             pooled = [ex.submit(decode, b) if nbytes >= _INLINE_BYTES else None for b, nbytes in batches]
@@ -969,6 +975,55 @@ class Store:
             for part in parts:
                 out.update(part.result())
             return out
+
+    def _decode_batch(
+        self,
+        m: Manifest,
+        batch: list[str],
+        known: Mapping[str, np.ndarray] | None,
+        one: Callable[[str], tuple[str, tree.Leaf]],
+        checked: Callable[[str, Mapping[str, Any], np.ndarray], tree.Leaf],
+    ) -> list[tuple[str, tree.Leaf]]:
+        """``[one(n) for n in batch]``, with the tensors whose chain is a planes-zstd keyframe, or one float32
+        delta against a base already decoded, decoded together in one C call (codecs/native.py: their
+        per-tensor Python cost more than their zstd work, serially on the GIL). The rest, and any payload the C
+        loop leaves, go through :meth:`_decode_chain` as before, which raises what is wrong with them."""
+        out: list[tuple[str, tree.Leaf] | None] = [None] * len(batch)
+        items: list[native.Item] = []
+        where: list[tuple[int, str, Mapping[str, Any], np.ndarray]] = []
+        for i, n in enumerate(batch):
+            t = m.tensors.get(n)
+            if t is None:
+                continue  # a full tensor, put together from its shards by one()
+            oid = t["object"]
+            rec = m.objects.get(oid)
+            if rec is None or (known is not None and oid in known) or oid in self._head:
+                continue  # damage, or an object already decoded: one() handles it
+            refs = rec.get("refs")
+            base = None
+            if refs:
+                dep = refs.get("prev") if isinstance(refs, Mapping) and len(refs) == 1 else None
+                base = (known.get(dep) if known is not None else None) if dep is not None else None
+                if base is None:
+                    base = self._head.get(dep) if dep is not None else None
+                if base is None:
+                    continue  # a chain to walk: _decode_chain
+            try:
+                check_pack_key(rec.get("pack"), m.key)
+                spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
+                length = int(rec["length"])
+                payload = self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
+            except (CkptStoreError, KeyError, TypeError, ValueError, OSError, EOFError):
+                continue  # _decode_chain says what is wrong
+            planned = native.plan(payload, rec.get("codecs") or (), spec, base)
+            if planned is not None:
+                items.append(planned[0])
+                where.append((i, n, t, planned[1]))
+        status = native.decode_many(items)
+        for (i, n, rec_t, words), ok in zip(where, status, strict=True):
+            if ok == 0:
+                out[i] = (n, checked(n, rec_t, words))
+        return [r if r is not None else one(n) for r, n in zip(out, batch, strict=True)]
 
     def _ranges_to_read(
         self, m: Manifest, names: Iterable[str], known: Mapping[str, np.ndarray] | None

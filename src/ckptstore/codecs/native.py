@@ -1,0 +1,131 @@
+"""Many small payloads decoded in one C call (the load path's accelerator for tensors under 4 MB).
+
+A checkpoint's hundreds of tensors between a few KB and 4 MB cost more in Python than in zstd when each goes
+through :func:`ckptstore.codecs.chain.decode` (codec objects, plane arrays, one zstd call per plane, a kernel
+call), and that Python runs serially on the GIL while the C work could run on every core. :func:`plan` turns the
+common chains into plain arguments (a planes-zstd keyframe, or one float32 delta against an already-decoded
+base), and :func:`decode_many` decodes a batch of them under one release of the GIL (``_kernels.decode_many``).
+
+It is an accelerator, not a second decoder: it produces the same bytes as the chain (tests/codecs/
+test_native.py compares them), and every payload it does not handle or finds malformed is reported back, to be
+decoded by the chain, which raises the error a user sees. zstd is the zstandard package's own library, reached
+through its cffi module; without it (or without the C kernels) :data:`available` is False and nothing changes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ckptstore.codecs.base import TensorSpec
+from ckptstore.codecs.delta import OrderedDelta
+from ckptstore.codecs.planes import BytePlanesZstd, kernels
+
+__all__ = ["available", "decode_many", "plan"]
+
+Item = tuple[Any, int, np.ndarray, "np.ndarray | None", np.ndarray, int, int]
+
+
+def _bind() -> bool:
+    if kernels is None or not hasattr(kernels, "decode_many"):
+        return False
+    try:
+        from zstandard import _cffi  # type: ignore[attr-defined]  # the package's cffi build of its own zstd
+    except ImportError:  # cffi missing, or a zstandard built without it
+        return False
+    ffi, lib = _cffi.ffi, _cffi.lib
+    names = ("ZSTD_decompressDCtx", "ZSTD_getFrameContentSize", "ZSTD_isError", "ZSTD_createDCtx", "ZSTD_freeDCtx")
+    try:
+        kernels.bind_zstd(*(int(ffi.cast("uintptr_t", ffi.addressof(lib, n))) for n in names))
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return True
+
+
+available: bool = _bind()
+
+_NO_SCALES = np.zeros(0, np.float32)
+_ONE = struct.Struct("<Q")
+
+
+def plan(
+    payload: memoryview | bytes, records: Sequence[Mapping[str, Any]], spec: TensorSpec, prev: np.ndarray | None
+) -> tuple[Item, np.ndarray] | None:
+    """``(item, out)`` for :func:`decode_many` when the chain is one it decodes: planes-zstd alone (``prev``
+    None), or ``delta`` then planes-zstd on float32 with ``prev`` the decoded base; None otherwise (the chain
+    then decodes it). ``out`` is the fresh array the item fills."""
+    k = spec.dt.itemsize
+    if not available or spec.dtype == "complex128" or k not in (1, 2, 4, 8) or spec.size == 0:
+        return None
+    last = records[-1] if records else None
+    if (
+        not isinstance(last, Mapping)
+        or last.get("name") != BytePlanesZstd.name
+        or not _version_ok(last, BytePlanesZstd.version)
+    ):
+        return None
+    scales, rows, mode = _NO_SCALES, 0, 0
+    view = payload
+    if len(records) == 1:
+        if prev is not None:
+            return None
+    elif len(records) == 2:
+        delta = records[0]
+        if (
+            prev is None
+            or spec.dtype != "float32"
+            or not isinstance(delta, Mapping)
+            or delta.get("name") != OrderedDelta.name
+            or not _version_ok(delta, OrderedDelta.version)
+            or prev.dtype != np.uint32
+            or prev.size != spec.size
+            or not prev.flags.c_contiguous
+        ):
+            return None
+        config = delta.get("config", {})
+        if not isinstance(config, Mapping):
+            return None
+        predictor = config.get("predictor", "prev")
+        if config.get("side"):
+            if len(payload) < 8:
+                return None
+            (length,) = _ONE.unpack_from(payload, 0)
+            if 8 + length > len(payload):
+                return None
+            side = memoryview(payload)[8 : 8 + length]
+            view = memoryview(payload)[8 + length :]
+        else:
+            side = None
+        if predictor == "scale":
+            try:
+                scales, mode = np.array([float.fromhex(config["scale"])], np.float32), 1
+            except (KeyError, TypeError, ValueError):
+                return None
+        elif predictor == "rowscale":
+            count = config.get("rows")
+            if side is None or not isinstance(count, int) or count < 1 or len(side) != 4 * count:
+                return None
+            scales, rows, mode = np.frombuffer(side, dtype="<f4").copy(), count, 2
+        elif predictor != "prev":
+            return None
+    else:
+        return None
+    out = np.empty(spec.size, dtype=f"<u{k}")
+    return (view, k, out, prev, scales, rows, mode), out
+
+
+def decode_many(items: Sequence[Item]) -> bytes:
+    """Decode every item (from :func:`plan`) into its ``out``; one status byte per item, 0 decoded, 1 not (the
+    chain must decode that one: it may be damaged, or in a form this does not handle)."""
+    if not items:
+        return b""
+    status: bytes = kernels.decode_many(items)
+    return status
+
+
+def _version_ok(record: Mapping[str, Any], newest: int) -> bool:
+    version = record.get("version", 1)
+    return isinstance(version, int) and 1 <= version <= newest
