@@ -977,6 +977,16 @@ def test_small_tensors_load_through_the_batch_decoder_bit_exactly(
         got = ckptstore.open_store(store.url).load(f"r@{step}", tensors="numpy")
         assert all(got[k].tobytes() == states[step][k].tobytes() for k in states[step]), step
     assert any(d for d, _ in seen) and any(not d for d, _ in seen)  # deltas and keyframes both went through it
+    # a single load of a checkpoint two deltas from its keyframe decodes whole chains in C, a depth per call:
+    # the second delta's base is the array the first one was decoded into
+    outs: list[list[Any]] = []
+    monkeypatch.setattr(native, "decode_many", lambda items: (outs.append(list(items)), real(items))[1])
+    deep = max(states, key=lambda s: max(int(r.get("depth", 0)) for r in store.manifest("r", s).objects.values()))
+    assert max(int(r.get("depth", 0)) for r in store.manifest("r", deep).objects.values()) == 2
+    got = ckptstore.open_store(store.url).load(f"r@{deep}", tensors="numpy")
+    assert all(got[k].tobytes() == states[deep][k].tobytes() for k in states[deep])
+    made = {id(it[2]) for call in outs[:-1] for it in call}
+    assert any(it[3] is not None and id(it[3]) in made for call in outs[2:] for it in call)
     monkeypatch.setattr(native, "available", False)
     seen.clear()
     for step in states:

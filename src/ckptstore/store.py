@@ -984,46 +984,93 @@ class Store:
         one: Callable[[str], tuple[str, tree.Leaf]],
         checked: Callable[[str, Mapping[str, Any], np.ndarray], tree.Leaf],
     ) -> list[tuple[str, tree.Leaf]]:
-        """``[one(n) for n in batch]``, with the tensors whose chain is a planes-zstd keyframe, or one float32
-        delta against a base already decoded, decoded together in one C call (codecs/native.py: their
-        per-tensor Python cost more than their zstd work, serially on the GIL). The rest, and any payload the C
-        loop leaves, go through :meth:`_decode_chain` as before, which raises what is wrong with them."""
-        out: list[tuple[str, tree.Leaf] | None] = [None] * len(batch)
-        items: list[native.Item] = []
-        where: list[tuple[int, str, Mapping[str, Any], np.ndarray]] = []
+        """``[one(n) for n in batch]``, with the tensors whose chains are planes-zstd keyframes and float32 deltas
+        decoded together by the C loop (codecs/native.py: their per-tensor Python cost more than their zstd work,
+        serially on the GIL), one call per chain depth: every chain's root, then every first delta, and so on.
+        The rest, and any tensor whose chain has a payload the C loop leaves, go through :meth:`_decode_chain`
+        as before, which raises what is wrong with them."""
+        chains: list[tuple[int, str, Mapping[str, Any], list[tuple[str, Mapping[str, Any]]], np.ndarray | None]] = []
         for i, n in enumerate(batch):
             t = m.tensors.get(n)
-            if t is None:
-                continue  # a full tensor, put together from its shards by one()
-            oid = t["object"]
-            rec = m.objects.get(oid)
-            if rec is None or (known is not None and oid in known) or oid in self._head:
-                continue  # damage, or an object already decoded: one() handles it
-            refs = rec.get("refs")
-            base = None
-            if refs:
-                dep = refs.get("prev") if isinstance(refs, Mapping) and len(refs) == 1 else None
-                base = (known.get(dep) if known is not None else None) if dep is not None else None
-                if base is None:
-                    base = self._head.get(dep) if dep is not None else None
-                if base is None:
-                    continue  # a chain to walk: _decode_chain
-            try:
-                check_pack_key(rec.get("pack"), m.key)
-                spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
-                length = int(rec["length"])
-                payload = self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
-            except (CkptStoreError, KeyError, TypeError, ValueError, OSError, EOFError):
-                continue  # _decode_chain says what is wrong
-            planned = native.plan(payload, rec.get("codecs") or (), spec, base)
-            if planned is not None:
+            walk = self._native_chain(m, t["object"], known) if t is not None else None
+            if t is not None and walk is not None:  # (else a full tensor of shards, a decoded object, damage)
+                chains.append((i, n, t, *walk))
+        decoded: dict[str, np.ndarray] = {}
+        failed: set[str] = set()
+        depth = 0
+        while True:
+            items: list[native.Item] = []
+            pending: dict[str, np.ndarray] = {}
+            for _, _, _, links, root in chains:
+                if depth >= len(links):
+                    continue
+                oid, rec = links[depth]
+                prev = root if depth == 0 else decoded.get(links[depth - 1][0])
+                if oid in decoded or oid in pending or oid in failed or (depth and prev is None):
+                    continue
+                planned = self._native_item(m, rec, prev)
+                if planned is None:
+                    failed.add(oid)
+                    continue
                 items.append(planned[0])
-                where.append((i, n, t, planned[1]))
-        status = native.decode_many(items)
-        for (i, n, rec_t, words), ok in zip(where, status, strict=True):
-            if ok == 0:
-                out[i] = (n, checked(n, rec_t, words))
+                pending[oid] = planned[1]
+            if not items and not any(depth < len(c[3]) for c in chains):
+                break
+            for (oid, words), ok in zip(pending.items(), native.decode_many(items), strict=True):
+                if ok == 0:
+                    decoded[oid] = words
+                else:
+                    failed.add(oid)
+            depth += 1
+        out: list[tuple[str, tree.Leaf] | None] = [None] * len(batch)
+        handed: set[int] = set()
+        for i, n, record, links, _ in chains:
+            result = decoded.get(links[-1][0])
+            if result is None:
+                continue
+            if id(result) in handed:  # one object, two tensors (tied weights): each gets its own array
+                result = result.copy()
+            handed.add(id(result))
+            out[i] = (n, checked(n, record, result))
         return [r if r is not None else one(n) for r, n in zip(out, batch, strict=True)]
+
+    def _native_chain(
+        self, m: Manifest, oid: str, known: Mapping[str, np.ndarray] | None
+    ) -> tuple[list[tuple[str, Mapping[str, Any]]], np.ndarray | None] | None:
+        """An object's delta chain for the C loop: its links root first, and the decoded array the root is a
+        delta against (None: the root is a keyframe). None when the object is already decoded or the chain is
+        one the C loop does not take (other references, too long: _decode_chain says why)."""
+        links: list[tuple[str, Mapping[str, Any]]] = []
+        o = oid
+        while True:
+            hit = known.get(o) if known is not None else None
+            if hit is None:
+                hit = self._head.get(o)
+            if hit is not None:
+                return (links[::-1], hit) if links else None
+            rec = m.objects.get(o)
+            if rec is None or len(links) > MAX_CHAIN:
+                return None
+            links.append((o, rec))
+            refs = rec.get("refs")
+            if not refs:
+                return links[::-1], None
+            if not isinstance(refs, Mapping) or len(refs) != 1 or "prev" not in refs:
+                return None
+            o = refs["prev"]
+
+    def _native_item(
+        self, m: Manifest, rec: Mapping[str, Any], prev: np.ndarray | None
+    ) -> tuple[native.Item, np.ndarray] | None:
+        """:func:`native.plan` for one stored object (None when it does not apply or its record is damaged)."""
+        try:
+            check_pack_key(rec.get("pack"), m.key)
+            spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
+            length = int(rec["length"])
+            payload = self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
+        except (CkptStoreError, KeyError, TypeError, ValueError, OSError, EOFError):
+            return None  # _decode_chain says what is wrong
+        return native.plan(payload, rec.get("codecs") or (), spec, prev)
 
     def _ranges_to_read(
         self, m: Manifest, names: Iterable[str], known: Mapping[str, np.ndarray] | None
