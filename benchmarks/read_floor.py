@@ -3,8 +3,8 @@
 A read of a delta-coded checkpoint has work no implementation of this format can skip: zstd decompression of the
 stored planes, the plane join / delta kernels, the content hash every load checks, and the private copies an
 in-order read keeps as the next checkpoint's bases. This script times that work *inside* its C calls (thread CPU
-time around each call: zstd, the ``_kernels`` functions, xxh3, the copies), while a normal read runs, and reports
-per checkpoint:
+time around each call: zstd, the ``_kernels`` functions, xxh3, the copies; ``decode_many`` is the batch decoder's
+one call for many small tensors, zstd and kernels together), while a normal read runs, and reports per checkpoint:
 
 - ``wall``: the read as a user runs it (a fresh Store, 2 threads); ``cpu``: the process CPU it used;
 - ``c_cpu``: CPU inside those C calls; ``floor = c_cpu / cores``: the wall time of a reader that had no Python,
@@ -41,6 +41,7 @@ import torch
 
 import ckptstore.codecs.chain as chain_mod
 import ckptstore.codecs.delta as delta_mod
+import ckptstore.codecs.native as native_mod
 import ckptstore.codecs.planes as planes_mod
 import ckptstore.store as store_mod
 from ckptstore import open_store
@@ -81,6 +82,7 @@ def instrument() -> None:
         planes_mod.kernels = timed
         delta_mod.kernels = timed
         chain_mod.kernels = timed
+        native_mod.kernels = timed  # decode_many: zstd, joins and deltas of a batch of small tensors in one call
     store_mod.object_id = _timed_call(store_mod.object_id, "xxh3")
     store_mod._private_copy = _timed_call(store_mod._private_copy, "copies")
 

@@ -27,6 +27,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                 "CKPTSTORE_REQUIRE_KERNELS=1 but ckptstore.codecs._kernels is not built: "
                 "run `pip install -e .` (or `python setup.py build_ext --inplace`) in the clone"
             )
+        from ckptstore.codecs import native
+
+        if not native.available:
+            raise pytest.UsageError(
+                "CKPTSTORE_REQUIRE_KERNELS=1 but the batch decoder has no zstd (codecs/native.py binds the "
+                "zstandard package's cffi module): install cffi, or rebuild the kernels if they are older than it"
+            )
 
 
 def _snapshot(root: str | os.PathLike[str]) -> Snapshot:

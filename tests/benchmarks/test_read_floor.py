@@ -37,7 +37,8 @@ def test_read_floor_reports_c_work_of_in_order_and_single_reads(tmp_path: Path) 
     assert res.returncode == 0, res.stderr
     rep = json.loads(out.read_text())
     in_order = rep["in_order"]
-    assert in_order["c_cpu"] > 0 and {"zstd", "xxh3"} <= set(in_order["c_parts"]), in_order["c_parts"]
+    parts = set(in_order["c_parts"])
+    assert in_order["c_cpu"] > 0 and "xxh3" in parts and parts & {"zstd", "decode_many"}, parts
     assert in_order["floor"] == in_order["c_cpu"] / rep["cores"]
     assert set(rep["single"]) == {"1", "2", "3"}
     assert all(r["c_parts"]["xxh3"] > 0 and r["torch"] > 0 for r in rep["single"].values())
