@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Mapping
@@ -96,10 +97,16 @@ def leaf_to_tensor(leaf: Leaf) -> torch.Tensor:
     if dt == torch.bool:
         t = torch.from_numpy(data.view(np.bool_))
     else:
-        size = torch.empty((), dtype=dt).element_size()
-        _, np_int = _INT_OF_WIDTH[8 if size == 16 else size]
-        t = torch.from_numpy(data.view(np_int)).view(dt)
+        t = torch.from_numpy(data.view(_view_int(dt))).view(dt)
     return t.reshape(leaf.shape)
+
+
+@functools.cache
+def _view_int(dt: torch.dtype) -> type[np.integer[Any]]:
+    """The numpy integer type a tensor of ``dt`` is made through (a load converts hundreds of tensors: asking
+    torch for the element size each time cost a tensor allocation per tensor)."""
+    size = torch.empty((), dtype=dt).element_size()
+    return _INT_OF_WIDTH[8 if size == 16 else size][1]  # type: ignore[return-value]
 
 
 # -------------------------------------------------------------------------------------------- training state

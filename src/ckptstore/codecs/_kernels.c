@@ -436,44 +436,57 @@ static zstd_is_error_fn z_is_error;
 static zstd_create_fn z_create;
 static zstd_free_fn z_free;
 
-struct thread_state {
+/* A zstd context and a scratch buffer for the planes of one tensor: kept between calls in a small pool (loads
+ * run on short-lived pool threads, so per-thread state would be made again, and its pages faulted in again, for
+ * every checkpoint). */
+struct decode_state {
     void *dctx;
     uint8_t *scratch;
     size_t cap;
 };
-static pthread_key_t state_key;
-static pthread_once_t state_once = PTHREAD_ONCE_INIT;
-static int state_ok;
+#define KEPT_STATES 8
+static struct decode_state *kept_states[KEPT_STATES];
+static int kept_count;
+static pthread_mutex_t kept_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void state_free(void *p) {
-    struct thread_state *t = p;
-    if (t->dctx != NULL && z_free != NULL) z_free(t->dctx);
+static void state_free(struct decode_state *t) {
+    if (t == NULL) return;
+    if (t->dctx != NULL) z_free(t->dctx);
     free(t->scratch);
     free(t);
 }
-static void state_init(void) { state_ok = pthread_key_create(&state_key, state_free) == 0; }
 
-/* This thread's zstd context and scratch (freed when the thread ends); NULL when memory is short. */
-static struct thread_state *thread_state(size_t scratch) {
-    pthread_once(&state_once, state_init);
-    if (!state_ok) return NULL;
-    struct thread_state *t = pthread_getspecific(state_key);
-    if (t == NULL) {
-        t = calloc(1, sizeof *t);
-        if (t == NULL) return NULL;
-        if (pthread_setspecific(state_key, t) != 0) {
-            free(t);
-            return NULL;
-        }
+static struct decode_state *state_take(void) {
+    struct decode_state *t = NULL;
+    pthread_mutex_lock(&kept_lock);
+    if (kept_count > 0) t = kept_states[--kept_count];
+    pthread_mutex_unlock(&kept_lock);
+    if (t == NULL) t = calloc(1, sizeof *t);
+    return t;
+}
+
+static void state_give(struct decode_state *t) {
+    if (t == NULL) return;
+    pthread_mutex_lock(&kept_lock);
+    if (kept_count < KEPT_STATES) {
+        kept_states[kept_count++] = t;
+        t = NULL;
     }
-    if (t->dctx == NULL && (t->dctx = z_create()) == NULL) return NULL;
+    pthread_mutex_unlock(&kept_lock);
+    state_free(t);
+}
+
+/* The state's zstd context made and its scratch at least this large; 0 when memory is short. */
+static int state_ready(struct decode_state *t, size_t scratch) {
+    if (t == NULL) return 0;
+    if (t->dctx == NULL && (t->dctx = z_create()) == NULL) return 0;
     if (t->cap < scratch) {
         uint8_t *b = realloc(t->scratch, scratch);
-        if (b == NULL) return NULL;
+        if (b == NULL) return 0;
         t->scratch = b;
         t->cap = scratch;
     }
-    return t;
+    return 1;
 }
 
 static PyObject *bind_zstd(PyObject *self, PyObject *args) {
@@ -510,13 +523,12 @@ struct decode_item {
 };
 
 /* One planes-zstd payload into item->out; 0 on success, 1 when the Python path must decode it. */
-static int decode_item(const struct decode_item *it) {
+static int decode_item(const struct decode_item *it, struct decode_state *t) {
     const Py_ssize_t k = it->k, n = (Py_ssize_t)(it->nbytes / (size_t)k);
     const uint8_t *p = it->payload, *planes[8];
     size_t pos = 1 + 9 * (size_t)k;
     if (n == 0 || it->nbytes % (size_t)k || it->length < pos || p[0] != k) return 1;
-    struct thread_state *t = thread_state((size_t)k * (size_t)n);
-    if (t == NULL) return 1;
+    if (!state_ready(t, (size_t)k * (size_t)n)) return 1;
     for (Py_ssize_t i = 0; i < k; i++) {
         const uint8_t method = p[1 + 9 * i];
         const uint64_t value = le64(p + 2 + 9 * i);
@@ -639,7 +651,9 @@ static PyObject *decode_many(PyObject *self, PyObject *arg) {
     if (ret == NULL) goto done;
     char *status = PyBytes_AS_STRING(ret);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) status[i] = (char)decode_item(&items[i]);
+    struct decode_state *state = state_take();
+    for (Py_ssize_t i = 0; i < n; i++) status[i] = (char)decode_item(&items[i], state);
+    state_give(state);
     Py_END_ALLOW_THREADS
 done:
     if (bufs != NULL) {
