@@ -230,3 +230,35 @@ def test_bad_items_are_a_clear_error() -> None:
         native.decode_many([(b"\x03", 3, out, None, np.zeros(0, np.float32), 0, 0)])
     with pytest.raises(ValueError, match="prev and out"):
         native.decode_many([(b"\x04", 4, out, np.empty(3, np.uint32), np.zeros(0, np.float32), 0, 0)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    k=st.sampled_from([1, 2, 4, 8]),
+    n=st.integers(1, 300),
+    header=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 2**64 - 1)), min_size=8, max_size=8),
+    body=st.binary(max_size=2000),
+    delta=st.booleans(),
+)
+def test_forged_headers_never_read_past_the_payload(
+    k: int, n: int, header: list[tuple[int, int]], body: bytes, delta: bool
+) -> None:
+    """Any plane count, methods and lengths (up to 2^64 - 1) over any bytes: the loop reports the item or
+    decodes it exactly as the chain does; it never reads or writes outside its buffers (a crash fails the run)."""
+    import struct
+
+    rng = np.random.default_rng(n)
+    fields = [(m, v if v < 4 * len(body) or rng.random() < 0.3 else v % (len(body) + 1)) for m, v in header[:k]]
+    payload = bytes([k]) + b"".join(struct.pack("<BQ", m, v) for m, v in fields) + body
+    dtype = {1: "uint8", 2: "float16", 4: "float32", 8: "float64"}[k]
+    spec = TensorSpec(dtype, (n,))
+    prev = np.arange(n, dtype=np.uint32) if delta and k == 4 else None
+    records: list[dict[str, Any]] = [{"name": "planes-zstd", "version": 1}]
+    if prev is not None:
+        records.insert(0, {"name": "delta", "version": 1, "config": {"predictor": "prev"}})
+    planned = native.plan(payload, records, spec, prev)
+    assert planned is not None
+    (status,) = native.decode_many([planned[0]])
+    if status == 0:
+        ref = codecs.decode(payload, records, spec, {"prev": prev} if prev is not None else {})
+        assert planned[1].tobytes() == ref.tobytes()
