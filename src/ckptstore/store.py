@@ -834,17 +834,7 @@ class Store:
             refs[role], owned = self._decode_chain(manifest, dep, known=known, _depth=_depth + 1)
             if owned:
                 private.add(role)
-        length = int(rec["length"])
-        check_pack_key(rec.get("pack"), manifest.key)
-        try:
-            payload = self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
-        except (FileNotFoundError, EOFError, OSError) as exc:
-            raise IntegrityError(
-                f"cannot read object {oid[:20]}…: {exc}",
-                path=rec.get("pack"),
-                ref=manifest.ref,
-                hint="run `ckpt verify`; the pack file is missing or cut",
-            ) from None
+        payload = self._payload(manifest, oid, rec)
         try:
             words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private)
         except CkptStoreError as exc:
@@ -1008,7 +998,7 @@ class Store:
                 prev = root if depth == 0 else decoded.get(links[depth - 1][0])
                 if oid in decoded or oid in pending or oid in failed or (depth and prev is None):
                     continue
-                planned = self._native_item(m, rec, prev)
+                planned = self._native_item(m, oid, rec, prev)
                 if planned is None:
                     failed.add(oid)
                     continue
@@ -1060,17 +1050,29 @@ class Store:
             o = refs["prev"]
 
     def _native_item(
-        self, m: Manifest, rec: Mapping[str, Any], prev: np.ndarray | None
+        self, m: Manifest, oid: str, rec: Mapping[str, Any], prev: np.ndarray | None
     ) -> tuple[native.Item, np.ndarray] | None:
         """:func:`native.plan` for one stored object (None when it does not apply or its record is damaged)."""
         try:
-            check_pack_key(rec.get("pack"), m.key)
             spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
-            length = int(rec["length"])
-            payload = self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
-        except (CkptStoreError, KeyError, TypeError, ValueError, OSError, EOFError):
+            payload = self._payload(m, oid, rec)
+        except (CkptStoreError, KeyError, TypeError, ValueError):
             return None  # _decode_chain says what is wrong
         return native.plan(payload, rec.get("codecs") or (), spec, prev)
+
+    def _payload(self, m: Manifest, oid: str, rec: Mapping[str, Any]) -> bytes | memoryview:
+        """An object's stored bytes (a view of the pack where storage can map it)."""
+        length = int(rec["length"])
+        check_pack_key(rec.get("pack"), m.key)
+        try:
+            return self.storage.read_view(rec["pack"], int(rec["offset"]), length) if length else b""
+        except (FileNotFoundError, EOFError, OSError) as exc:
+            raise IntegrityError(
+                f"cannot read object {oid[:20]}…: {exc}",
+                path=rec.get("pack"),
+                ref=m.ref,
+                hint="run `ckpt verify`; the pack file is missing or cut",
+            ) from None
 
     def _ranges_to_read(
         self, m: Manifest, names: Iterable[str], known: Mapping[str, np.ndarray] | None

@@ -203,14 +203,9 @@ def decode(
     view = memoryview(payload)
     for c, rec in zip(array_codecs, codecs[:-1], strict=True):
         if rec.get("config", {}).get("side"):
-            if len(view) < 8:
-                raise CodecError("side data header truncated")
-            (length,) = struct.unpack_from("<Q", view, 0)
-            if 8 + length > len(view):
-                raise CodecError("side data truncated")
+            side, view = split_side(view)
             assert isinstance(c, ArrayCodec)
-            c.load_side(bytes(view[8 : 8 + length]))
-            view = view[8 + length :]
+            c.load_side(bytes(side))
     stages = [c for c in array_codecs if isinstance(c, ArrayCodec)]  # all of them (checked above); typed
     spare = [refs[r] for r in stages[0].ref_roles() if r in reusable] if refs and len(stages) == 1 else []
     if isinstance(last, BytePlanesZstd):
@@ -236,6 +231,16 @@ def decode(
         np.copyto(spare[0], words)
         return spare[0]
     return words
+
+
+def split_side(view: memoryview) -> tuple[memoryview, memoryview]:
+    """An array codec's side data at the start of ``view`` (``u64 length`` + bytes) and the payload after it."""
+    if len(view) < 8:
+        raise CodecError("side data header truncated")
+    (length,) = struct.unpack_from("<Q", view, 0)
+    if 8 + length > len(view):
+        raise CodecError("side data truncated")
+    return view[8 : 8 + length], view[8 + length :]
 
 
 def _decode_chunks(

@@ -173,7 +173,7 @@ class OrderedDelta(ArrayCodec):
             prev = _scaled(prev, spec, self.scales)
         return to_ordered(prev) if _is_float(spec) else prev
 
-    def _kernel_args(self, spec: TensorSpec) -> tuple[np.ndarray, int, int] | None:
+    def kernel_args(self, spec: TensorSpec) -> tuple[np.ndarray, int, int] | None:
         """Arguments of the fused C loop, when it applies (float32; same bytes as the numpy path)."""
         if kernels is None or spec.dtype != "float32":
             return None
@@ -186,7 +186,7 @@ class OrderedDelta(ArrayCodec):
         return np.ascontiguousarray(self.scales, np.float32), int(self.rows or 0), 2
 
     def encode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:
-        kargs = self._kernel_args(spec)
+        kargs = self.kernel_args(spec)
         if kargs is not None and kernels is not None:
             prev = np.ascontiguousarray(_ref(refs, words))
             out = np.empty_like(words)
@@ -200,7 +200,7 @@ class OrderedDelta(ArrayCodec):
     def encode_planes(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """The residual already split into byte planes ((4, n) uint8), when the fused C loop applies; else None.
         Same bytes as ``split_planes(self.encode(...))``, one pass instead of two."""
-        kargs = self._kernel_args(spec)
+        kargs = self.kernel_args(spec)
         if kargs is None or kernels is None:
             return None
         prev = np.ascontiguousarray(_ref(refs, words))
@@ -220,7 +220,7 @@ class OrderedDelta(ArrayCodec):
     ) -> tuple[np.ndarray, Callable[[int, int, list[np.ndarray]], None]] | None:
         """``(sample, fill)`` for :meth:`BytePlanesZstd.encode_chunks` when the fused C loop applies, else None:
         the residual's byte planes at ``random_sample`` and a function writing those of any element range."""
-        kargs = self._kernel_args(spec)
+        kargs = self.kernel_args(spec)
         if kargs is None or kernels is None:
             return None
         cur = np.ascontiguousarray(words)
@@ -287,7 +287,7 @@ class OrderedDelta(ArrayCodec):
         """``(out, decode_span)`` for the fused C loop, or None when it does not apply: ``decode_span(planes, lo,
         hi)`` decodes elements ``[lo, hi)`` from their 4 byte planes into ``out[lo:hi]``, for any range (a
         payload's chunks), from any thread. ``out`` as for :meth:`decode_planes`."""
-        kargs = self._kernel_args(spec)
+        kargs = self.kernel_args(spec)
         if kargs is None or kernels is None:
             return None
         usable = (
@@ -309,7 +309,7 @@ class OrderedDelta(ArrayCodec):
         return result, decode_span
 
     def decode(self, words: np.ndarray, spec: TensorSpec, refs: Mapping[str, np.ndarray]) -> np.ndarray:
-        kargs = self._kernel_args(spec)
+        kargs = self.kernel_args(spec)
         if kargs is not None and kernels is not None:
             prev = np.ascontiguousarray(_ref(refs, words))
             out = np.empty_like(words)

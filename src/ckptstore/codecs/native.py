@@ -14,15 +14,16 @@ through its cffi module; without it (or without the C kernels) :data:`available`
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ckptstore.codecs.base import TensorSpec
+from ckptstore.codecs.base import TensorSpec, from_record
+from ckptstore.codecs.chain import split_side
 from ckptstore.codecs.delta import OrderedDelta
 from ckptstore.codecs.planes import BytePlanesZstd, kernels
+from ckptstore.errors import CodecError
 
 __all__ = ["available", "decode_many", "plan"]
 
@@ -48,7 +49,6 @@ def _bind() -> bool:
 available: bool = _bind()
 
 _NO_SCALES = np.zeros(0, np.float32)
-_ONE = struct.Struct("<Q")
 
 
 def plan(
@@ -56,63 +56,36 @@ def plan(
 ) -> tuple[Item, np.ndarray] | None:
     """``(item, out)`` for :func:`decode_many` when the chain is one it decodes: planes-zstd alone (``prev``
     None), or ``delta`` then planes-zstd on float32 with ``prev`` the decoded base; None otherwise (the chain
-    then decodes it). ``out`` is the fresh array the item fills."""
+    then decodes it). The records are read as the chain reads them (:func:`from_record`, the delta's own kernel
+    arguments). ``out`` is the fresh array the item fills."""
     k = spec.dt.itemsize
-    if not available or spec.dtype == "complex128" or k not in (1, 2, 4, 8) or spec.size == 0:
+    if not available or not records or spec.dtype == "complex128" or k not in (1, 2, 4, 8) or spec.size == 0:
         return None
-    last = records[-1] if records else None
-    if (
-        not isinstance(last, Mapping)
-        or last.get("name") != BytePlanesZstd.name
-        or not _version_ok(last, BytePlanesZstd.version)
-    ):
+    try:
+        *stages, last = [from_record(r) for r in records]
+    except CodecError:
         return None
+    if not isinstance(last, BytePlanesZstd) or len(stages) > 1 or bool(stages) != (prev is not None):
+        return None
+    view = memoryview(payload)
     scales, rows, mode = _NO_SCALES, 0, 0
-    view = payload
-    if len(records) == 1:
-        if prev is not None:
+    if stages:
+        delta = stages[0]
+        assert prev is not None
+        if not isinstance(delta, OrderedDelta) or prev.dtype != np.uint32 or prev.size != spec.size:
             return None
-    elif len(records) == 2:
-        delta = records[0]
-        if (
-            prev is None
-            or spec.dtype != "float32"
-            or not isinstance(delta, Mapping)
-            or delta.get("name") != OrderedDelta.name
-            or not _version_ok(delta, OrderedDelta.version)
-            or prev.dtype != np.uint32
-            or prev.size != spec.size
-            or not prev.flags.c_contiguous
-        ):
+        if not prev.flags.c_contiguous:
             return None
-        config = delta.get("config", {})
-        if not isinstance(config, Mapping):
+        try:
+            if records[0].get("config", {}).get("side"):
+                side, view = split_side(view)
+                delta.load_side(bytes(side))
+            kargs = delta.kernel_args(spec)
+        except CodecError:
             return None
-        predictor = config.get("predictor", "prev")
-        if config.get("side"):
-            if len(payload) < 8:
-                return None
-            (length,) = _ONE.unpack_from(payload, 0)
-            if 8 + length > len(payload):
-                return None
-            side = memoryview(payload)[8 : 8 + length]
-            view = memoryview(payload)[8 + length :]
-        else:
-            side = None
-        if predictor == "scale":
-            try:
-                scales, mode = np.array([float.fromhex(config["scale"])], np.float32), 1
-            except (KeyError, TypeError, ValueError):
-                return None
-        elif predictor == "rowscale":
-            count = config.get("rows")
-            if side is None or not isinstance(count, int) or count < 1 or len(side) != 4 * count:
-                return None
-            scales, rows, mode = np.frombuffer(side, dtype="<f4").copy(), count, 2
-        elif predictor != "prev":
+        if kargs is None:  # not float32
             return None
-    else:
-        return None
+        scales, rows, mode = kargs
     out = np.empty(spec.size, dtype=f"<u{k}")
     return (view, k, out, prev, scales, rows, mode), out
 
@@ -120,12 +93,5 @@ def plan(
 def decode_many(items: Sequence[Item]) -> bytes:
     """Decode every item (from :func:`plan`) into its ``out``; one status byte per item, 0 decoded, 1 not (the
     chain must decode that one: it may be damaged, or in a form this does not handle)."""
-    if not items:
-        return b""
     status: bytes = kernels.decode_many(items)
     return status
-
-
-def _version_ok(record: Mapping[str, Any], newest: int) -> bool:
-    version = record.get("version", 1)
-    return isinstance(version, int) and 1 <= version <= newest
