@@ -1013,6 +1013,22 @@ def test_a_damaged_payload_in_a_batch_is_reported_by_the_chain(tmp_path: Path, r
     assert ckptstore.open_store(store.url).load_tensor("r@1", "t4", tensors="numpy").tobytes() == state["t4"].tobytes()
 
 
+def test_a_forged_object_shape_in_a_batch_is_an_integrity_error(tmp_path: Path, rng: np.random.Generator) -> None:
+    """An object record claiming 256 GiB (re-checksummed, so it passes the structure check) is the chain's
+    IntegrityError naming it, not a MemoryError from allocating the batch decoder's output."""
+    from ckptstore.format.manifest import manifest_bytes, parse_manifest
+
+    store = ckptstore.create_store(tmp_path / "s")
+    store.save("r", 1, _many_small(rng, 1, None))
+    f = sorted((tmp_path / "s" / "runs").rglob("*.json"))[-1]
+    doc = parse_manifest(f.read_bytes(), str(f))
+    oid = doc["tensors"]["t5"]["object"]
+    doc["objects"][oid]["shape"] = [2**36]
+    f.write_bytes(manifest_bytes(doc))
+    with pytest.raises(IntegrityError, match="does not fit in memory"):
+        ckptstore.open_store(tmp_path / "s").load("r@1")
+
+
 # ---------------------------------------------------------------------------------------------- keyframes
 def _check_depths(store: Store, interval: int) -> list[int]:
     depths = []

@@ -1055,10 +1055,9 @@ class Store:
         """:func:`native.plan` for one stored object (None when it does not apply or its record is damaged)."""
         try:
             spec = codecs.TensorSpec(rec["dtype"], tuple(rec["shape"]))
-            payload = self._payload(m, oid, rec)
-        except (CkptStoreError, KeyError, TypeError, ValueError):
-            return None  # _decode_chain says what is wrong
-        return native.plan(payload, rec.get("codecs") or (), spec, prev)
+            return native.plan(self._payload(m, oid, rec), rec.get("codecs") or (), spec, prev)
+        except (CkptStoreError, KeyError, TypeError, ValueError, MemoryError):
+            return None  # _decode_chain says what is wrong (MemoryError: a forged shape, as it says)
 
     def _payload(self, m: Manifest, oid: str, rec: Mapping[str, Any]) -> bytes | memoryview:
         """An object's stored bytes (a view of the pack where storage can map it)."""
