@@ -342,3 +342,25 @@ def test_leaf_to_numpy_bfloat16_and_float8_are_words() -> None:
     assert f8.to_numpy().shape == (1, 2) and f8.to_numpy().dtype == np.uint8
     c = tree.Leaf.from_numpy(np.array([1 + 2j, 3 - 4j], dtype=np.complex128))
     assert c.words.dtype == np.uint64 and c.words.size == 4
+
+
+def test_flatten_and_unflatten_leave_no_cycle_holding_the_tensors() -> None:
+    """Once the caller drops what flatten and unflatten returned, the tensors go at once, not at the collector's
+    next pass (a recursive closure is a reference cycle: it kept a whole loaded checkpoint alive)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        arr = np.arange(10.0)
+        skeleton, tensors = tree.flatten({"a": {"b": [arr, (arr, 1)]}})
+        seen = weakref.ref(tensors["a/b/0"].data)
+        del tensors, arr
+        assert seen() is None
+        out = np.arange(5.0)
+        state = tree.unflatten(skeleton, lambda name, o=out: o[:])
+        seen = weakref.ref(out)
+        del out, state
+        assert seen() is None
+    finally:
+        gc.enable()

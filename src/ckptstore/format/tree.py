@@ -155,7 +155,12 @@ def flatten(state: Any, *, foreign: LeafConverter = foreign_leaf) -> tuple[Any, 
         tensors[name] = value
         return {"$tensor": name}
 
-    skeleton = walk(state, [])
+    try:
+        skeleton = walk(state, [])
+    finally:
+        # walk calls itself through its closure: a reference cycle that would keep ``tensors`` (every tensor of
+        # the state) alive until the collector's next full pass; emptying the cell breaks it
+        walk = None  # type: ignore[assignment]
     return skeleton, tensors
 
 
@@ -193,36 +198,38 @@ def tensor_names(skeleton: Any) -> Iterator[str]:
 
 def unflatten(skeleton: Any, get_tensor: Callable[[str], Any]) -> Any:
     """Rebuild the state; ``get_tensor(name)`` supplies each tensor in the caller's framework."""
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            if len(node) == 1:
-                ((tag, val),) = node.items()
-                if tag == "$tensor":
-                    return get_tensor(val)
-                if tag == "$tuple":
-                    return tuple(walk(v) for v in val)
-                if tag == "$dict":
-                    return {k: walk(v) for k, v in val}
-                if tag == "$float":
-                    return float(val)
-                if tag == "$bytes":
-                    return base64.b64decode(val)
-                if tag == "$scalar":
-                    dt, item = val
-                    if isinstance(item, dict):
-                        item = float(item["$float"])
-                    return np.array(item, dtype=np.dtype(dtypes.dtype(dt).numpy))[()]
-            if any(k.startswith("$") for k in node):
-                raise FormatError(f"unknown tag in state skeleton: {sorted(node)[:3]}")
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
     try:
-        return walk(skeleton)
+        return _walk(skeleton, get_tensor)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
         if isinstance(exc, CkptStoreError):
             raise
         raise FormatError(f"malformed state skeleton: {type(exc).__name__}: {exc}") from None
+
+
+def _walk(node: Any, get_tensor: Callable[[str], Any]) -> Any:
+    # (a module function, not a closure: a nested function that calls itself is a reference cycle, which kept
+    # ``get_tensor`` and with it every decoded tensor of a load alive until the collector's next full pass)
+    if isinstance(node, dict):
+        if len(node) == 1:
+            ((tag, val),) = node.items()
+            if tag == "$tensor":
+                return get_tensor(val)
+            if tag == "$tuple":
+                return tuple(_walk(v, get_tensor) for v in val)
+            if tag == "$dict":
+                return {k: _walk(v, get_tensor) for k, v in val}
+            if tag == "$float":
+                return float(val)
+            if tag == "$bytes":
+                return base64.b64decode(val)
+            if tag == "$scalar":
+                dt, item = val
+                if isinstance(item, dict):
+                    item = float(item["$float"])
+                return np.array(item, dtype=np.dtype(dtypes.dtype(dt).numpy))[()]
+        if any(k.startswith("$") for k in node):
+            raise FormatError(f"unknown tag in state skeleton: {sorted(node)[:3]}")
+        return {k: _walk(v, get_tensor) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_walk(v, get_tensor) for v in node]
+    return node
