@@ -372,3 +372,50 @@ def test_local_prefetch_opens_each_file_once_and_closes_it(tmp_path: Path, monke
     opened.clear()
     assert st.read_range("packs/p", 5, 3) == data[5:8] and st.read_range("packs/p", 7, 2) == data[7:9]
     assert len(opened) == 2 and len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_local_prefetch_maps_close_ranges_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a prefetch block, ranges close together in a pack are mapped as one segment and read from it
+    without a system call each (a load's few hundred small objects); ranges far apart, a lone range, a range past
+    the end of the pack and reads after the block go to the file as before, with the same bytes and errors."""
+    import mmap
+    import os
+
+    from ckptstore.storage import local
+
+    st = LocalStorage(tmp_path)
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    st.write("packs/p", data)
+    close = [(0, 100), (100, 5000), (9000, 77), (9077, 3)]  # gaps of 0 to a few KB: one segment
+    far = (2 << 20, 50)  # 2 MiB on: alone
+    preads: list[int] = []
+    real_pread = os.pread
+    monkeypatch.setattr(local.os, "pread", lambda fd, n, at: preads.append(n) or real_pread(fd, n, at))
+    maps: list[int] = []
+    real_mmap = mmap.mmap
+    monkeypatch.setattr(local.mmap, "mmap", lambda fd, n, **k: maps.append(n) or real_mmap(fd, n, **k))
+    wanted = [("packs/p", a, n) for a, n in [*close, far]] + [("packs/p", len(data) - 10, 20)]
+    with st.prefetch(wanted):
+        assert len(maps) == 1 and maps[0] >= 9080 and not preads  # mapped now, one segment
+        for a, n in close:
+            assert bytes(st.read_view("packs/p", a, n)) == data[a : a + n]
+            assert st.read_range("packs/p", a, n) == data[a : a + n]
+        assert not preads
+        assert st.read_range("packs/p", *far) == data[far[0] : far[0] + far[1]] and preads == [50]
+        with pytest.raises(EOFError):  # past the end: read alone, which says so
+            st.read_range("packs/p", len(data) - 10, 20)
+        assert st.read_range("packs/p", 1, 99) == data[1:100]  # not asked for: read alone
+    assert not st._segments
+    preads.clear()
+    assert st.read_range("packs/p", 0, 100) == data[:100] and preads == [100]
+    with st.prefetch([("packs/missing", 0, 4), ("packs/missing", 4, 4)]), pytest.raises(FileNotFoundError):
+        st.read_range("packs/missing", 0, 4)  # a missing pack: the read names it, as without the hint
+
+
+def test_local_prefetch_segments_group_by_gap() -> None:
+    from ckptstore.storage.local import _GAP, _segments
+
+    got = _segments([("a", 0, 10), ("a", 10, 10), ("a", 20 + _GAP + 1, 5), ("b", 0, 1), ("a", 0, 0), ("a", 0, 10)])
+    assert got == [("a", [(0, 10), (10, 10)])]  # one range alone (b, and a's far one) or empty: left out
+    assert _segments([("a", 0, 10), ("a", 5, 10)]) == []  # overlapping: each starts its own segment
+    assert _segments([("a", 0, 10), ("a", 10 + _GAP, 1)]) == [("a", [(0, 10), (10 + _GAP, 1)])]
