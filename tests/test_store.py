@@ -515,22 +515,23 @@ def test_iter_load_yields_every_checkpoint_in_order(
 
 
 def test_iter_load_keeps_only_the_next_checkpoints_bases(tmp_path: Path, rng: np.random.Generator) -> None:
-    """Between two checkpoints iter_load keeps decoded only what the next one is coded against or shares (memory
-    near two checkpoints whatever the chain), in private copies: the caller changing every array it gets in place
-    changes nothing that follows."""
+    """Between two checkpoints iter_load keeps decoded only what the next few are coded against or share (a
+    segment's deltas go back to its root, at most keyframe_interval checkpoints: memory near three checkpoints
+    whatever the chain), in private copies: the caller changing every array it gets in place changes nothing that
+    follows."""
     store = ckptstore.create_store(tmp_path / "s.store", keyframe_interval=3)
     states = {}
     w = rng.standard_normal(5000).astype(np.float32)
-    for step in range(1, 8):
+    for step in range(1, 12):
         w = (w + rng.standard_normal(5000).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
         states[step] = {"w": w.copy(), "fixed": np.arange(100.0), f"only{step}": np.full(50, float(step))}
         store.save("r", step, states[step])
     fresh = ckptstore.open_store(store.url)
-    kept: list[tuple[int, set[str]]] = []
+    kept: list[tuple[int, dict[str, np.ndarray]]] = []
     real = fresh._load_leaves
 
     def spy(m: Manifest, names: Any, known: Any, *rest: Any) -> Any:
-        kept.append((m.step, set(known or {})))
+        kept.append((m.step, dict(known or {})))
         return real(m, names, known, *rest)
 
     fresh._load_leaves = spy  # type: ignore[method-assign]
@@ -538,13 +539,64 @@ def test_iter_load_keeps_only_the_next_checkpoints_bases(tmp_path: Path, rng: np
         assert {k: v.tobytes() for k, v in state.items()} == {k: v.tobytes() for k, v in states[m.step].items()}
         for v in state.values():
             v[...] = 0  # the caller reuses what it got
-    assert [s for s, _ in kept] == list(range(1, 8))
+    assert [s for s, _ in kept] == list(range(1, 12))
+    steps = fresh.steps("r")
     for step, known in kept[1:]:
+        needed: set[str] = set()
+        for later in steps[step - 1 : step - 1 + store.keyframe_interval + 1]:
+            f = fresh.manifest("r", later)
+            objs = {t["object"] for t in f.tensors.values()}
+            needed |= objs | {f.objects[o].get("refs", {}).get("prev") for o in objs}
+        assert known and set(known) <= needed, step  # nothing this or the next few need ("only<k-1>" is dropped)
+        assert not any(f"only{step - 1}" in n for n in known)
         m = fresh.manifest("r", step)
-        needed = {t["object"] for t in m.tensors.values()}
-        needed |= {m.objects[o].get("refs", {}).get("prev") for o in needed}
-        assert known and known <= needed, step  # nothing the checkpoint does not need ("only<k-1>" is dropped)
-        assert len(known) <= len(m.tensors)
+        assert sum(a.nbytes for a in known.values()) <= 2 * m.info().logical_bytes
+
+
+def test_iter_load_decodes_each_object_once(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Read in order, a layout whose segments' deltas go back to their roots (the planner's, keyframe_interval
+    checkpoints apart) reads every stored object once: the roots stay decoded until the last delta on them."""
+    store = ckptstore.create_store(tmp_path / "s.store", keyframe_interval=3)
+    w = rng.standard_normal(1 << 16).astype(np.float32)
+    small = rng.standard_normal(300).astype(np.float32)
+    for step in range(1, 14):
+        w = (w + rng.standard_normal(w.size).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+        small = (small * np.float32(0.999)).astype(np.float32)
+        store.save("r", step, {"w": w, "small": small})
+    fresh = ckptstore.open_store(store.url)
+    roots_reused = 0
+    for step in fresh.steps("r"):
+        m = fresh.manifest("r", step)
+        o = m.tensors["w"]["object"]
+        prev = m.objects[o].get("refs", {}).get("prev")
+        if prev is not None and prev != fresh.manifest("r", step - 1).tensors["w"]["object"]:
+            roots_reused += 1  # a delta against an object of an earlier checkpoint than the one before
+    assert roots_reused >= 2  # the layout this test is about
+    read: list[str] = []
+    real = fresh._payload
+
+    def spy(m: Manifest, oid: str, rec: Any) -> Any:
+        read.append(oid)
+        return real(m, oid, rec)
+
+    fresh._payload = spy  # type: ignore[method-assign]
+    for _ in fresh.iter_load("r"):
+        pass
+    assert len(read) == len(set(read))
+    assert set(read) == {o for s in fresh.steps("r") for o in fresh.manifest("r", s).objects}
+
+    def chain(step: int) -> list[str]:
+        m, out = fresh.manifest("r", step), []
+        o = m.tensors["w"]["object"]
+        while o is not None:
+            out.append(o)
+            o = m.objects[o].get("refs", {}).get("prev")
+        return out
+
+    deepest = max(fresh.steps("r"), key=lambda s: len(chain(s)))
+    read.clear()
+    fresh.load(f"r@{deepest}")  # a single load walks the chain: the spy sees every object read
+    assert len(chain(deepest)) >= 2 and set(chain(deepest)) <= set(read)
 
 
 def test_iter_load_copies_into_spent_bases_only(
@@ -585,13 +637,18 @@ def test_iter_load_copies_into_spent_bases_only(
 
     monkeypatch.setattr(store_module, "_private_copy", copy_spy)
     reused = 0
-    previous: set[str] = set()
+    decoded: set[str] = set()
     for m, state in fresh.iter_load("r", tensors="numpy"):
         assert {k: v.tobytes() for k, v in state.items()} == {k: v.tobytes() for k, v in states[m.step].items()}
         for v in state.values():
             v[...] = 0  # the caller reuses what it got
-        assert spent[-1][1] <= previous  # objects of the checkpoint before, read by this one's deltas
-        previous = {t["object"] for t in m.tensors.values()}
+        bases = {m.objects[t["object"]].get("refs", {}).get("prev") for t in m.tensors.values()}
+        assert spent[-1][1] <= bases & decoded  # decoded before, read by this one's deltas for the last time
+        later = fresh.steps("r")[m.step :]
+        for s in later:
+            f = fresh.manifest("r", s)
+            assert not spent[-1][1] & {f.objects[t["object"]].get("refs", {}).get("prev") for t in f.tensors.values()}
+        decoded |= set(m.objects)
         reused += len(spent[-1][1])
     assert reused > 0 and any(into_spent)  # "w" changes every step: its base is spent at every delta
     for step, objs in spent:

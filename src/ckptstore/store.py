@@ -8,6 +8,7 @@ point leaves the committed checkpoints as they were. See docs/format.md for the 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import json
@@ -24,6 +25,7 @@ import numpy as np
 
 from ckptstore import codecs
 from ckptstore.asyncsave import DEFAULT_MAX_IN_FLIGHT, AsyncSaver, PreparedSave, SaveHandle
+from ckptstore.buffers import BufferPool
 from ckptstore.codecs import native
 from ckptstore.codecs.planes import estimate_bits, run_in_background, thread_initializer
 from ckptstore.codecs.planner import delta_base
@@ -807,13 +809,15 @@ class Store:
         *,
         known: Mapping[str, np.ndarray] | None = None,
         verify: bool = False,
+        out: np.ndarray | None = None,
         _depth: int = 0,
     ) -> tuple[np.ndarray, bool]:
         """Decode one object, resolving its delta chain; returns the words and whether the array is private to
         this call (decoded here, not a cached base). ``known`` holds already-decoded objects (the previous
         checkpoint when reading a run in order). With ``verify`` the object itself is decoded and hashed even if
         known; its references may still come from ``known``. A delta whose base is private is decoded into the
-        base's memory: a chain of any length then allocates one output instead of one per link."""
+        base's memory: a chain of any length then allocates one output instead of one per link. ``out``: flat
+        words to decode the object into where no base takes it (a lent buffer, :mod:`ckptstore.buffers`)."""
         if _depth > MAX_CHAIN:
             raise FormatError(
                 f"delta chain of object {oid[:20]}… is longer than {MAX_CHAIN} (a cycle?)", path=manifest.key
@@ -836,7 +840,7 @@ class Store:
                 private.add(role)
         payload = self._payload(manifest, oid, rec)
         try:
-            words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private)
+            words = codecs.decode(payload, rec["codecs"], spec, refs, reusable=private, out=out)
         except CkptStoreError as exc:
             raise IntegrityError(
                 f"object {oid[:20]}… does not decode: {exc}", path=rec.get("pack"), ref=manifest.ref
@@ -867,6 +871,7 @@ class Store:
         known: Mapping[str, np.ndarray] | None = None,
         keep: Mapping[str, np.ndarray] | None = None,
         recycle: dict[str, np.ndarray] | None = None,
+        buffers: BufferPool | None = None,
     ) -> dict[str, tree.Leaf]:
         """Decode the named tensors (default: every stored tensor), each checked against its content hash. For a
         sharded (DCP) checkpoint a name may also be a *full* tensor of :attr:`Manifest.full_tensors`: its shards
@@ -876,12 +881,13 @@ class Store:
         it by the decoding thread (the caller may change the arrays it gets; the copies stay as decoded).
         ``recycle``: arrays of ``known`` that the caller lets go of after this call and that exactly one decode
         of this call reads (object id -> array, see :func:`_spent_bases`): a private copy of the object decoded
-        from one of them goes into that array once it has been read, instead of into fresh memory."""
+        from one of them goes into that array once it has been read, instead of into fresh memory. ``buffers``:
+        the large tensors handed out are decoded into (or copied to) buffers of this pool and lent from it."""
         m = ref if isinstance(ref, Manifest) else self.resolve(ref)
         names = None if names is None else list(names)
         for _ in range(4):
             try:
-                return self._load_leaves(m, names, known, keep, recycle)
+                return self._load_leaves(m, names, known, keep, recycle, buffers)
             except IntegrityError:
                 # Compaction or gc may have replaced the manifest (same tensors, new objects) and freed the packs
                 # this one named: read it again and decode from the new objects alone, never a mix of both.
@@ -889,7 +895,7 @@ class Store:
                 if fresh is None or fresh.objects == m.objects:
                     raise
                 m = fresh
-        return self._load_leaves(m, names, known, keep, recycle)
+        return self._load_leaves(m, names, known, keep, recycle, buffers)
 
     def _reread_manifest(self, m: Manifest) -> Manifest | None:
         """The checkpoint's manifest read again (CheckpointNotFoundError if it was deleted meanwhile); None if
@@ -905,6 +911,7 @@ class Store:
         known: Mapping[str, np.ndarray] | None,
         keep: Mapping[str, np.ndarray] | None = None,
         recycle: dict[str, np.ndarray] | None = None,
+        buffers: BufferPool | None = None,
     ) -> dict[str, tree.Leaf]:
         wanted = list(m.tensors) if names is None else list(names)
         full = m.full_tensors if "dcp" in m.data else {}
@@ -916,10 +923,15 @@ class Store:
 
         def stored(n: str) -> tree.Leaf:
             t = m.tensors[n]
-            words, _ = self._decode_chain(m, t["object"], known=known)
-            return checked(n, t, words)
+            out = _lendable(buffers, t)
+            words, _ = self._decode_chain(m, t["object"], known=known, out=out)
+            if out is not None and words is not out:  # (an object already decoded, or a path with its own array)
+                if not np.may_share_memory(words, out):
+                    buffers.give_back(out)  # type: ignore[union-attr]
+                out = None
+            return checked(n, t, words, lent=out is not None)
 
-        def checked(n: str, t: Mapping[str, Any], words: np.ndarray) -> tree.Leaf:
+        def checked(n: str, t: Mapping[str, Any], words: np.ndarray, lent: bool = False) -> tree.Leaf:
             leaf = tree.Leaf(t["dtype"], tuple(t["shape"]), words)
             if object_id(leaf) != t["object"]:  # xxh3 runs at >10 GB/s: every load checks what it returns
                 raise IntegrityError(
@@ -929,9 +941,17 @@ class Store:
                     hint="the store is damaged; run `ckpt verify` to see everything affected",
                 )
             if (known is not None and t["object"] in known) or t["object"] in self._head:
-                words = words.copy()  # never hand out the arrays we keep as delta bases
+                # never hand out the arrays we keep as delta bases
+                buf = _lendable(buffers, t) if not lent else None
+                if buf is not None and buf.dtype == words.dtype and buf.shape == words.shape:
+                    np.copyto(buf, words)
+                    words, lent = buf, True
+                else:
+                    words = words.copy()
             elif keep is not None and t["object"] in keep:
                 keep[t["object"]] = _private_copy(words, m.objects[t["object"]], recycle)  # type: ignore[index]
+            if lent:
+                words = buffers.lend(words)  # type: ignore[union-attr]
             return tree.Leaf(t["dtype"], tuple(t["shape"]), words)
 
         def one(n: str) -> tuple[str, tree.Leaf]:
@@ -1102,10 +1122,7 @@ class Store:
         """
         m = self.resolve(ref)
         # a sharded (DCP) checkpoint's tree names full tensors, put back together from their shards (docs/dcp.md)
-        leaves = self.load_leaves(m, list(m.full_tensors) if "dcp" in m.data else None)
-        kind = tensors or m.data.get("framework", "numpy")
-        convert = _converter(kind)
-        return tree.unflatten(m.data["tree"], lambda n: convert(leaves[n]))
+        return _unflatten(m, self.load_leaves(m, list(m.full_tensors) if "dcp" in m.data else None), tensors)
 
     def load_tensor(self, ref: str | Ref, name: str, *, tensors: str | None = None) -> Any:
         """Read one tensor without decoding the rest of the checkpoint."""
@@ -1116,31 +1133,50 @@ class Store:
     def iter_load(self, run: str, *, tensors: str | None = None) -> Iterator[tuple[Manifest, Any]]:
         """Every checkpoint of a run in step order; each delta decodes against the one just read.
 
-        Between two checkpoints it keeps decoded only what the next one's tensors are coded against (their
-        ``prev`` objects) or share: at most one array per tensor besides the checkpoint handed out, so memory
-        stays near two checkpoints whatever the chain length. A delta whose base was kept decodes in one step;
-        one whose base was not (a segment root further back) walks its chain as a single load does. The copies
-        kept go into the memory of bases read for the last time where there are such (fresh memory costs a page
-        fault per 4 KB: the largest single cost of this loop, docs/benchmarks.md)."""
+        Between two checkpoints it keeps decoded what the next few checkpoints' tensors are coded against
+        (their ``prev`` objects) or share: the next one's, and those of the ones after it (a segment's deltas
+        coded against its root, several checkpoints back: :func:`~ckptstore.codecs.planner.delta_base`) up to
+        one checkpoint's bytes more. So memory stays near three checkpoints whatever the chain length, and each
+        object is decoded once where the layout is the planner's. A delta whose base was not kept walks its
+        chain as a single load does. The copies kept go into the memory of bases read for the last time where
+        there are such, and the large tensors handed out come back for the next checkpoint once the caller lets
+        go of them (:mod:`ckptstore.buffers`): fresh memory costs a zeroed page per fault, the largest single
+        cost of this loop (docs/benchmarks.md)."""
         steps = self.steps(run)
         known: dict[str, np.ndarray] = {}
-        nxt = self.manifest(run, steps[0]) if steps else None
-        for i in range(len(steps)):
-            m = nxt
-            assert m is not None
-            nxt = self.manifest(run, steps[i + 1]) if i + 1 < len(steps) else None
-            wanted = _next_bases(nxt)
+        buffers = BufferPool()
+        # the next few manifests, each with the objects reading it needs from before it (a segment root is at
+        # most keyframe_interval checkpoints back in the planner's layout)
+        ahead: collections.deque[tuple[Manifest, set[str]]] = collections.deque()
+        depth = min(16, self.keyframe_interval + 1)
+        queued = 0
+        while True:
+            while len(ahead) < depth + 1 and queued < len(steps):
+                f = self.manifest(run, steps[queued])
+                ahead.append((f, _next_bases(f)))
+                queued += 1
+            if not ahead:
+                return
+            m, _ = ahead.popleft()
+            wanted = _bases_to_keep(m, known, [b for _, b in ahead])
             keep: dict[str, Any] = {o: None for o in wanted if o not in known}
-            # the bases this checkpoint reads once and the next one does not need: their memory takes the copies
+            # the bases this checkpoint reads once and the next ones do not need: their memory takes the copies
             # kept for the next one (fresh memory would cost a page fault per 4 KB, the largest cost here)
-            leaves = self.load_leaves(m, known=known, keep=keep, recycle=_spent_bases(m, known, wanted))
+            leaves = self.load_leaves(
+                m, known=known, keep=keep, recycle=_spent_bases(m, known, wanted), buffers=buffers
+            )
+            buffers.end_round()
             # private copies: the caller may change the tensors it gets, the next delta must not see that
             known = {o: w for o, w in known.items() if o in wanted}
             known.update({o: w for o, w in keep.items() if w is not None})
             if "dcp" in m.data:  # a sharded checkpoint's tree names full tensors: put them together
                 leaves = {n: sharded.assemble_one(n, rec, leaves) for n, rec in m.full_tensors.items()}
-            convert = _converter(tensors or m.data.get("framework", "numpy"))
-            yield m, tree.unflatten(m.data["tree"], lambda n, lv=leaves, c=convert: c(lv[n]))  # type: ignore[misc]
+            # nothing of this checkpoint stays referenced here once it is handed out: a caller that lets go of it
+            # before asking for the next one frees its memory for the next one's tensors (held here while the
+            # next one decoded, each checkpoint's large tensors went into fresh memory, page faults and all)
+            handed = [leaves]
+            del leaves
+            yield m, _unflatten(m, handed.pop(), tensors)
 
     # ------------------------------------------------------------------ metadata edits
     def update_metadata(self, ref: str | Ref, update: Callable[[dict[str, Any]], None]) -> Manifest:
@@ -1755,6 +1791,34 @@ def _next_bases(m: Manifest | None) -> set[str]:
     return out
 
 
+def _bases_to_keep(m: Manifest, known: Mapping[str, np.ndarray], later: list[set[str]]) -> set[str]:
+    """What reading checkpoint ``m`` in order should keep decoded for the ones after it (``later``: the objects
+    each of them needs, :func:`_next_bases`): all the next one needs, and of what the ones after it need, what
+    is known or decoded now, soonest first, up to ``m``'s own bytes (memory stays bounded whatever the layout)."""
+    if not later:
+        return set()
+    out = set(later[0])
+    budget = sum(codecs.TensorSpec(t["dtype"], tuple(t["shape"])).nbytes for t in m.tensors.values())
+    for bases in later[1:]:
+        for o in bases - out:
+            rec = known.get(o)
+            if rec is None and o not in m.objects:
+                continue
+            nbytes = rec.nbytes if rec is not None else _object_bytes(m.objects[o])
+            if nbytes > budget:
+                return out
+            budget -= nbytes
+            out.add(o)
+    return out
+
+
+def _object_bytes(rec: Mapping[str, Any]) -> int:
+    try:
+        return codecs.TensorSpec(rec["dtype"], tuple(rec["shape"])).nbytes
+    except (KeyError, TypeError, ValueError, CkptStoreError):
+        return 1 << 62  # a damaged record: not worth keeping (decoding it says what is wrong)
+
+
 def _spent_bases(m: Manifest, known: Mapping[str, np.ndarray], wanted: set[str]) -> dict[str, np.ndarray]:
     """The arrays of ``known`` that decoding all of ``m`` reads exactly once, as a delta's reference, and that
     neither ``m`` hands out (an unchanged tensor) nor the next checkpoint needs (``wanted``): once that delta is
@@ -1783,6 +1847,22 @@ def _private_copy(words: np.ndarray, rec: Mapping[str, Any], recycle: dict[str, 
             np.copyto(buf, words)
             return buf
     return words.copy()
+
+
+def _lendable(buffers: BufferPool | None, t: Mapping[str, Any]) -> np.ndarray | None:
+    """A buffer of ``buffers`` for tensor record ``t``'s words (None: no pool, too small, or not plain words)."""
+    if buffers is None or t["dtype"] == "complex128":
+        return None
+    spec = codecs.TensorSpec(t["dtype"], tuple(t["shape"]))
+    if spec.dt.itemsize not in (1, 2, 4, 8):
+        return None
+    return buffers.take(np.dtype(f"<u{spec.dt.itemsize}"), spec.size)
+
+
+def _unflatten(m: Manifest, leaves: dict[str, tree.Leaf], tensors: str | None) -> Any:
+    """The nested state of checkpoint ``m`` from its decoded tensors, as the framework ``tensors`` names."""
+    convert = _converter(tensors or m.data.get("framework", "numpy"))
+    return tree.unflatten(m.data["tree"], lambda n: convert(leaves[n]))
 
 
 def _run_of(ref: str | Ref) -> str:

@@ -186,16 +186,22 @@ def decode(
     refs: Mapping[str, np.ndarray] | None = None,
     *,
     reusable: Collection[str] = (),
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode a payload through its stored chain into flat words of the tensor's width.
 
     ``reusable``: roles of ``refs`` whose arrays the caller hands over (it decoded them only for this call); a
-    fused delta decode writes its result into such an array instead of a fresh one."""
+    fused delta decode writes its result into such an array instead of a fresh one. ``out``: flat words of the
+    tensor's width to write the result into where no such array takes it (a buffer of the caller's pool)."""
     word = np.dtype(f"<u{spec.dt.itemsize if spec.dtype != 'complex128' else 8}")
     if not codecs:
         if len(payload) != spec.nbytes:
             raise CodecError(f"raw payload is {len(payload)} bytes, expected {spec.nbytes}")
-        return np.frombuffer(payload, dtype=word).copy()
+        raw = np.frombuffer(payload, dtype=word)
+        if out is not None and _fits(out, raw):
+            np.copyto(out, raw)
+            return out
+        return raw.copy()
     chain = [from_record(r) for r in codecs]
     *array_codecs, last = chain
     if not isinstance(last, BytesCodec) or not all(isinstance(c, ArrayCodec) for c in array_codecs):
@@ -208,6 +214,8 @@ def decode(
             c.load_side(bytes(side))
     stages = [c for c in array_codecs if isinstance(c, ArrayCodec)]  # all of them (checked above); typed
     spare = [refs[r] for r in stages[0].ref_roles() if r in reusable] if refs and len(stages) == 1 else []
+    if not spare and out is not None:
+        spare = [out]
     if isinstance(last, BytePlanesZstd):
         chunked = _decode_chunks(last, view, spec, stages, refs or {}, spare[0] if spare else None)
         if chunked is not None:  # chunk by chunk: planes, join and array codec in one pass per chunk
@@ -263,7 +271,11 @@ def _decode_chunks(
             return None
         out, consume = fused
     else:
-        out = np.empty(spec.size, dtype=np.uint32)
+        usable = spare is not None and spare.dtype == np.uint32 and spare.shape == (spec.size,)
+        if usable and spare is not None and spare.flags.c_contiguous and spare.flags.writeable:
+            out = spare
+        else:
+            out = np.empty(spec.size, dtype=np.uint32)
 
         def consume(planes: list[np.ndarray], lo: int, hi: int) -> None:
             kernels.join_planes4(*planes, out[lo:hi])

@@ -1,0 +1,129 @@
+"""The buffer pool of in-order reads: a buffer comes back only once nothing but the pool holds it."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ckptstore
+from ckptstore.buffers import BufferPool
+
+U4 = np.dtype("<u4")
+
+
+def lent_round(pool: BufferPool, size: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    buf = pool.take(U4, size)
+    assert buf is not None
+    view = pool.lend(buf)
+    pool.end_round()
+    return buf, view
+
+
+def test_a_buffer_comes_back_when_its_view_and_all_made_from_it_are_gone() -> None:
+    pool = BufferPool()
+    buf, view = lent_round(pool)
+    addr = buf.ctypes.data
+    del buf
+    t = torch.from_numpy(view.view(np.float32)).reshape(512, 512)[1:]  # a torch view of a numpy view
+    del view
+    again = pool.take(U4, 1 << 18)
+    assert again is not None and again.ctypes.data != addr and pool.reused == 0  # still held by the tensor
+    del t
+    gc.collect()
+    taken = pool.take(U4, 1 << 18)
+    assert taken is not None and taken.ctypes.data == addr and pool.reused == 1
+
+
+def test_a_buffer_whose_base_was_kept_is_never_reused() -> None:
+    pool = BufferPool()
+    buf, view = lent_round(pool)
+    addr = buf.ctypes.data
+    del buf
+    base = view.base  # the caller took hold of the buffer itself
+    del view
+    gc.collect()
+    taken = pool.take(U4, 1 << 18)
+    assert taken is not None and taken.ctypes.data != addr and pool.reused == 0
+    assert base is not None
+
+
+def test_small_sizes_and_other_shapes_are_not_pooled() -> None:
+    pool = BufferPool(min_bytes=1 << 20)
+    assert pool.take(U4, 1000) is None
+    buf, view = lent_round(pool)
+    del buf, view
+    gc.collect()
+    other = pool.take(U4, (1 << 18) + 1)
+    assert other is not None and pool.reused == 0
+    assert pool.take(np.dtype("<u2"), 1 << 19) is not None and pool.reused == 0
+
+
+def test_the_pool_keeps_at_most_what_one_round_lent() -> None:
+    pool = BufferPool()
+    views = [pool.lend(b) for b in (pool.take(U4, 1 << 18), pool.take(U4, 1 << 18)) if b is not None]
+    pool.end_round()
+    assert pool.max_bytes == 2 << 20
+    more = [pool.lend(b) for b in (pool.take(U4, 1 << 19),) if b is not None]  # another size, a later round
+    del views, more
+    gc.collect()
+    assert pool._held <= pool.max_bytes == 2 << 20  # the 2 MiB one did not fit once the two 1 MiB ones came back
+
+
+def test_a_pool_gone_lets_its_buffers_go() -> None:
+    pool = BufferPool()
+    _, view = lent_round(pool)
+    del pool
+    gc.collect()
+    del view  # (the weakref finds no pool: nothing raised, the memory goes back to the allocator)
+    gc.collect()
+
+
+def _states(tmp_path: Path, n: int) -> tuple[ckptstore.Store, list[dict[str, torch.Tensor]]]:
+    store = ckptstore.create_store(tmp_path / "s.store", keyframe_interval=3)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5 << 18, generator=g)  # 5 MiB: decoded alone, into a pool's buffer (smaller ones go in batches)
+    states = []
+    for step in range(1, n + 1):
+        w = w + torch.randn(w.shape, generator=g) * 1e-3
+        states.append({"w": w.clone(), "b": torch.full((5 << 18,), float(step)), "s": torch.arange(10.0)})
+        store.save("r", step, states[-1])
+    return ckptstore.open_store(store.url), states
+
+
+def test_in_order_reads_reuse_what_the_caller_let_go_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that drops each checkpoint before the next gets the next one's large tensors in the memory of the
+    last one's; one that keeps them, or keeps views of them, never sees them change."""
+    import ckptstore.store as store_module
+
+    pools: list[BufferPool] = []
+
+    class Spy(BufferPool):
+        def __init__(self) -> None:
+            super().__init__()
+            pools.append(self)
+
+    monkeypatch.setattr(store_module, "BufferPool", Spy)
+    store, states = _states(tmp_path, 7)
+    for m, state in store.iter_load("r"):
+        assert all(state[k].numpy().tobytes() == states[m.step - 1][k].numpy().tobytes() for k in state)
+        del state
+    assert pools[-1].reused >= 2 * 5  # "w" and "b" from the second checkpoint on (one round in flight)
+    kept, views = [], []
+    for _, state in store.iter_load("r"):
+        kept.append(state)
+        views.append(state["w"][1:].clone().numpy())
+        state["b"].add_(1)  # the caller changes what it got: later checkpoints are not affected
+    assert pools[-1].reused == 0
+    for i, state in enumerate(kept):
+        assert state["w"].numpy().tobytes() == states[i]["w"].numpy().tobytes()
+        assert (state["b"] == float(i + 2)).all()
+    held = []
+    for _, state in store.iter_load("r"):
+        held.append(state["w"][3:])  # a view of the large tensor outlives the checkpoint it came from
+        del state
+    for i, v in enumerate(held):
+        assert v.numpy().tobytes() == states[i]["w"][3:].numpy().tobytes()
