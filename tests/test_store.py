@@ -629,9 +629,9 @@ def test_iter_load_copies_into_spent_bases_only(
     into_spent = []
     real_copy = store_module._private_copy
 
-    def copy_spy(words: np.ndarray, rec: Any, recycle: Any) -> np.ndarray:
+    def copy_spy(words: np.ndarray, rec: Any, recycle: Any, *more: Any) -> np.ndarray:
         offered = {id(a) for a in (recycle or {}).values()}
-        out = real_copy(words, rec, recycle)
+        out = real_copy(words, rec, recycle, *more)
         into_spent.append(id(out) in offered)
         return out
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ckptstore import codecs
 from ckptstore.asyncsave import DEFAULT_MAX_IN_FLIGHT, AsyncSaver, PreparedSave, SaveHandle
-from ckptstore.buffers import BufferPool
+from ckptstore.buffers import BufferPool, fresh_words
 from ckptstore.codecs import native
 from ckptstore.codecs.planes import estimate_bits, run_in_background, thread_initializer
 from ckptstore.codecs.planner import delta_base
@@ -949,7 +949,7 @@ class Store:
                 else:
                     words = words.copy()
             elif keep is not None and t["object"] in keep:
-                keep[t["object"]] = _private_copy(words, m.objects[t["object"]], recycle)  # type: ignore[index]
+                keep[t["object"]] = _private_copy(words, m.objects[t["object"]], recycle, buffers)  # type: ignore[index]
             if lent:
                 words = buffers.lend(words)  # type: ignore[union-attr]
             return tree.Leaf(t["dtype"], tuple(t["shape"]), words)
@@ -1167,8 +1167,13 @@ class Store:
             )
             buffers.end_round()
             # private copies: the caller may change the tensors it gets, the next delta must not see that
-            known = {o: w for o, w in known.items() if o in wanted}
+            before, known = known, {o: w for o, w in known.items() if o in wanted}
             known.update({o: w for o, w in keep.items() if w is not None})
+            still = {id(w) for w in known.values()}
+            for w in before.values():  # bases not needed any more: their memory takes later copies and tensors
+                if id(w) not in still:
+                    buffers.give_back(w)
+            del before
             if "dcp" in m.data:  # a sharded checkpoint's tree names full tensors: put them together
                 leaves = {n: sharded.assemble_one(n, rec, leaves) for n, rec in m.full_tensors.items()}
             # nothing of this checkpoint stays referenced here once it is handed out: a caller that lets go of it
@@ -1839,14 +1844,25 @@ def _spent_bases(m: Manifest, known: Mapping[str, np.ndarray], wanted: set[str])
     return {o: known[o] for o, n in reads.items() if n == 1 and o not in wanted}
 
 
-def _private_copy(words: np.ndarray, rec: Mapping[str, Any], recycle: dict[str, np.ndarray] | None) -> np.ndarray:
-    """A copy of ``words`` that nobody else holds: in the spent base it was decoded from, if there is one."""
+def _private_copy(
+    words: np.ndarray,
+    rec: Mapping[str, Any],
+    recycle: dict[str, np.ndarray] | None,
+    buffers: BufferPool | None = None,
+) -> np.ndarray:
+    """A copy of ``words`` that nobody else holds: in the spent base it was decoded from, if there is one, else
+    in a buffer of ``buffers`` or fresh memory."""
     for dep in rec.get("refs", {}).values() if recycle else ():
         buf = recycle.pop(dep, None)  # type: ignore[union-attr]  # (pop: each base takes one copy, once)
         if buf is not None and buf is not words and buf.dtype == words.dtype and buf.shape == words.shape:
             np.copyto(buf, words)
             return buf
-    return words.copy()
+    out = buffers.take(words.dtype, words.size) if buffers is not None and words.ndim == 1 else None
+    if out is None:
+        out = fresh_words(words.dtype, words.size)
+    out = out.reshape(words.shape)
+    np.copyto(out, words)
+    return out
 
 
 def _lendable(buffers: BufferPool | None, t: Mapping[str, Any]) -> np.ndarray | None:
