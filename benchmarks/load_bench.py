@@ -12,7 +12,7 @@ In one process, on the same disk:
 - load times against torch.load of the same ``epoch_N.pt``, a fresh Store each time, alternating, medians: the
   newest checkpoint, every single older checkpoint, every checkpoint in order (2 threads), kept in a list and
   streamed (each one let go of before the next);
-- with ``--processes N``: the same single loads and the streamed in-order pass of the hot store, each in a
+- with ``--processes N``: the same single loads and both in-order passes of the hot store, each in a
   new process (N alternating pairs each), timed inside the child around the load alone. A user who resumes or
   exports reads in a fresh process; within one long process torch.load's own time for the same file moves
   1.5-2x with what the allocator kept from earlier work (memory it can reuse without page faults), so the
@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _child(args: list[str]) -> int:
-    """``ours STORE REF`` | ``ours-order STORE RUN`` | ``torch FILE`` | ``torch-order FILE...``: print the
-    seconds of that one load (imports and start-up not counted)."""
+    """``ours STORE REF`` | ``ours-order STORE RUN`` | ``ours-kept STORE RUN`` | ``torch FILE`` |
+    ``torch-order FILE...`` | ``torch-kept FILE...``: print the seconds of that one load (imports and start-up not
+    counted); ``-order`` lets go of each checkpoint before the next, ``-kept`` keeps them all in a list."""
     what, rest = args[0], args[1:]
     state: Any = None
     t0 = time.perf_counter()
@@ -226,8 +227,12 @@ def _child(args: list[str]) -> int:
         state = open_store(rest[0], threads=2).load(rest[1])
     elif what == "ours-order":
         _consume(x for _, x in open_store(rest[0], threads=2).iter_load(rest[1]))
+    elif what == "ours-kept":
+        state = [x for _, x in open_store(rest[0], threads=2).iter_load(rest[1])]
     elif what == "torch":
         state = torch.load(rest[0], weights_only=True)
+    elif what == "torch-kept":
+        state = [torch.load(p, weights_only=True) for p in rest]
     else:
         _consume(torch.load(p, weights_only=True) for p in rest)
     print(f"{time.perf_counter() - t0:.6f}")
@@ -236,7 +241,8 @@ def _child(args: list[str]) -> int:
 
 
 def _in_processes(store: Path, files: list[Path], steps: list[int], pairs: int) -> dict[str, Any]:
-    """Single loads and the streamed in-order pass, each in a new process, ``pairs`` alternating pairs each."""
+    """Single loads and the in-order pass (streamed, and keeping every checkpoint), each in a new process,
+    ``pairs`` alternating pairs each."""
 
     def one(*args: str) -> float:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--checkpoints", ".", "--child", *args]
@@ -255,6 +261,7 @@ def _in_processes(store: Path, files: list[Path], steps: list[int], pairs: int) 
 
     out: dict[str, Any] = {}
     out["process_in_order_streamed"] = pair(["ours-order", str(store), "bench"], ["torch-order", *map(str, files)])
+    out["process_in_order"] = pair(["ours-kept", str(store), "bench"], ["torch-kept", *map(str, files)])
     singles = {}
     for s, f in zip(steps, files, strict=True):
         singles[s] = pair(["ours", str(store), f"bench@{s}"], ["torch", str(f)])
