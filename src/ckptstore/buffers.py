@@ -45,6 +45,16 @@ def fresh_words(dtype: np.dtype, size: int) -> np.ndarray:
     return np.frombuffer(memory, dtype=dtype)
 
 
+def _sole_owner_count() -> int:
+    """What ``sys.getrefcount`` says of an array only a local name holds (the interpreter's own count varies by
+    version: measured once, the way :meth:`BufferPool.take` asks)."""
+    probe = np.empty(1)
+    return sys.getrefcount(probe)
+
+
+_SOLE = _sole_owner_count()
+
+
 class BufferPool:
     """Buffers of at least ``min_bytes`` lent to callers, taken back when they let go. It keeps at most twice
     what one round lent (:meth:`end_round`: an in-order read ends one per checkpoint; its kept delta bases come
@@ -74,7 +84,7 @@ class BufferPool:
                     break
                 buf = stack.pop()
                 self._held -= nbytes
-            if sys.getrefcount(buf) <= 2:  # this name and the call's argument: nobody kept its base
+            if sys.getrefcount(buf) <= _SOLE:  # only this name: nobody kept its base
                 self.reused += 1
                 return buf
         return fresh_words(dtype, size)
@@ -87,7 +97,7 @@ class BufferPool:
         # is the base of every array made from it (numpy stops at an array whose base is not an array): it dies
         # last.
         view = np.frombuffer(memoryview(buf), dtype=buf.dtype)  # type: ignore[arg-type]
-        weakref.finalize(view, _give_back, weakref.ref(self), buf)
+        weakref.finalize(view, _give_back, weakref.ref(self), buf).atexit = False
         with self._lock:
             self._round += buf.nbytes
         return view
