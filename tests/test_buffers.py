@@ -137,13 +137,15 @@ def test_in_order_reads_reuse_what_the_caller_let_go_of(tmp_path: Path, monkeypa
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
-def test_fresh_words_are_not_advised_for_huge_pages() -> None:
+def test_fresh_words_are_advised_against_huge_pages() -> None:
     """numpy advises arrays of 4 MiB and more for transparent huge pages (on a fragmented machine each fault may
-    compact memory first); the large arrays decoded into fresh memory do not ask for them, small ones are numpy's."""
-    from ckptstore.buffers import MAP_BYTES, fresh_words
+    compact memory first); large arrays for decoded words are advised back, small ones are left as numpy makes
+    them."""
+    import mmap
 
-    def vm_flags(a: np.ndarray) -> list[str]:
-        addr = a.ctypes.data
+    from ckptstore.buffers import HUGE_BYTES, fresh_words
+
+    def vm_flags(addr: int) -> list[str]:
         flags: list[str] = []
         inside = False
         for line in Path("/proc/self/smaps").read_text().splitlines():
@@ -155,12 +157,14 @@ def test_fresh_words_are_not_advised_for_huge_pages() -> None:
                 flags = line.split()[1:]
         return flags
 
-    big = fresh_words(U4, MAP_BYTES // 4 * 2)
+    big = fresh_words(U4, HUGE_BYTES // 4 * 2)
     big[:] = 7  # writable, and all of it there
-    assert big.size == MAP_BYTES // 2 and (big == 7).all()
-    assert "hg" not in vm_flags(big)
+    assert big.size == HUGE_BYTES // 2 and (big == 7).all()
+    first_page = -(-big.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+    flags = vm_flags(first_page)
+    assert "nh" in flags and "hg" not in flags, flags
     small = fresh_words(U4, 100)
-    assert small.size == 100 and small.base is None  # numpy's own memory below MAP_BYTES
+    assert small.size == 100 and "nh" not in vm_flags(small.ctypes.data)
 
 
 def test_in_order_reads_holding_the_previous_checkpoint_stay_exact(tmp_path: Path) -> None:

@@ -17,32 +17,56 @@ import mmap
 import sys
 import threading
 import weakref
+from typing import Any
 
 import numpy as np
 
 __all__ = ["BufferPool", "fresh_words"]
 
-# Arrays at least this large get memory of their own mapping (see fresh_words); numpy asks for huge pages from 4 MiB on.
-MAP_BYTES = 4 << 20
+# numpy advises arrays of at least this many bytes for transparent huge pages; fresh_words takes that back.
+HUGE_BYTES = 4 << 20
+_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
+_madvise: Any = None
 
 
 def fresh_words(dtype: np.dtype, size: int) -> np.ndarray:
-    """A flat array for decoded words, in fresh memory that never asks for transparent huge pages.
+    """A flat array for decoded words, in memory from numpy's allocator (glibc's heap, which reuses what was
+    freed) but advised against transparent huge pages, as ``torch.load``'s tensors are.
 
-    numpy gives arrays of 4 MiB and more ``madvise(MADV_HUGEPAGE)``; where memory is fragmented, the kernel
-    then compacts memory on the faults that fill them. Measured here on a pass keeping every checkpoint of the
-    benchmark run (2 GB of fresh arrays): 1.54-6.86 s with numpy's memory against 1.75-1.97 s with this one. A
-    large array gets a private anonymous mapping of its own instead, 4 KiB pages as ``torch.load``'s tensors
-    have, populated by the kernel in one go on Linux (a third faster than a fault per page: 187-217 against
-    270-316 ms for 500 MB here) by the thread that asks, and unmapped when the last array over it goes."""
-    nbytes = dtype.itemsize * size
-    if nbytes < MAP_BYTES:
-        return np.empty(size, dtype=dtype)
-    if hasattr(mmap, "MAP_PRIVATE"):
-        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
-    else:  # (Windows: the mapping is private already, and faulted in page by page)
-        memory = mmap.mmap(-1, nbytes)
-    return np.frombuffer(memory, dtype=dtype)
+    numpy gives arrays of 4 MiB and more ``madvise(MADV_HUGEPAGE)``; where memory is fragmented, the kernel then
+    compacts memory on the faults that fill them. Measured here on passes keeping every checkpoint of the
+    benchmark run (2 GB of fresh arrays a pass, alternating): numpy's advice 1.41-5.62 s (1.54-6.86 s in another
+    run), advised back 1.50-1.91 s. A private anonymous mapping of its own per array avoids the advice too, but
+    gives the memory back to the kernel when freed, and on this virtual machine getting it again stalled passes
+    for 6.8-8.5 s."""
+    out = np.empty(size, dtype=dtype)
+    if out.nbytes >= HUGE_BYTES:
+        _no_huge_pages(out)
+    return out
+
+
+def _no_huge_pages(a: np.ndarray) -> None:
+    """``madvise(MADV_NOHUGEPAGE)`` over the whole pages of ``a`` (Linux; elsewhere, or without libc, nothing)."""
+    global _madvise
+    if _MADV_NOHUGEPAGE is None:
+        return
+    if _madvise is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise is False:
+        return
+    page = mmap.PAGESIZE
+    lo = -(-a.ctypes.data // page) * page
+    hi = (a.ctypes.data + a.nbytes) // page * page
+    if hi > lo:
+        _madvise(lo, hi - lo, _MADV_NOHUGEPAGE)  # (advice: a failure changes nothing but the page size)
 
 
 def _sole_owner_count() -> int:
