@@ -143,11 +143,6 @@ class BufferPool:
             self._free.setdefault((buf.dtype.str, buf.size), []).append(buf)
             self._held += nbytes
 
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._held = 0
-
 
 def _give_back(pool: weakref.ref[BufferPool], buf: np.ndarray) -> None:
     p = pool()

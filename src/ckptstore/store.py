@@ -925,13 +925,16 @@ class Store:
             t = m.tensors[n]
             out = _lendable(buffers, t)
             words, _ = self._decode_chain(m, t["object"], known=known, out=out)
-            if out is not None and words is not out:  # (an object already decoded, or a path with its own array)
-                if not np.may_share_memory(words, out):
-                    buffers.give_back(out)  # type: ignore[union-attr]
-                out = None
-            return checked(n, t, words, lent=out is not None)
+            if out is None or words is out:
+                return checked(n, t, words, lent=out is not None)
+            # an object already decoded (its copy goes into ``out``), or a path with an array of its own
+            return checked(n, t, words, spare=None if np.may_share_memory(words, out) else out)
 
-        def checked(n: str, t: Mapping[str, Any], words: np.ndarray, lent: bool = False) -> tree.Leaf:
+        def checked(
+            n: str, t: Mapping[str, Any], words: np.ndarray, lent: bool = False, spare: np.ndarray | None = None
+        ) -> tree.Leaf:
+            """The decoded words as a leaf, hashed; ``lent``: words is a buffer of ``buffers`` to lend, ``spare``:
+            one taken for this tensor and not used yet."""
             leaf = tree.Leaf(t["dtype"], tuple(t["shape"]), words)
             if object_id(leaf) != t["object"]:  # xxh3 runs at >10 GB/s: every load checks what it returns
                 raise IntegrityError(
@@ -942,7 +945,8 @@ class Store:
                 )
             if (known is not None and t["object"] in known) or t["object"] in self._head:
                 # never hand out the arrays we keep as delta bases
-                buf = _lendable(buffers, t) if not lent else None
+                buf = spare if spare is not None else _lendable(buffers, t) if not lent else None
+                spare = None
                 if buf is not None and buf.dtype == words.dtype and buf.shape == words.shape:
                     np.copyto(buf, words)
                     words, lent = buf, True
@@ -950,6 +954,8 @@ class Store:
                     words = words.copy()
             elif keep is not None and t["object"] in keep:
                 keep[t["object"]] = _private_copy(words, m.objects[t["object"]], recycle, buffers)  # type: ignore[index]
+            if spare is not None:
+                buffers.give_back(spare)  # type: ignore[union-attr]
             if lent:
                 words = buffers.lend(words)  # type: ignore[union-attr]
             return tree.Leaf(t["dtype"], tuple(t["shape"]), words)
@@ -1806,10 +1812,10 @@ def _bases_to_keep(m: Manifest, known: Mapping[str, np.ndarray], later: list[set
     budget = sum(codecs.TensorSpec(t["dtype"], tuple(t["shape"])).nbytes for t in m.tensors.values())
     for bases in later[1:]:
         for o in bases - out:
-            rec = known.get(o)
-            if rec is None and o not in m.objects:
+            decoded = known.get(o)
+            if decoded is None and o not in m.objects:
                 continue
-            nbytes = rec.nbytes if rec is not None else _object_bytes(m.objects[o])
+            nbytes = decoded.nbytes if decoded is not None else _object_bytes(m.objects[o])
             if nbytes > budget:
                 return out
             budget -= nbytes

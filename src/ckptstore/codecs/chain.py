@@ -271,11 +271,8 @@ def _decode_chunks(
             return None
         out, consume = fused
     else:
-        usable = spare is not None and spare.dtype == np.uint32 and spare.shape == (spec.size,)
-        if usable and spare is not None and spare.flags.c_contiguous and spare.flags.writeable:
-            out = spare
-        else:
-            out = np.empty(spec.size, dtype=np.uint32)
+        fits = spare is not None and _writable(spare, (spec.size,), np.dtype(np.uint32))
+        out = spare if fits and spare is not None else np.empty(spec.size, dtype=np.uint32)
 
         def consume(planes: list[np.ndarray], lo: int, hi: int) -> None:
             kernels.join_planes4(*planes, out[lo:hi])
@@ -284,10 +281,9 @@ def _decode_chunks(
 
 
 def _fits(buffer: np.ndarray, words: np.ndarray) -> bool:
-    return (
-        buffer is not words
-        and buffer.dtype == words.dtype
-        and buffer.shape == words.shape
-        and buffer.flags.c_contiguous
-        and buffer.flags.writeable
-    )
+    return buffer is not words and _writable(buffer, words.shape, words.dtype)
+
+
+def _writable(buffer: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether results of this shape and dtype can be written into ``buffer`` in place."""
+    return buffer.dtype == dtype and buffer.shape == shape and buffer.flags.c_contiguous and buffer.flags.writeable

@@ -133,7 +133,7 @@ class LocalStorage(Storage):
         # closing]. Packs are immutable, so a descriptor reads what the key holds for as long as it is open.
         self._fds: dict[str, list[int]] = {}
         self._scopes = 0
-        # (key, start, length) -> (segment read ahead, offset in it): the short ranges of open prefetch blocks
+        # (key, start, length) -> (mapped segment, offset in it): the ranges of open prefetch blocks
         self._segments: dict[tuple[str, int, int], tuple[memoryview, int]] = {}
         self._fd_lock = threading.Lock()
 
