@@ -153,6 +153,51 @@ def test_in_order_reads_reuse_what_the_caller_let_go_of(tmp_path: Path, monkeypa
         assert v.numpy().tobytes() == states[i]["w"][3:].numpy().tobytes()
 
 
+def test_large_tensors_buffers_are_taken_on_the_callers_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer an in-order read takes comes from the thread that reads, not from a decode thread (whose
+    allocator arena cannot reuse what the caller freed), in a load that decodes on two threads."""
+    import threading
+
+    takers: list[int] = []
+    take = BufferPool.take
+
+    def spy(self: BufferPool, dtype: np.dtype, size: int) -> np.ndarray | None:
+        out = take(self, dtype, size)
+        if out is not None:
+            takers.append(threading.get_ident())
+        return out
+
+    monkeypatch.setattr(BufferPool, "take", spy)
+    store, states = _states(tmp_path, 5)
+    store = ckptstore.open_store(store.url, threads=2)
+    kept = [state for _, state in store.iter_load("r")]
+    assert len(takers) >= 3 * 5  # "w", "b" and "frozen" of every checkpoint
+    assert set(takers) == {threading.get_ident()}
+    for i, state in enumerate(kept):
+        assert all(state[k].numpy().tobytes() == states[i][k].numpy().tobytes() for k in state)
+
+
+def test_an_object_two_tensors_share_is_kept_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first checkpoint's "b" and "frozen" are the same bytes, one object: the read keeps one private copy of
+    it for the next checkpoint, not one per tensor."""
+    import ckptstore.store as store_module
+
+    copies: list[int] = []
+    private_copy = store_module._private_copy
+
+    def spy(words: np.ndarray, *args: object) -> np.ndarray:
+        copies.append(words.nbytes)
+        return private_copy(words, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module, "_private_copy", spy)
+    store, states = _states(tmp_path, 2)
+    first = store.manifest("r", 1)
+    assert first.tensors["b"]["object"] == first.tensors["frozen"]["object"]
+    out = [state for _, state in ckptstore.open_store(store.url, threads=2).iter_load("r")]
+    assert len([n for n in copies if n == 5 << 20]) == 2  # "w" and the shared object, once
+    assert out[0]["b"].numpy().tobytes() == states[0]["frozen"].numpy().tobytes()
+
+
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
 def test_fresh_words_are_advised_against_huge_pages() -> None:
     """numpy advises arrays of 4 MiB and more for transparent huge pages (on a fragmented machine each fault may

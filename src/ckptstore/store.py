@@ -923,7 +923,7 @@ class Store:
 
         def stored(n: str) -> tree.Leaf:
             t = m.tensors[n]
-            out = _lendable(buffers, t)
+            out = taken.pop(n, None)
             words, _ = self._decode_chain(m, t["object"], known=known, out=out)
             if out is None or words is out:
                 return checked(n, t, words, lent=out is not None)
@@ -952,8 +952,10 @@ class Store:
                     words, lent = buf, True
                 else:
                     words = words.copy()
-            elif keep is not None and t["object"] in keep:
-                keep[t["object"]] = _private_copy(words, m.objects[t["object"]], recycle, buffers)  # type: ignore[index]
+            elif keep is not None and unclaimed.pop(t["object"], False):  # (dict.pop: one copy where tensors share it)
+                keep[t["object"]] = _private_copy(  # type: ignore[index]
+                    words, m.objects[t["object"]], recycle, buffers, spares.pop(t["object"], None)
+                )
             if spare is not None:
                 buffers.give_back(spare)  # type: ignore[union-attr]
             if lent:
@@ -970,6 +972,8 @@ class Store:
         stored_names: list[str] = []
         for n in wanted:
             stored_names.extend([n] if n in m.tensors else [c["tensor"] for c in full[n]["chunks"]])
+        taken, spares = _take_here(m, stored_names, buffers, keep, recycle)
+        unclaimed = dict.fromkeys(keep or (), True)
         with (
             self.storage.prefetch(self._ranges_to_read(m, stored_names, known)),
             ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-decode", initializer=thread_initializer()) as ex,
@@ -1855,20 +1859,56 @@ def _private_copy(
     rec: Mapping[str, Any],
     recycle: dict[str, np.ndarray] | None,
     buffers: BufferPool | None = None,
+    spare: np.ndarray | None = None,
 ) -> np.ndarray:
     """A copy of ``words`` that nobody else holds: in the spent base it was decoded from, if there is one, else
-    in a buffer of ``buffers`` or fresh memory."""
+    in ``spare`` (a flat buffer of ``buffers`` taken for it), a buffer of ``buffers`` or fresh memory."""
     for dep in rec.get("refs", {}).values() if recycle else ():
         buf = recycle.pop(dep, None)  # type: ignore[union-attr]  # (pop: each base takes one copy, once)
         if buf is not None and buf is not words and buf.dtype == words.dtype and buf.shape == words.shape:
             np.copyto(buf, words)
+            if spare is not None and buffers is not None:
+                buffers.give_back(spare)
             return buf
-    out = buffers.take(words.dtype, words.size) if buffers is not None and words.ndim == 1 else None
+    if spare is not None and (spare.dtype != words.dtype or spare.size != words.size or words.ndim != 1):
+        if buffers is not None:
+            buffers.give_back(spare)
+        spare = None
+    out = spare
+    if out is None and buffers is not None and words.ndim == 1:
+        out = buffers.take(words.dtype, words.size)
     if out is None:
         out = fresh_words(words.dtype, words.size)
     out = out.reshape(words.shape)
     np.copyto(out, words)
     return out
+
+
+def _take_here(
+    m: Manifest,
+    names: list[str],
+    buffers: BufferPool | None,
+    keep: Mapping[str, Any] | None,
+    recycle: Mapping[str, np.ndarray] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The buffers a load of ``names`` decodes its large tensors into (tensor name -> buffer), and those its
+    private copies of objects in ``keep`` go into where no spent base of ``recycle`` takes them (object id ->
+    buffer), taken on the calling thread.
+
+    Why here and not on the decode threads: glibc gives each thread an arena of its own, and a decode thread's
+    arena never reuses the memory the caller's thread freed (checkpoints it let go of, anything else it read), so
+    every buffer a decode thread took was fresh memory, a zeroed page per 4 KB fault. torch.load allocates on the
+    caller's thread. Measured on the benchmark run, passes keeping every checkpoint in one process, alternating
+    with torch.load's: 1.19 s and 8-54 thousand page faults a pass, against 1.83 s and 150-310 thousand with the
+    buffers taken on the decode threads (docs/benchmarks.md)."""
+    taken = {n: b for n in names if (b := _lendable(buffers, m.tensors[n])) is not None}
+    spares: dict[str, np.ndarray] = {}
+    for n in names if keep else ():
+        o = m.tensors[n]["object"]
+        spent = set(m.objects[o].get("refs", {}).values()) & set(recycle or ())
+        if o in keep and o not in spares and not spent and (b := _lendable(buffers, m.tensors[n])) is not None:  # type: ignore[operator]
+            spares[o] = b
+    return taken, spares
 
 
 def _lendable(buffers: BufferPool | None, t: Mapping[str, Any]) -> np.ndarray | None:
