@@ -177,6 +177,39 @@ def test_large_tensors_buffers_are_taken_on_the_callers_thread(tmp_path: Path, m
         assert all(state[k].numpy().tobytes() == states[i][k].numpy().tobytes() for k in state)
 
 
+def test_batched_large_tensors_buffers_are_taken_on_the_callers_thread_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors over the pool's minimum that are decoded together in one batch, one changing and one unchanged,
+    read by the Store that saved them (its delta head holds the unchanged one): every buffer is still taken on
+    the reading thread, and each checkpoint comes back exact."""
+    import threading
+
+    takers: list[int] = []
+    take = BufferPool.take
+
+    def spy(self: BufferPool, dtype: np.dtype, size: int) -> np.ndarray | None:
+        out = take(self, dtype, size)
+        if out is not None:
+            takers.append(threading.get_ident())
+        return out
+
+    monkeypatch.setattr(BufferPool, "take", spy)
+    store = ckptstore.create_store(tmp_path / "s.store", threads=2)
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(3 << 17, generator=g)  # 1.5 MiB each: two go in one batch (up to 4 MB)
+    q = torch.randn(3 << 17, generator=g)
+    states = []
+    for step in range(1, 5):
+        p = p + torch.randn(p.shape, generator=g) * 1e-3
+        states.append({"p": p.clone(), "q": q.clone()})
+        store.save("r", step, states[-1])
+    kept = [state for _, state in store.iter_load("r")]
+    assert takers and set(takers) == {threading.get_ident()}
+    for i, state in enumerate(kept):
+        assert all(state[k].numpy().tobytes() == states[i][k].numpy().tobytes() for k in state)
+
+
 def test_an_object_two_tensors_share_is_kept_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first checkpoint's "b" and "frozen" are the same bytes, one object: the read keeps one private copy of
     it for the next checkpoint, not one per tensor."""

@@ -944,12 +944,10 @@ class Store:
                     hint="the store is damaged; run `ckpt verify` to see everything affected",
                 )
             if (known is not None and t["object"] in known) or t["object"] in self._head:
-                # never hand out the arrays we keep as delta bases
-                buf = spare if spare is not None else _lendable(buffers, t) if not lent else None
-                spare = None
-                if buf is not None and buf.dtype == words.dtype and buf.shape == words.shape:
-                    np.copyto(buf, words)
-                    words, lent = buf, True
+                # never hand out the arrays we keep as delta bases: a copy, into the buffer taken for it if any
+                if spare is not None and spare.dtype == words.dtype and spare.shape == words.shape:
+                    np.copyto(spare, words)
+                    words, lent, spare = spare, True, None
                 else:
                     words = words.copy()
             elif keep is not None and unclaimed.pop(t["object"], False):  # (dict.pop: one copy where tensors share it)
@@ -994,7 +992,9 @@ class Store:
             out: dict[str, tree.Leaf] = {}
             for part in parts:
                 out.update(part.result())
-            return out
+        for unused in (*taken.values(), *spares.values()):  # (taken for a tensor the batch decoder wrote itself)
+            buffers.give_back(unused)  # type: ignore[union-attr]
+        return out
 
     def _decode_batch(
         self,
@@ -1863,23 +1863,20 @@ def _private_copy(
 ) -> np.ndarray:
     """A copy of ``words`` that nobody else holds: in the spent base it was decoded from, if there is one, else
     in ``spare`` (a flat buffer of ``buffers`` taken for it), a buffer of ``buffers`` or fresh memory."""
+    out = None
     for dep in rec.get("refs", {}).values() if recycle else ():
         buf = recycle.pop(dep, None)  # type: ignore[union-attr]  # (pop: each base takes one copy, once)
         if buf is not None and buf is not words and buf.dtype == words.dtype and buf.shape == words.shape:
-            np.copyto(buf, words)
-            if spare is not None and buffers is not None:
-                buffers.give_back(spare)
-            return buf
-    if spare is not None and (spare.dtype != words.dtype or spare.size != words.size or words.ndim != 1):
-        if buffers is not None:
-            buffers.give_back(spare)
-        spare = None
-    out = spare
+            out = buf
+            break
+    if out is None and spare is not None and spare.dtype == words.dtype and spare.shape == words.shape:
+        out, spare = spare, None
     if out is None and buffers is not None and words.ndim == 1:
         out = buffers.take(words.dtype, words.size)
+    if spare is not None and buffers is not None:  # (not used)
+        buffers.give_back(spare)
     if out is None:
-        out = fresh_words(words.dtype, words.size)
-    out = out.reshape(words.shape)
+        out = fresh_words(words.dtype, words.size).reshape(words.shape)
     np.copyto(out, words)
     return out
 
@@ -1903,10 +1900,12 @@ def _take_here(
     buffers taken on the decode threads (docs/benchmarks.md)."""
     taken = {n: b for n in names if (b := _lendable(buffers, m.tensors[n])) is not None}
     spares: dict[str, np.ndarray] = {}
-    for n in names if keep else ():
+    if not taken or not keep:
+        return taken, spares
+    for n in names:
         o = m.tensors[n]["object"]
         spent = set(m.objects[o].get("refs", {}).values()) & set(recycle or ())
-        if o in keep and o not in spares and not spent and (b := _lendable(buffers, m.tensors[n])) is not None:  # type: ignore[operator]
+        if o in keep and o not in spares and not spent and (b := _lendable(buffers, m.tensors[n])) is not None:
             spares[o] = b
     return taken, spares
 
